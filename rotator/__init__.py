@@ -1,0 +1,3 @@
+"""rotator: keeps AWS IAM access keys young and kills leaked ones."""
+
+__version__ = "0.1.0"

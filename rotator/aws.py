@@ -1,0 +1,327 @@
+"""The AWS adapter: IAM and STS through boto3. The only module that imports boto3/botocore.
+
+Clients are built once per account from the standard credential chain and
+`aws.endpoint_url`. Every list call goes through a paginator. `ClientError` is
+translated by code into the project's own errors here, so no botocore type reaches
+the core; `AccessDenied` in particular is raised, never turned into "no results" —
+for a rotator an empty answer means "nothing is due", which would be a silent failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from rotator.errors import (
+    BackendUnavailable,
+    CapConflict,
+    NotFound,
+    PermissionDenied,
+    Transient,
+)
+from rotator.model import AccessKey, IamUser, KeyStatus, NewKey
+from rotator.ports import KeyLastUsed
+
+T = TypeVar("T")
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ServiceUnavailable",
+        "ServiceFailure",
+        "InternalFailure",
+        "InternalError",
+        "RequestTimeout",
+        "ConcurrentModification",
+    }
+)
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedOperation",
+        "InvalidClientTokenId",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
+_REPORT_NOT_READY = frozenset({"ReportNotPresent", "ReportInProgress", "ReportExpired"})
+# IAM returns at most 1000 entries per page; fewer pages means fewer calls.
+_PAGE = {"PaginationConfig": {"PageSize": 1000}}
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def translate(
+    exc: Exception, service: str, operation: str, resource: str | None = None
+) -> Exception:
+    """Map a botocore exception to the project's error family."""
+    action = f"{service}:{operation}"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message", ""))
+        if code in _TRANSIENT_CODES:
+            return Transient(f"{action}: {code}: {message}")
+        if code in _DENIED_CODES:
+            return PermissionDenied(action, resource, code)
+        if code == "NoSuchEntity":
+            return NotFound(f"{action}: {message or 'no such entity'}")
+        if code == "LimitExceeded":
+            return CapConflict(f"{action}: {message}")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if isinstance(status, int) and status >= 500:
+            return Transient(f"{action}: {code}: {message}")
+        return Transient(f"{action}: unexpected error {code}: {message}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return BackendUnavailable(
+            "no AWS credentials found (set AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "or run where an instance role is available)"
+        )
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectTimeoutError
+        | botocore.exceptions.ConnectionClosedError,
+    ):
+        return BackendUnavailable(f"cannot reach AWS for {action}: {exc}")
+    if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+        return Transient(f"{action}: read timeout")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return Transient(f"{action}: {type(exc).__name__}")
+    return exc
+
+
+_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+class AwsIam:
+    """`rotator.ports.IamPort` for one account.
+
+    `calls` counts every API call sent by operation name (retries included), for the
+    metrics and for tests that hold the scan to its call budget.
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        session: Any = None,
+        account_id: str | None = None,
+        max_attempts: int = 5,
+        before_call: Callable[[str], None] | None = None,
+    ) -> None:
+        self._session = session or boto3.session.Session()
+        self._region = region
+        self._endpoint_url = endpoint_url
+        self._account_id = account_id
+        self._before_call = before_call
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        retrying = botocore.config.Config(
+            region_name=region,
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            connect_timeout=10,
+            read_timeout=30,
+        )
+        # CreateAccessKey is not idempotent: a retry after a lost response can mint a
+        # second key whose secret nobody ever sees. This client sends each call once.
+        once = retrying.merge(botocore.config.Config(retries={"total_max_attempts": 1}))
+        self._iam = self._client("iam", retrying)
+        self._iam_once = self._client("iam", once)
+        self._sts = self._client("sts", retrying)
+
+    def _client(self, service: str, config: botocore.config.Config, **creds: str) -> Any:
+        session: Any = self._session
+        client = session.client(service, endpoint_url=self._endpoint_url, config=config, **creds)
+        client.meta.events.register("before-send", self._count)
+        return client
+
+    def _count(self, request: Any = None, **kwargs: Any) -> None:
+        name = str(kwargs.get("event_name", "")).split(".")
+        # event name: before-send.<service>.<Operation>
+        operation = f"{name[1]}:{name[2]}" if len(name) >= 3 else "unknown"
+        with self._lock:
+            self.calls[operation] += 1
+        if self._before_call is not None:
+            self._before_call(operation)
+
+    def _do(self, operation: str, fn: Callable[[], T], resource: str | None = None) -> T:
+        try:
+            return fn()
+        except _BOTO_ERRORS as exc:
+            raise translate(exc, "iam", operation, resource) from exc
+
+    # --- identity -------------------------------------------------------------------
+
+    def account_id(self) -> str:
+        if self._account_id is None:
+            try:
+                ident = self._sts.get_caller_identity()
+            except _BOTO_ERRORS as exc:
+                raise translate(exc, "sts", "GetCallerIdentity") from exc
+            self._account_id = str(ident["Account"])
+        return self._account_id
+
+    def caller_arn(self, key: NewKey) -> str:
+        config = botocore.config.Config(
+            region_name=self._region,
+            retries={"mode": "standard", "total_max_attempts": 2},
+            connect_timeout=10,
+            read_timeout=20,
+        )
+        client = self._client(
+            "sts",
+            config,
+            aws_access_key_id=key.access_key_id,
+            aws_secret_access_key=key.secret_access_key,
+        )
+        try:
+            ident = client.get_caller_identity()
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _DENIED_CODES:
+                # A new key is eventually consistent: IAM may refuse it for a while.
+                raise Transient(
+                    f"sts:GetCallerIdentity: new key not accepted yet ({code})"
+                ) from exc
+            raise translate(exc, "sts", "GetCallerIdentity") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate(exc, "sts", "GetCallerIdentity") from exc
+        return str(ident["Arn"])
+
+    # --- users ----------------------------------------------------------------------
+
+    def iter_users_with_details(self) -> Iterator[IamUser]:
+        account = self.account_id()
+        paginator = self._iam.get_paginator("get_account_authorization_details")
+        pages = paginator.paginate(Filter=["User"], **_PAGE)
+        for page in self._pages("GetAccountAuthorizationDetails", pages):
+            for item in page.get("UserDetailList", []):
+                yield _user_from(account, item, item.get("AttachedManagedPolicies", []))
+
+    def iter_users(self) -> Iterator[IamUser]:
+        account = self.account_id()
+        pages = self._iam.get_paginator("list_users").paginate(**_PAGE)
+        for page in self._pages("ListUsers", pages):
+            for item in page.get("Users", []):
+                yield _user_from(account, item, [])
+
+    def user_details(self, user_name: str) -> IamUser:
+        account = self.account_id()
+        item = self._do("GetUser", lambda: self._iam.get_user(UserName=user_name), user_name)
+        user = item["User"]
+        tags_pages = self._iam.get_paginator("list_user_tags").paginate(UserName=user_name)
+        tags = [t for p in self._pages("ListUserTags", tags_pages, user_name) for t in p["Tags"]]
+        pol_pages = self._iam.get_paginator("list_attached_user_policies").paginate(
+            UserName=user_name
+        )
+        policies = [
+            p
+            for page in self._pages("ListAttachedUserPolicies", pol_pages, user_name)
+            for p in page["AttachedPolicies"]
+        ]
+        return _user_from(account, {**user, "Tags": tags}, policies)
+
+    def _pages(self, operation: str, pages: Any, resource: str | None = None) -> Iterator[Any]:
+        iterator = iter(pages)
+        while True:
+            try:
+                page = next(iterator)
+            except StopIteration:
+                return
+            except _BOTO_ERRORS as exc:
+                raise translate(exc, "iam", operation, resource) from exc
+            yield page
+
+    # --- credential report ----------------------------------------------------------
+
+    def generate_credential_report(self) -> str:
+        answer = self._do("GenerateCredentialReport", self._iam.generate_credential_report)
+        return str(answer.get("State", ""))
+
+    def get_credential_report(self) -> bytes | None:
+        try:
+            answer = self._iam.get_credential_report()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _REPORT_NOT_READY:
+                return None
+            raise translate(exc, "iam", "GetCredentialReport") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate(exc, "iam", "GetCredentialReport") from exc
+        content = answer["Content"]
+        return content if isinstance(content, bytes) else str(content).encode()
+
+    # --- keys -----------------------------------------------------------------------
+
+    def list_access_keys(self, user_name: str) -> list[AccessKey]:
+        pages = self._iam.get_paginator("list_access_keys").paginate(UserName=user_name)
+        return [
+            AccessKey(
+                access_key_id=item["AccessKeyId"],
+                status=KeyStatus(item["Status"]),
+                created_at=_aware(item["CreateDate"]),
+            )
+            for page in self._pages("ListAccessKeys", pages, user_name)
+            for item in page["AccessKeyMetadata"]
+        ]
+
+    def key_last_used(self, access_key_id: str) -> KeyLastUsed:
+        answer = self._do(
+            "GetAccessKeyLastUsed",
+            lambda: self._iam.get_access_key_last_used(AccessKeyId=access_key_id),
+            access_key_id,
+        )
+        used = answer.get("AccessKeyLastUsed", {}).get("LastUsedDate")
+        return KeyLastUsed(answer.get("UserName"), _aware(used) if used else None)
+
+    def create_access_key(self, user_name: str) -> NewKey:
+        answer = self._do(
+            "CreateAccessKey",
+            lambda: self._iam_once.create_access_key(UserName=user_name),
+            user_name,
+        )
+        key = answer["AccessKey"]
+        return NewKey(key["AccessKeyId"], key["SecretAccessKey"])
+
+    def set_key_status(self, user_name: str, access_key_id: str, status: KeyStatus) -> None:
+        self._do(
+            "UpdateAccessKey",
+            lambda: self._iam.update_access_key(
+                UserName=user_name, AccessKeyId=access_key_id, Status=status.value
+            ),
+            f"{user_name}/{access_key_id}",
+        )
+
+    def delete_access_key(self, user_name: str, access_key_id: str) -> None:
+        self._do(
+            "DeleteAccessKey",
+            lambda: self._iam.delete_access_key(UserName=user_name, AccessKeyId=access_key_id),
+            f"{user_name}/{access_key_id}",
+        )
+
+
+def _user_from(account: str, item: dict[str, Any], policies: list[dict[str, Any]]) -> IamUser:
+    return IamUser(
+        account_id=account,
+        user_name=item["UserName"],
+        arn=item["Arn"],
+        path=item.get("Path", "/"),
+        tags={t["Key"]: t.get("Value", "") for t in item.get("Tags", [])},
+        attached_policy_arns=frozenset(p["PolicyArn"] for p in policies),
+    )

@@ -1,0 +1,446 @@
+"""The `rotator` command line. Parses commands, loads settings, builds the app, maps
+errors to exit codes:
+
+  0 success; 1 the command ran but something is FAILED or BLOCKED;
+  2 bad configuration or usage; 3 a backend could not be reached (or refused us).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from rotator import __version__, log
+from rotator.app import App
+from rotator.config import Settings, config_path, load_settings, parse_duration, parse_settings
+from rotator.errors import (
+    BackendUnavailable,
+    BadInput,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    RotatorError,
+    Transient,
+)
+from rotator.machine import State
+from rotator.model import Rotation
+from rotator.report import iso, plan_document, plan_text, table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BACKEND = 0, 1, 2, 3
+
+
+def _die(code: int, message: str) -> NoReturn:
+    click.echo(f"rotator: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn the project's errors into a one-line message and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo("rotator: invalid configuration:", err=True)
+            for problem in exc.problems:
+                click.echo(f"  {problem}", err=True)
+            sys.exit(EXIT_USAGE)
+        except (BadInput, NotFound) as exc:
+            _die(EXIT_USAGE, str(exc))
+        except PermissionDenied as exc:
+            _die(EXIT_BACKEND, str(exc))
+        except (BackendUnavailable, Transient) as exc:
+            _die(EXIT_BACKEND, str(exc))
+        except RotatorError as exc:
+            _die(EXIT_PROBLEM, str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Context:
+    def __init__(self, config: str | None, log_format: str | None, log_level: str) -> None:
+        self.config = config
+        self.log_format = log_format
+        self.log_level = log_level
+        self._settings: Settings | None = None
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            path, explicit = config_path(self.config, os.environ)
+            if explicit or path.exists():
+                self._settings = load_settings(path, os.environ)
+            else:
+                self._settings = parse_settings(None, os.environ)
+        return self._settings
+
+    def app(self) -> App:
+        return App(self.settings())
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    metavar="PATH",
+    help="Configuration file. Default: $ROTATOR_CONFIG, else /etc/rotator/rotator.yaml "
+    "(when missing, built-in defaults and the environment are used).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "console"]),
+    help="Log format on stderr. Default: console on a terminal, json otherwise.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.version_option(__version__, prog_name="rotator")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, log_format: str | None, log_level: str) -> None:
+    """Keep AWS IAM access keys young and kill leaked ones, without locking a consumer
+    out or losing a secret.
+
+    \b
+    Start with:
+      rotator config check       validate the configuration
+      rotator plan               what is due, leaked or blocked (changes nothing)
+      rotator run --once         rotate what is due, then exit
+      rotator status             open and recent rotations
+
+    Exit codes: 0 ok, 1 something FAILED or BLOCKED, 2 bad configuration or usage,
+    3 a backend could not be reached.
+    """
+    log.configure(log_format, log_level)
+    ctx.obj = Context(config, log_format, log_level)
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@click.option("--show", is_flag=True, help="Print the effective settings (secrets masked).")
+@pass_ctx
+@handle_errors
+def config_check(obj: Context, show: bool) -> None:
+    """Validate the configuration file and report every problem at once.
+
+    Each problem is named by its path in the file, e.g.
+    `policy.max_age: "9x" is not a duration`. Exit 0 when valid, 2 otherwise.
+    """
+    settings = obj.settings()
+    path, explicit = config_path(obj.config, os.environ)
+    source = str(path) if explicit or path.exists() else "built-in defaults (no file)"
+    if show:
+        click.echo(json.dumps(settings.redacted_dict(), indent=2))
+    click.echo(f"configuration ok: {source}")
+
+
+# --- plan -----------------------------------------------------------------------------
+
+
+def parse_as_of(text: str | None, now: datetime) -> datetime:
+    """`--as-of`: ISO 8601 (UTC when no offset is given) or `+N<s|m|h|d>` from now."""
+    if not text:
+        return now
+    text = text.strip()
+    if text.startswith("+"):
+        try:
+            return now + parse_duration(text[1:])
+        except ValueError as exc:
+            raise BadInput(f"--as-of {text!r}: {exc}") from exc
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadInput(
+            f"--as-of {text!r} is neither ISO 8601 (2026-12-01T00:00:00Z) nor +N<s|m|h|d> (+30d)"
+        ) from exc
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document for scripts.")
+@click.option(
+    "--as-of",
+    metavar="TIME",
+    help="Judge ages as of another moment: ISO 8601 or +Nd (e.g. +30d).",
+)
+@pass_ctx
+@handle_errors
+def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
+    """Scan IAM and print a decision for every key. Changes nothing.
+
+    Decisions: ok, warn (older than warn_age), rotate (older than max_age), leaked
+    (a quarantine policy is attached), blocked (due, but both keys are active),
+    exempt (excluded by path, name pattern or tag).
+    """
+    app = obj.app()
+    now = app.now()
+    moment = parse_as_of(as_of, now)
+    with_state = Path(app.settings.state.path).exists()
+    try:
+        inventories = app.scan(as_of=moment, with_state=with_state)
+    finally:
+        app.close()
+    decisions = [d for inv in inventories for d in inv.decisions]
+    notes = [n for inv in inventories for n in inv.notes]
+    if as_json:
+        doc = plan_document(
+            decisions,
+            generated_at=now,
+            as_of=moment,
+            notes=notes,
+            source=",".join(sorted({inv.source for inv in inventories})),
+        )
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(plan_text(decisions, as_of=moment, notes=notes))
+
+
+# --- run / status / rotate / rollback --------------------------------------------------
+
+
+def rotation_json(r: Rotation) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "account_id": r.account_id,
+        "user_name": r.user_name,
+        "old_key_id": r.old_key_id,
+        "new_key_id": r.new_key_id,
+        "reason": r.reason.value,
+        "leaked": r.leaked,
+        "note": r.note,
+        "state": r.state.value,
+        "next_action_at": iso(r.next_action_at),
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "waiting_on": r.waiting_on,
+        "stored_at": iso(r.stored_at),
+        "verified_at": iso(r.verified_at),
+        "deactivated_at": iso(r.deactivated_at),
+        "created_at": iso(r.created_at),
+        "updated_at": iso(r.updated_at),
+    }
+
+
+def rotations_text(rotations: Sequence[Rotation]) -> str:
+    if not rotations:
+        return "no rotations"
+    header = ("ID", "ACCOUNT", "USER", "STATE", "REASON", "OLD KEY", "NEW KEY", "NEXT", "NOTE")
+    rows = [
+        (
+            r.id[:8],
+            r.account_id,
+            r.user_name,
+            r.state.value,
+            r.reason.value,
+            r.old_key_id or "-",
+            r.new_key_id or "-",
+            (iso(r.next_action_at) or "-"),
+            r.waiting_on or r.last_error or "",
+        )
+        for r in rotations
+    ]
+    return table(rows, header)
+
+
+def exit_for(rotations: Sequence[Rotation]) -> int:
+    return EXIT_PROBLEM if any(r.state in (State.FAILED, State.BLOCKED) for r in rotations) else 0
+
+
+@cli.command()
+@click.option("--once", is_flag=True, required=True, help="One full pass, then exit.")
+@click.option("--dry-run", is_flag=True, help="Scan and show what would open; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@pass_ctx
+@handle_errors
+def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
+    """One pass: scan, open rotations for due and leaked keys, advance every open
+    rotation as far as it can go now, print a summary.
+
+    Rotations that must wait (the overlap, the retirement of an old key) are picked up
+    by the next pass. Exit 1 when a rotation is FAILED or BLOCKED.
+    """
+    app = obj.app()
+    try:
+        result = app.run_once(dry_run=dry_run)
+    finally:
+        app.close()
+    counts: dict[str, int] = {}
+    for r in result.rotations:
+        counts[r.state.value] = counts.get(r.state.value, 0) + 1
+    if as_json:
+        doc = {
+            "dry_run": dry_run,
+            "would_open" if dry_run else "opened": [
+                {
+                    "account_id": p.account_id,
+                    "user_name": p.user_name,
+                    "reason": p.reason.value,
+                    "old_key_id": p.old_key_id,
+                    "why": p.why,
+                }
+                for p in result.proposals
+            ]
+            if dry_run
+            else [r.id for r in result.opened],
+            "rotations": [rotation_json(r) for r in result.rotations],
+            "states": counts,
+            "notes": [n for inv in result.inventories for n in inv.notes],
+        }
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for note in (n for inv in result.inventories for n in inv.notes):
+            click.echo(f"note: {note}")
+        if dry_run:
+            click.echo(f"dry run: {len(result.proposals)} rotation(s) would be opened")
+            for p in result.proposals:
+                click.echo(f"  {p.account_id} {p.user_name}: {p.reason.value} ({p.why})")
+        else:
+            click.echo(f"opened {len(result.opened)} rotation(s)")
+        click.echo(rotations_text(result.rotations))
+        if counts:
+            click.echo("states: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    sys.exit(0 if dry_run else exit_for(result.rotations))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--user", "user_name", metavar="NAME", help="Only this user's rotations.")
+@click.option("--limit", default=50, show_default=True, help="How many closed rotations to show.")
+@pass_ctx
+@handle_errors
+def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> None:
+    """Open and recent rotations with their state. Reads only the state store."""
+    app = obj.app()
+    try:
+        rotations = app.store.list_recent(limit=limit, user_name=user_name)
+        events = {r.id: app.store.events(r.id) for r in rotations} if user_name else {}
+    finally:
+        app.close()
+    if as_json:
+        docs = [rotation_json(r) for r in rotations]
+        if user_name:
+            for doc in docs:
+                doc["events"] = [
+                    {
+                        "at": iso(e.at),
+                        "from": e.from_state.value if e.from_state else None,
+                        "to": e.to_state.value,
+                        "reason": e.reason,
+                    }
+                    for e in events[doc["id"]]
+                ]
+        click.echo(json.dumps({"rotations": docs}, indent=2))
+        return
+    click.echo(rotations_text(rotations))
+    for r in rotations:
+        if r.waiting_on:
+            click.echo(f"{r.user_name}: {r.waiting_on}")
+    for rid, trail in events.items():
+        click.echo(f"\nevents of {rid}:")
+        for e in trail:
+            origin = e.from_state.value if e.from_state else "-"
+            click.echo(f"  {iso(e.at)}  {origin} -> {e.to_state.value}  {e.reason}")
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--account", "account_id", metavar="ID", help="Account id (default: the first).")
+@click.option(
+    "--key", "key_id", metavar="KEY_ID", help="The key to replace (default: the active one)."
+)
+@click.option("--leaked", is_flag=True, help="Contain first: deactivate that key at once.")
+@click.option("--reason", metavar="TEXT", help="Why (kept in the event trail), e.g. a ticket id.")
+@click.option(
+    "--overlap",
+    metavar="DURATION",
+    help="Keep the old key active this long instead of policy.overlap (e.g. 0s, 2h).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the rotation as JSON.")
+@pass_ctx
+@handle_errors
+def rotate(
+    obj: Context,
+    user: str,
+    account_id: str | None,
+    key_id: str | None,
+    leaked: bool,
+    reason: str | None,
+    overlap: str | None,
+    as_json: bool,
+) -> None:
+    """Force a rotation of USER's key now and advance it at once (incident response).
+
+    A user with no key gets a first key, stored in Vault. With --leaked the key is
+    deactivated first, whatever the overlap. Exit 1 if the rotation ends FAILED or BLOCKED.
+    """
+    overlap_td: timedelta | None = None
+    if overlap is not None:
+        try:
+            overlap_td = parse_duration(overlap)
+        except ValueError as exc:
+            raise BadInput(f"--overlap: {exc}") from exc
+    app = obj.app()
+    try:
+        rotation = app.force(
+            user,
+            account_id=account_id,
+            key_id=key_id,
+            leaked=leaked,
+            reason=reason,
+            overlap=overlap_td,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(rotation_json(rotation), indent=2))
+    else:
+        click.echo(rotations_text([rotation]))
+    sys.exit(exit_for([rotation]))
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--account", "account_id", metavar="ID", help="Account id (default: the first).")
+@click.option("--reason", metavar="TEXT", default="operator rollback", show_default=True)
+@pass_ctx
+@handle_errors
+def rollback(obj: Context, user: str, account_id: str | None, reason: str) -> None:
+    """Reactivate the old key of USER's latest rotation while it still exists, and
+    mark the rotation ROLLED_BACK. The new key stays in Vault and active."""
+    app = obj.app()
+    try:
+        account = account_id or app.accounts()[0]
+        latest = app.store.latest_for(account, user)
+        if latest is None:
+            raise BadInput(f"no rotation recorded for {user} in {account}")
+        rotation = app.engine.rollback(latest, reason)
+    finally:
+        app.close()
+    click.echo(
+        f"{user}: old key {rotation.old_key_id} is active again; rotation {rotation.id} ROLLED_BACK"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="rotator")

@@ -1,0 +1,655 @@
+"""The engine: advances one rotation one step at a time, under a lease.
+
+Every step reads the real state in IAM and Vault first and does nothing when its effect
+is already there, so rerunning a step after a crash is harmless. The secret of a new key
+lives only in the memory of the call that created it: it goes from `CreateAccessKey`
+straight to Vault, and if the process dies in between, recovery finds the key Vault does
+not hold and deletes it (its secret is lost for good; an unused key must not linger).
+
+Invariants this module keeps (DESIGN.md):
+  1. never a third key: CREATE runs only with a free slot, re-read just before;
+  2. a non-leaked old key is deactivated only after its replacement is stored and verified;
+  4. after recovery every key the rotator created is in Vault or deleted;
+  5. one rotation per user in flight (the state store's index, plus a lease per rotation);
+  6. every transition is recorded with a reason and logged as one event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rotator import log
+from rotator.errors import (
+    BadInput,
+    CapConflict,
+    CasConflict,
+    NotFound,
+    PermissionDenied,
+    RotatorError,
+    StaleRotation,
+    Transient,
+)
+from rotator.machine import TERMINAL, State, check_transition
+from rotator.model import AccessKey, KeyStatus, NewKey, Rotation, RotationReason, StoredSecret
+from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore, key_ids
+
+_log = log.get_logger("rotator.engine")
+
+
+class SimulatedCrash(BaseException):
+    """Raised by a test's fault hook to stop the engine dead at a named point. It
+    derives from BaseException so that no `except Exception` in the engine catches it."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    overlap: timedelta
+    overlap_limit: timedelta
+    delete_after: timedelta
+    verify_timeout: timedelta
+    lease_ttl: timedelta = timedelta(minutes=5)
+    # Retries of transient failures: the delay doubles from `retry_base` up to
+    # `retry_cap`; after `max_attempts` a rotation that holds nothing dangling fails.
+    retry_base: timedelta = timedelta(seconds=10)
+    retry_cap: timedelta = timedelta(minutes=15)
+    max_attempts: int = 8
+    # Vault writes in STORE: tries, and the first pause between them (doubling).
+    store_tries: int = 4
+    store_pause: float = 0.5
+    # While consumers still use the old key, how often OVERLAP looks again.
+    recheck: timedelta = timedelta(minutes=15)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Timing:
+        return cls(
+            overlap=settings.policy.overlap,
+            overlap_limit=settings.policy.overlap_limit,
+            delete_after=settings.policy.delete_after,
+            verify_timeout=settings.policy.verify_timeout,
+            lease_ttl=settings.state.lease_ttl,
+        )
+
+
+class NullNotifier:
+    def notify(self, event: str, rotation: Rotation, text: str) -> None:
+        return None
+
+
+def new_rotation(
+    account_id: str,
+    user_name: str,
+    reason: RotationReason,
+    now: datetime,
+    *,
+    old_key_id: str | None,
+    leaked: bool = False,
+    note: str | None = None,
+    overlap: timedelta | None = None,
+) -> Rotation:
+    return Rotation(
+        id=uuid.uuid4().hex,
+        account_id=account_id,
+        user_name=user_name,
+        reason=reason,
+        state=State.PLANNED,
+        created_at=now,
+        updated_at=now,
+        old_key_id=old_key_id,
+        leaked=leaked,
+        note=note,
+        overlap=overlap,
+    )
+
+
+def arn_is_user(arn: str, account_id: str, user_name: str) -> bool:
+    """True when `arn` is the IAM user `user_name` (any path) in `account_id`."""
+    parts = arn.split(":", 5)
+    return (
+        len(parts) == 6
+        and parts[2] == "iam"
+        and parts[4] == account_id
+        and parts[5].startswith("user/")
+        and parts[5].rsplit("/", 1)[-1] == user_name
+    )
+
+
+class Engine:
+    """Advances rotations. One engine serves many threads; each rotation is advanced by
+    at most one of them at a time (the lease)."""
+
+    def __init__(
+        self,
+        *,
+        iam: Callable[[str], IamPort],
+        secrets: SecretStore,
+        store: StateStore,
+        timing: Timing,
+        owner: str,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self._iam = iam
+        self._secrets = secrets
+        self._store = store
+        self._timing = timing
+        self._owner = owner
+        self._clock: Clock = clock or (lambda: datetime.now(UTC))
+        self._notifier: Notifier = notifier or NullNotifier()
+        self._sleep = sleep
+        self._fault = fault or (lambda point: None)
+
+    # --- public -------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def open(self, rotation: Rotation, reason: str) -> Rotation:
+        """Record a new rotation (PLANNED). Raises `RotationExists`."""
+        created = self._store.create(rotation, reason)
+        _log.info(
+            "rotation.opened",
+            rotation_id=created.id,
+            account=created.account_id,
+            user=created.user_name,
+            old_key_id=created.old_key_id,
+            reason=created.reason.value,
+            leaked=created.leaked,
+            note=created.note,
+        )
+        return created
+
+    def advance(self, rotation_id: str, *, wait: timedelta = timedelta(0)) -> Rotation:
+        """Step the rotation until it is terminal or must wait longer than `wait`.
+
+        Returns the rotation as it stands. When another live process holds the lease,
+        returns it unchanged."""
+        current = self._store.get(rotation_id)
+        if current is None:
+            raise NotFound(f"rotation {rotation_id} not found")
+        if current.state in TERMINAL:
+            return current
+        if not self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl):
+            _log.info("rotation.lease_held", rotation_id=rotation_id, user=current.user_name)
+            return current
+        try:
+            deadline = self.now() + wait
+            stepped = False
+            while True:
+                fresh = self._store.get(rotation_id)
+                assert fresh is not None
+                current = fresh
+                if current.state in TERMINAL:
+                    return current
+                due = current.next_action_at
+                if due is not None and due > self.now():
+                    if due > deadline:
+                        return current
+                    self._sleep(max(0.0, (due - self.now()).total_seconds()))
+                if current.state is State.BLOCKED and stepped:
+                    return current
+                stepped = True
+                self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl)
+                try:
+                    self._guarded_step(current)
+                except StaleRotation as exc:
+                    _log.warning("rotation.stale", rotation_id=rotation_id, error=str(exc))
+                    fresh = self._store.get(rotation_id)
+                    assert fresh is not None
+                    return fresh
+        finally:
+            self._store.release_lease(rotation_id, self._owner)
+
+    def rollback(self, rotation: Rotation, reason: str) -> Rotation:
+        """Reactivate the old key of `rotation` while it still exists; ROLLED_BACK."""
+        if rotation.state not in (State.DEACTIVATE, State.RETIRE, State.DELETE):
+            raise BadInput(
+                f"rotation {rotation.id} is {rotation.state}: only a rotation whose old key "
+                "was deactivated and not yet deleted can be rolled back"
+            )
+        if rotation.old_key_id is None:
+            raise BadInput(f"rotation {rotation.id} has no old key")
+        if not self._store.acquire_lease(rotation.id, self._owner, self._timing.lease_ttl):
+            raise Transient(f"rotation {rotation.id} is being advanced by another process")
+        try:
+            iam = self._iam(rotation.account_id)
+            keys = {k.access_key_id: k for k in iam.list_access_keys(rotation.user_name)}
+            if rotation.old_key_id not in keys:
+                raise BadInput(f"old key {rotation.old_key_id} no longer exists")
+            if not keys[rotation.old_key_id].active:
+                iam.set_key_status(rotation.user_name, rotation.old_key_id, KeyStatus.ACTIVE)
+            return self._move(
+                rotation, State.ROLLED_BACK, f"rollback: old key reactivated ({reason})"
+            )
+        finally:
+            self._store.release_lease(rotation.id, self._owner)
+
+    # --- the loop around a step ----------------------------------------------------
+
+    def _guarded_step(self, r: Rotation) -> Rotation:
+        try:
+            return self._step(r)
+        except StaleRotation:
+            raise
+        except PermissionDenied as exc:
+            return self._fail(r, str(exc))
+        except NotFound as exc:
+            return self._not_found(r, exc)
+        except (Transient, CasConflict) as exc:
+            return self._retry_later(r, str(exc))
+        except BadInput as exc:
+            return self._fail(r, str(exc))
+
+    def _retry_later(self, r: Rotation, error: str) -> Rotation:
+        attempts = r.attempts + 1
+        # A rotation in CREATE or STORE may hold a key Vault does not have: it must
+        # stay open until recovery has dealt with that key, so it never gives up there.
+        if attempts >= self._timing.max_attempts and r.state not in (State.CREATE, State.STORE):
+            return self._fail(
+                replace(r, attempts=attempts), f"gave up after {attempts} attempts: {error}"
+            )
+        delay = min(self._timing.retry_base * (2 ** (attempts - 1)), self._timing.retry_cap)
+        _log.warning(
+            "rotation.retry",
+            rotation_id=r.id,
+            user=r.user_name,
+            state=r.state.value,
+            attempts=attempts,
+            error=error,
+            retry_in=delay.total_seconds(),
+        )
+        return self._save(
+            r,
+            attempts=attempts,
+            last_error=error,
+            next_action_at=self.now() + delay,
+        )
+
+    def _not_found(self, r: Rotation, exc: NotFound) -> Rotation:
+        iam = self._iam(r.account_id)
+        try:
+            iam.list_access_keys(r.user_name)
+        except NotFound:
+            return self._move(r, State.CANCELLED, f"user {r.user_name} no longer exists")
+        # The user exists: a key vanished under us. Look again at the next step.
+        return self._retry_later(r, str(exc))
+
+    def _fail(self, r: Rotation, error: str) -> Rotation:
+        failed = self._move(r, State.FAILED, error, last_error=error)
+        self._notifier.notify("failed", failed, f"rotation of {r.user_name} failed: {error}")
+        return failed
+
+    # --- persistence helpers --------------------------------------------------------
+
+    def _save(self, r: Rotation, **changes: Any) -> Rotation:
+        updated = replace(r, updated_at=self.now(), **changes)
+        self._store.save(updated, "update", from_state=r.state)
+        return updated
+
+    def _move(self, r: Rotation, to: State, reason: str, **changes: Any) -> Rotation:
+        check_transition(r.state, to)
+        changes.setdefault("next_action_at", None)
+        if to is not r.state and "attempts" not in changes:
+            changes["attempts"] = 0
+            changes.setdefault("last_error", None)
+        moved = replace(r, state=to, updated_at=self.now(), **changes)
+        self._store.save(moved, reason, from_state=r.state)
+        _log.info(
+            "rotation.transition",
+            rotation_id=r.id,
+            account=r.account_id,
+            user=r.user_name,
+            old_key_id=moved.old_key_id,
+            new_key_id=moved.new_key_id,
+            **{"from": r.state.value, "to": to.value},
+            reason=reason,
+        )
+        self._fault(f"moved:{r.state.value}->{to.value}")
+        return moved
+
+    def _note(self, r: Rotation, reason: str) -> None:
+        self._store.record(r.id, r.state, reason)
+        _log.info(
+            "rotation.note", rotation_id=r.id, user=r.user_name, state=r.state.value, reason=reason
+        )
+
+    # --- steps ----------------------------------------------------------------------
+
+    def _step(self, r: Rotation) -> Rotation:
+        handler = {
+            State.PLANNED: self._planned,
+            State.CONTAIN: self._contain,
+            State.MAKE_ROOM: self._make_room,
+            State.BLOCKED: self._make_room,
+            State.CREATE: self._create,
+            State.STORE: self._store_recover,
+            State.VERIFY: self._verify,
+            State.OVERLAP: self._overlap,
+            State.DEACTIVATE: self._deactivate,
+            State.RETIRE: self._retire,
+            State.DELETE: self._delete,
+        }[r.state]
+        return handler(r)
+
+    def _keys(self, r: Rotation) -> list[AccessKey]:
+        return self._iam(r.account_id).list_access_keys(r.user_name)
+
+    def _planned(self, r: Rotation) -> Rotation:
+        if r.leaked:
+            return self._move(r, State.CONTAIN, "leaked key: contain it first")
+        return self._move(r, State.MAKE_ROOM, "start")
+
+    def _contain(self, r: Rotation) -> Rotation:
+        keys = {k.access_key_id: k for k in self._keys(r)}
+        old = keys.get(r.old_key_id) if r.old_key_id else None
+        if old is not None and old.active:
+            self._iam(r.account_id).set_key_status(
+                r.user_name, old.access_key_id or "", KeyStatus.INACTIVE
+            )
+            self._fault("contain:deactivated")
+            text = f"leaked key {r.old_key_id} deactivated"
+        elif old is not None:
+            text = f"leaked key {r.old_key_id} was already inactive"
+        else:
+            text = f"leaked key {r.old_key_id} no longer exists"
+        moved = self._move(r, State.MAKE_ROOM, text, deactivated_at=self.now())
+        self._notifier.notify("leaked_contained", moved, f"{r.user_name}: {text}")
+        return moved
+
+    def _make_room(self, r: Rotation) -> Rotation:
+        keys = self._keys(r)
+        if len(keys) < 2:
+            return self._move(r, State.CREATE, f"{2 - len(keys)} free slot(s)")
+        inactive = [k for k in keys if not k.active]
+        if not inactive:
+            reason = (
+                f"cap_blocked: both keys are active ({', '.join(key_ids(keys))}); "
+                "deactivate the one no consumer uses, then the rotation continues"
+            )
+            if r.state is State.BLOCKED:
+                return self._save(r, next_action_at=None)
+            blocked = self._move(r, State.BLOCKED, reason, last_error=reason)
+            self._notifier.notify(
+                "blocked", blocked, f"rotation of {r.user_name} blocked: {reason}"
+            )
+            return blocked
+        if r.state is State.BLOCKED:
+            return self._move(r, State.MAKE_ROOM, "a key is inactive now: a slot can be freed")
+        # Prefer this rotation's own old key (a contained leak); else the oldest inactive.
+        victim = next(
+            (k for k in inactive if k.access_key_id == r.old_key_id),
+            min(inactive, key=lambda k: k.created_at),
+        )
+        assert victim.access_key_id is not None
+        self._iam(r.account_id).delete_access_key(r.user_name, victim.access_key_id)
+        self._fault("make_room:deleted")
+        return self._move(
+            r, State.CREATE, f"deleted inactive key {victim.access_key_id} to free a slot"
+        )
+
+    def _create(self, r: Rotation) -> Rotation:
+        if r.intent_key_ids is not None:
+            # A previous attempt recorded its intent and then stopped: reconcile first.
+            return self._reconcile(r)
+        iam = self._iam(r.account_id)
+        keys = iam.list_access_keys(r.user_name)
+        if len(keys) >= 2:
+            return self._move(r, State.MAKE_ROOM, "no free slot any more: a key appeared")
+        # The journal entry comes first: if we die after CreateAccessKey, recovery knows
+        # which key is ours by comparing with this list.
+        r = self._save(r, intent_key_ids=key_ids(keys), intent_at=self.now(), new_key_id=None)
+        self._fault("create:intent_recorded")
+        try:
+            new = iam.create_access_key(r.user_name)
+        except CapConflict:
+            return self._move(
+                r, State.MAKE_ROOM, "IAM refused a new key: two keys exist", intent_key_ids=None
+            )
+        log.register_secret(new.secret_access_key)
+        self._fault("create:created")
+        r = self._save(r, new_key_id=new.access_key_id)
+        self._fault("create:recorded")
+        r = self._move(r, State.STORE, f"created key {new.access_key_id}")
+        return self._store_new(r, new)
+
+    def _store_new(self, r: Rotation, new: NewKey) -> Rotation:
+        path = self._secrets.path_for(r.account_id, r.user_name)
+        pause = self._timing.store_pause
+        error = ""
+        for attempt in range(1, self._timing.store_tries + 1):
+            try:
+                version = self._write_secret(r, path, new)
+                break
+            except PermissionDenied as exc:
+                # Retrying will not help; the secret would be lost, so the key goes.
+                self._discard_new_key(r, new.access_key_id)
+                return self._fail(r, f"{exc}; new key deleted")
+            except (Transient, CasConflict) as exc:
+                error = str(exc)
+                _log.warning("vault.write_failed", rotation_id=r.id, attempt=attempt, error=error)
+                if attempt < self._timing.store_tries:
+                    self._sleep(pause)
+                    pause *= 2
+        else:
+            self._discard_new_key(r, new.access_key_id)
+            attempts = r.attempts + 1
+            delay = min(self._timing.retry_base * (2 ** (attempts - 1)), self._timing.retry_cap)
+            return self._move(
+                r,
+                State.MAKE_ROOM,
+                f"Vault unavailable ({error}): new key {new.access_key_id} deleted, retry later",
+                new_key_id=None,
+                intent_key_ids=None,
+                intent_at=None,
+                attempts=attempts,
+                last_error=error,
+                next_action_at=self.now() + delay,
+            )
+        self._fault("store:written")
+        return self._move(
+            r,
+            State.VERIFY,
+            f"stored in Vault at {path} (version {version})",
+            stored_at=self.now(),
+            vault_version=version,
+        )
+
+    def _write_secret(self, r: Rotation, path: str, new: NewKey) -> int:
+        current = self._secrets.read(path)
+        if current is not None and current.access_key_id == new.access_key_id:
+            return current.version
+        metadata = {
+            "access_key_id": new.access_key_id,
+            "rotation_id": r.id,
+            "rotated_at": self.now().astimezone(UTC).isoformat(timespec="seconds"),
+        }
+        return self._secrets.write(path, new, metadata, cas=current.version if current else 0)
+
+    def _discard_new_key(self, r: Rotation, key_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._iam(r.account_id).delete_access_key(r.user_name, key_id)
+        self._fault("store:discarded")
+        _log.warning("rotation.new_key_deleted", rotation_id=r.id, user=r.user_name, key_id=key_id)
+
+    def _store_recover(self, r: Rotation) -> Rotation:
+        # In STORE on entry means the call that held the secret is gone.
+        return self._reconcile(r)
+
+    def _reconcile(self, r: Rotation) -> Rotation:
+        """Recovery for CREATE (intent recorded) and STORE: every key created by this
+        rotation is either held by Vault (go on to VERIFY) or deleted (back to MAKE_ROOM)."""
+        keys = self._keys(r)
+        before = set(r.intent_key_ids or ())
+        ours = [k.access_key_id for k in keys if k.access_key_id and k.access_key_id not in before]
+        if (
+            r.new_key_id
+            and r.new_key_id not in ours
+            and any(k.access_key_id == r.new_key_id for k in keys)
+        ):
+            ours.append(r.new_key_id)
+        path = self._secrets.path_for(r.account_id, r.user_name)
+        held = self._secrets.read(path)
+        kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
+        for key_id in ours:
+            if key_id != kept:
+                self._iam(r.account_id).delete_access_key(r.user_name, key_id)
+                self._fault("recover:deleted")
+                self._note(r, f"deleted orphan key {key_id}: its secret never reached Vault")
+        if kept is not None and held is not None:
+            if r.state is State.CREATE:
+                r = self._move(r, State.STORE, f"recovered: created key {kept}", new_key_id=kept)
+            return self._move(
+                r,
+                State.VERIFY,
+                f"recovered: Vault holds key {kept}",
+                new_key_id=kept,
+                stored_at=_rotated_at(held) or self.now(),
+                vault_version=held.version,
+            )
+        if r.state is State.CREATE and not ours:
+            # CreateAccessKey never took effect: clear the intent and create now.
+            r = self._save(r, intent_key_ids=None, intent_at=None, new_key_id=None)
+            return r
+        return self._move(
+            r,
+            State.MAKE_ROOM,
+            "recovered: the new key was not in Vault and is deleted",
+            new_key_id=None,
+            intent_key_ids=None,
+            intent_at=None,
+        )
+
+    def _verify(self, r: Rotation) -> Rotation:
+        path = self._secrets.path_for(r.account_id, r.user_name)
+        held = self._secrets.read(path)
+        if held is None or held.access_key_id != r.new_key_id:
+            found = held.access_key_id if held else "nothing"
+            return self._fail(r, f"Vault at {path} holds {found}, not the new key {r.new_key_id}")
+        started = r.stored_at or self.now()
+        deadline = self.now() + self._timing.verify_timeout
+        pause = 1.0
+        while True:
+            try:
+                arn = self._iam(r.account_id).caller_arn(held.as_new_key())
+                break
+            except Transient as exc:
+                if self.now() >= deadline:
+                    return self._fail(r, f"new key did not work within verify_timeout: {exc}")
+                self._sleep(min(pause, max(0.0, (deadline - self.now()).total_seconds())))
+                pause = min(pause * 2, 8.0)
+        if not arn_is_user(arn, r.account_id, r.user_name):
+            return self._fail(r, f"new key authenticates as {arn}, not as user {r.user_name}")
+        now = self.now()
+        if r.leaked:
+            return self._move(r, State.DELETE, "verified; leaked key goes now", verified_at=now)
+        if r.old_key_id is None:
+            done = self._move(r, State.DONE, "verified; first key issued", verified_at=now)
+            self._notifier.notify("done", done, f"{r.user_name}: first key issued and stored")
+            return done
+        overlap = r.overlap if r.overlap is not None else self._timing.overlap
+        return self._move(
+            r,
+            State.OVERLAP,
+            f"verified as {arn}; old key stays active for {overlap}",
+            verified_at=now,
+            next_action_at=started + overlap,
+        )
+
+    def _overlap(self, r: Rotation) -> Rotation:
+        assert r.stored_at is not None
+        assert r.old_key_id is not None
+        overlap = r.overlap if r.overlap is not None else self._timing.overlap
+        now = self.now()
+        if now < r.stored_at + overlap:
+            return self._save(r, next_action_at=r.stored_at + overlap)
+        last = self._iam(r.account_id).key_last_used(r.old_key_id).last_used_at
+        still_used = last is not None and last > r.stored_at
+        limit = r.stored_at + max(overlap, self._timing.overlap_limit)
+        if still_used and now < limit:
+            assert last is not None
+            waiting = (
+                f"consumers have not switched: old key {r.old_key_id} last used "
+                f"{last.isoformat(timespec='seconds')}, after the new key was stored"
+            )
+            if r.waiting_on is None:
+                self._note(r, waiting)
+                self._notifier.notify("consumers_not_switched", r, f"{r.user_name}: {waiting}")
+            return self._save(
+                r, waiting_on=waiting, next_action_at=min(now + self._timing.recheck, limit)
+            )
+        reason = "overlap over"
+        if still_used:
+            reason = f"overlap limit reached although the old key was used at {last}; deactivating"
+        return self._move(r, State.DEACTIVATE, reason)
+
+    def _deactivate(self, r: Rotation) -> Rotation:
+        # Invariant 2: never before the replacement is stored and verified.
+        assert r.stored_at is not None
+        assert r.verified_at is not None
+        keys = {k.access_key_id: k for k in self._keys(r)}
+        old = keys.get(r.old_key_id)
+        if old is None:
+            return self._move(r, State.DELETE, f"old key {r.old_key_id} already gone")
+        if old.active:
+            assert r.old_key_id is not None
+            self._iam(r.account_id).set_key_status(r.user_name, r.old_key_id, KeyStatus.INACTIVE)
+            self._fault("deactivate:done")
+        now = self.now()
+        return self._move(
+            r,
+            State.RETIRE,
+            f"old key {r.old_key_id} deactivated; deleted after {self._timing.delete_after}",
+            deactivated_at=now,
+            next_action_at=now + self._timing.delete_after,
+        )
+
+    def _retire(self, r: Rotation) -> Rotation:
+        assert r.deactivated_at is not None
+        due = r.deactivated_at + self._timing.delete_after
+        if self.now() < due:
+            return self._save(r, next_action_at=due)
+        return self._move(r, State.DELETE, "retirement over")
+
+    def _delete(self, r: Rotation) -> Rotation:
+        keys = {k.access_key_id: k for k in self._keys(r)}
+        old = keys.get(r.old_key_id) if r.old_key_id else None
+        if old is not None:
+            assert r.old_key_id is not None
+            if old.active and not r.leaked:
+                # Someone turned it back on while it was retired: that is a rollback.
+                return self._move(
+                    r,
+                    State.ROLLED_BACK,
+                    f"old key {r.old_key_id} was reactivated outside the rotator",
+                )
+            if old.active:
+                self._iam(r.account_id).set_key_status(
+                    r.user_name, r.old_key_id, KeyStatus.INACTIVE
+                )
+            self._iam(r.account_id).delete_access_key(r.user_name, r.old_key_id)
+            self._fault("delete:done")
+        done = self._move(r, State.DONE, f"old key {r.old_key_id} deleted")
+        self._notifier.notify(
+            "done", done, f"{r.user_name}: key rotated, new key {r.new_key_id} in Vault"
+        )
+        return done
+
+
+def _rotated_at(held: StoredSecret) -> datetime | None:
+    text = held.metadata.get("rotated_at")
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+__all__ = ["Engine", "RotatorError", "SimulatedCrash", "Timing", "arn_is_user", "new_rotation"]

@@ -1,0 +1,172 @@
+"""The scan: which users and keys exist, how old they are, when they were last used.
+
+Cost model (IAM has no raisable call rate, so calls are what matters at scale):
+  - users, paths, tags and attached policies: `GetAccountAuthorizationDetails` pages;
+  - key ages and last use for everyone: the credential report (about three calls);
+  - key ids: `ListAccessKeys` only for users whose keys need action, because the
+    credential report names no key ids.
+Only when the credential report cannot be had does the scan fall back to per-user calls,
+and it says so in `Inventory.notes`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from rotator.errors import PermissionDenied, Transient
+from rotator.model import AccessKey, IamUser, KeyDecision, KeyStatus
+from rotator.policy import Rules, decide_user, needs_action
+from rotator.ports import IamPort
+
+_NO_VALUE = {"N/A", "no_information", "not_supported", ""}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    account_id: str
+    users: list[IamUser]
+    decisions: list[KeyDecision]
+    source: str  # "credential_report" or "per_user"
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_report_time(text: str) -> datetime | None:
+    text = text.strip()
+    if text in _NO_VALUE:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def parse_credential_report(content: bytes) -> dict[str, list[AccessKey]]:
+    """Keys per user name from the report's CSV. The report has no key ids."""
+    out: dict[str, list[AccessKey]] = {}
+    for row in csv.DictReader(io.StringIO(content.decode("utf-8"))):
+        name = row.get("user", "")
+        if not name or name == "<root_account>":
+            continue
+        keys: list[AccessKey] = []
+        for n in (1, 2):
+            created = parse_report_time(row.get(f"access_key_{n}_last_rotated", "N/A"))
+            if created is None:
+                continue
+            active = row.get(f"access_key_{n}_active", "false").strip().lower() == "true"
+            keys.append(
+                AccessKey(
+                    access_key_id=None,
+                    status=KeyStatus.ACTIVE if active else KeyStatus.INACTIVE,
+                    created_at=created,
+                    last_used_at=parse_report_time(row.get(f"access_key_{n}_last_used_date", "")),
+                )
+            )
+        out[name] = keys
+    return out
+
+
+def fetch_credential_report(
+    iam: IamPort,
+    *,
+    timeout: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bytes:
+    """Generate the report and poll its state with bounded exponential backoff.
+
+    AWS reuses a report younger than four hours, so this is usually one call to
+    generate and one to fetch."""
+    delay, waited = 0.2, 0.0
+    while True:
+        state = iam.generate_credential_report()
+        if state == "COMPLETE":
+            content = iam.get_credential_report()
+            if content is not None:
+                return content
+        if waited >= timeout:
+            raise Transient(f"credential report not ready after {timeout:g}s (state {state})")
+        sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 5.0)
+
+
+def _seconds(moment: datetime) -> datetime:
+    return moment.replace(microsecond=0)
+
+
+def merge_keys(
+    listed: list[AccessKey], reported: list[AccessKey], iam: IamPort
+) -> tuple[AccessKey, ...]:
+    """Key ids and status from `ListAccessKeys`, last use from the report, matched by
+    creation time (the report has second precision). A key the report does not know
+    (created after it was generated) costs one `GetAccessKeyLastUsed`."""
+    by_created = {_seconds(k.created_at): k for k in reported}
+    merged: list[AccessKey] = []
+    for key in sorted(listed, key=lambda k: k.created_at):
+        match = by_created.get(_seconds(key.created_at))
+        if match is not None:
+            last_used = match.last_used_at
+        else:
+            assert key.access_key_id is not None
+            last_used = iam.key_last_used(key.access_key_id).last_used_at
+        merged.append(replace(key, last_used_at=last_used))
+    return tuple(merged)
+
+
+def keys_per_user(iam: IamPort, user_name: str) -> tuple[AccessKey, ...]:
+    """The fallback: every key with its last use, two or three calls per user."""
+    return merge_keys(iam.list_access_keys(user_name), [], iam)
+
+
+def scan(
+    iam: IamPort,
+    rules: Rules,
+    now: datetime,
+    *,
+    replacements: Iterable[str] = (),
+    report_timeout: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Inventory:
+    """Read the account and decide every key. Changes nothing in AWS."""
+    issued = frozenset(replacements)
+    account = iam.account_id()
+    users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
+    notes: list[str] = []
+    reported: dict[str, list[AccessKey]] | None
+    try:
+        reported = parse_credential_report(
+            fetch_credential_report(iam, timeout=report_timeout, sleep=sleep)
+        )
+        source = "credential_report"
+    except (PermissionDenied, Transient) as exc:
+        reported = None
+        source = "per_user"
+        notes.append(f"credential report unavailable ({exc}); read keys with per-user calls")
+
+    done_users: list[IamUser] = []
+    decisions: list[KeyDecision] = []
+    for user in users:
+        if reported is None:
+            full = replace(user, keys=keys_per_user(iam, user.user_name))
+            done_users.append(full)
+            decisions.extend(decide_user(full, now, rules, issued))
+            continue
+        from_report = reported.get(user.user_name)
+        if from_report is None:
+            # Created after the (up to four hours old) report was generated.
+            full = replace(user, keys=keys_per_user(iam, user.user_name))
+        else:
+            full = replace(user, keys=tuple(from_report))
+            first = decide_user(full, now, rules, issued)
+            # Report keys carry no ids, so a quarantined user always needs action here.
+            if needs_action(first):
+                listed = iam.list_access_keys(user.user_name)
+                full = replace(user, keys=merge_keys(listed, from_report, iam))
+            else:
+                done_users.append(full)
+                decisions.extend(first)
+                continue
+        done_users.append(full)
+        decisions.extend(decide_user(full, now, rules, issued))
+    return Inventory(account, done_users, decisions, source, notes)

@@ -1,0 +1,70 @@
+"""The rotation state machine: every state and every legal move, on one screen.
+
+    normal (age, manual, unused)
+    PLANNED -> MAKE_ROOM -> CREATE -> STORE -> VERIFY -> OVERLAP -> DEACTIVATE
+            -> RETIRE -> DELETE -> DONE
+    leaked
+    PLANNED -> CONTAIN -> MAKE_ROOM -> CREATE -> STORE -> VERIFY -> DELETE -> DONE
+
+    side exits: BLOCKED (needs an operator), FAILED (retries exhausted or refused),
+                ROLLED_BACK (old key reactivated), CANCELLED (user gone, or withdrawn)
+
+CREATE and STORE lead back to MAKE_ROOM when a new key had to be deleted (its secret
+could not be stored). BLOCKED leads back to MAKE_ROOM when a later pass finds a free slot.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from rotator.errors import IllegalTransition
+
+
+class State(StrEnum):
+    PLANNED = "PLANNED"
+    CONTAIN = "CONTAIN"
+    MAKE_ROOM = "MAKE_ROOM"
+    CREATE = "CREATE"
+    STORE = "STORE"
+    VERIFY = "VERIFY"
+    OVERLAP = "OVERLAP"
+    DEACTIVATE = "DEACTIVATE"
+    RETIRE = "RETIRE"
+    DELETE = "DELETE"
+    DONE = "DONE"
+    BLOCKED = "BLOCKED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+    CANCELLED = "CANCELLED"
+
+
+S = State
+_EXITS = {S.FAILED, S.CANCELLED}
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.PLANNED: frozenset({S.CONTAIN, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
+    S.CONTAIN: frozenset({S.MAKE_ROOM} | _EXITS),
+    S.MAKE_ROOM: frozenset({S.CREATE, S.BLOCKED} | _EXITS),
+    S.CREATE: frozenset({S.STORE, S.MAKE_ROOM} | _EXITS),
+    S.STORE: frozenset({S.VERIFY, S.MAKE_ROOM} | _EXITS),
+    S.VERIFY: frozenset({S.OVERLAP, S.DELETE, S.DONE} | _EXITS),
+    S.OVERLAP: frozenset({S.DEACTIVATE} | _EXITS),
+    S.DEACTIVATE: frozenset({S.RETIRE, S.DELETE, S.ROLLED_BACK} | _EXITS),
+    S.RETIRE: frozenset({S.DELETE, S.ROLLED_BACK} | _EXITS),
+    S.DELETE: frozenset({S.DONE, S.ROLLED_BACK} | _EXITS),
+    S.BLOCKED: frozenset({S.MAKE_ROOM} | _EXITS),
+    S.DONE: frozenset(),
+    S.FAILED: frozenset(),
+    S.ROLLED_BACK: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+# Terminal states end a rotation; every other state holds the user's one open slot.
+TERMINAL: frozenset[State] = frozenset({S.DONE, S.FAILED, S.ROLLED_BACK, S.CANCELLED})
+OPEN: frozenset[State] = frozenset(State) - TERMINAL
+
+
+def check_transition(current: State, target: State) -> None:
+    """Raise `IllegalTransition` naming both states unless the table allows the move."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransition(f"illegal transition {current} -> {target}")

@@ -1,0 +1,130 @@
+"""Frozen value types shared by the core and the adapters. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from rotator.machine import State
+
+
+class KeyStatus(StrEnum):
+    ACTIVE = "Active"
+    INACTIVE = "Inactive"
+
+
+class Decision(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    ROTATE = "rotate"
+    LEAKED = "leaked"
+    BLOCKED = "blocked"
+    EXEMPT = "exempt"
+
+
+class RotationReason(StrEnum):
+    AGE = "age"
+    LEAKED = "leaked"
+    MANUAL = "manual"
+    UNUSED = "unused"
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """One access key as IAM reports it. `access_key_id` is None when only the
+    credential report (which carries no key ids) has been read for this user."""
+
+    access_key_id: str | None
+    status: KeyStatus
+    created_at: datetime
+    last_used_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status is KeyStatus.ACTIVE
+
+
+@dataclass(frozen=True)
+class IamUser:
+    account_id: str
+    user_name: str
+    arn: str
+    path: str = "/"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    attached_policy_arns: frozenset[str] = frozenset()
+    keys: tuple[AccessKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyDecision:
+    user: IamUser
+    key: AccessKey
+    decision: Decision
+    reason: str
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A freshly minted key. The secret is returned by IAM exactly once; it is hidden
+    from `repr` and `str` so that it cannot slip into a log line or a traceback."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return f"NewKey({self.access_key_id})"
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    """What Vault holds at a path: the key pair, its version and custom metadata."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    version: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def as_new_key(self) -> NewKey:
+        return NewKey(self.access_key_id, self.secret_access_key)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """One rotation of one user's key: a row in the state store. Never holds a secret."""
+
+    id: str
+    account_id: str
+    user_name: str
+    reason: RotationReason
+    state: State
+    created_at: datetime
+    updated_at: datetime
+    old_key_id: str | None = None
+    new_key_id: str | None = None
+    leaked: bool = False
+    note: str | None = None
+    # CREATE's journal: the key ids that existed before CreateAccessKey, and when.
+    intent_key_ids: tuple[str, ...] | None = None
+    intent_at: datetime | None = None
+    stored_at: datetime | None = None
+    vault_version: int | None = None
+    verified_at: datetime | None = None
+    deactivated_at: datetime | None = None
+    overlap: timedelta | None = None
+    next_action_at: datetime | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    waiting_on: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded transition (or a note on a rotation that stayed in its state)."""
+
+    rotation_id: str
+    at: datetime
+    from_state: State | None
+    to_state: State
+    reason: str

@@ -1,0 +1,144 @@
+"""Pure decisions: (user, key, now, rules) -> decision and a human reason. No I/O.
+
+Order of the rules, first match wins per user:
+  exempt  — the user is outside `include_paths`, matches `exclude_users`, or carries the
+            exempt tag with any value other than "false";
+  leaked  — a quarantine policy is attached: every active key not issued as the
+            replacement of a contained leak is leaked;
+  then per active key by age: rotate (> max_age), warn (> warn_age), ok.
+  A due key whose user holds two active keys is `blocked`: no slot can be freed without
+  guessing which key a consumer uses. An inactive key never blocks: it is the slot
+  MAKE_ROOM will free.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from rotator.model import AccessKey, Decision, IamUser, KeyDecision
+
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Rules:
+    max_age: timedelta
+    warn_age: timedelta
+    include_paths: tuple[str, ...] = ("/",)
+    exclude_users: tuple[str, ...] = ()
+    exempt_tag: str = "rotator:exempt"
+    quarantine_policies: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Rules:
+        return cls(
+            max_age=settings.policy.max_age,
+            warn_age=settings.policy.warn_age,
+            include_paths=tuple(settings.selection.include_paths),
+            exclude_users=tuple(settings.selection.exclude_users),
+            exempt_tag=settings.selection.exempt_tag,
+            quarantine_policies=frozenset(settings.leaks.quarantine_policies),
+        )
+
+
+def age_days(key: AccessKey, now: datetime) -> int:
+    """Whole days since the key was created (never negative)."""
+    return max(0, math.floor((now - key.created_at).total_seconds() / _DAY))
+
+
+def format_days(delta: timedelta) -> str:
+    days = delta.total_seconds() / _DAY
+    return f"{days:g}d" if days >= 1 or days == 0 else f"{delta.total_seconds():g}s"
+
+
+def exemption(user: IamUser, rules: Rules) -> str | None:
+    """Why the user is never touched, or None."""
+    if not any(user.path.startswith(prefix) for prefix in rules.include_paths):
+        return f"path {user.path} is outside include_paths"
+    for pattern in rules.exclude_users:
+        if fnmatch.fnmatchcase(user.user_name, pattern):
+            return f"user matches exclude_users pattern {pattern!r}"
+    if rules.exempt_tag in user.tags and user.tags[rules.exempt_tag].strip().lower() != "false":
+        return f"tagged {rules.exempt_tag}={user.tags[rules.exempt_tag]}"
+    return None
+
+
+def quarantine(user: IamUser, rules: Rules) -> str | None:
+    """The name of an attached quarantine policy, or None."""
+    for arn in sorted(user.attached_policy_arns & rules.quarantine_policies):
+        return arn.rsplit("/", 1)[-1]
+    return None
+
+
+def decide_user(
+    user: IamUser,
+    now: datetime,
+    rules: Rules,
+    replacements: Iterable[str] = (),
+) -> list[KeyDecision]:
+    """One decision per key of `user`. `replacements` are key ids the rotator issued to
+    replace a contained leak: the quarantine policy stays attached until an operator
+    detaches it, and those keys must not be rotated again and again because of it."""
+    keys: Sequence[AccessKey] = user.keys
+    exempt = exemption(user, rules)
+    if exempt is not None:
+        return [KeyDecision(user, k, Decision.EXEMPT, exempt) for k in keys]
+
+    quarantined = quarantine(user, rules)
+    issued = frozenset(replacements)
+    active = [k for k in keys if k.active]
+    out: list[KeyDecision] = []
+    for key in keys:
+        days = age_days(key, now)
+        if not key.active:
+            out.append(KeyDecision(user, key, Decision.OK, f"inactive (age {days}d)"))
+            continue
+        if quarantined and key.access_key_id not in issued:
+            out.append(
+                KeyDecision(user, key, Decision.LEAKED, f"quarantine policy {quarantined} attached")
+            )
+            continue
+        age = now - key.created_at
+        if age > rules.max_age:
+            reason = f"age {days}d > max_age {format_days(rules.max_age)}"
+            if len(active) >= 2:
+                out.append(
+                    KeyDecision(
+                        user,
+                        key,
+                        Decision.BLOCKED,
+                        f"{reason}, but both keys are active: no free slot without guessing "
+                        "which key consumers use",
+                    )
+                )
+            else:
+                out.append(KeyDecision(user, key, Decision.ROTATE, reason))
+        elif age > rules.warn_age:
+            reason = f"age {days}d > warn_age {format_days(rules.warn_age)}"
+            out.append(KeyDecision(user, key, Decision.WARN, reason))
+        else:
+            out.append(KeyDecision(user, key, Decision.OK, f"age {days}d"))
+    if quarantined and issued:
+        out = [
+            d
+            if d.decision is Decision.LEAKED or d.key.access_key_id not in issued
+            else KeyDecision(
+                user,
+                d.key,
+                d.decision,
+                f"{d.reason}; replacement for a contained leak, quarantine policy "
+                f"{quarantined} still attached (detach it after review)",
+            )
+            for d in out
+        ]
+    return out
+
+
+def needs_action(decisions: Iterable[KeyDecision]) -> bool:
+    """True when any decision calls for key ids (everything but ok and exempt)."""
+    return any(d.decision not in (Decision.OK, Decision.EXEMPT) for d in decisions)

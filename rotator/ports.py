@@ -1,0 +1,152 @@
+"""The narrow interfaces the core talks to. Adapters implement them; tests use fakes.
+
+Errors crossing these seams are the project's own (`rotator.errors`), never a
+backend's: a backend type must not leak into the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from rotator.machine import State
+from rotator.model import AccessKey, Event, IamUser, KeyStatus, NewKey, Rotation, StoredSecret
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime:
+        """Return the current time, timezone-aware (UTC)."""
+        ...
+
+
+@dataclass(frozen=True)
+class KeyLastUsed:
+    user_name: str | None
+    last_used_at: datetime | None
+
+
+class IamPort(Protocol):
+    """IAM for one account, plus STS to prove that a key works."""
+
+    def account_id(self) -> str: ...
+
+    def iter_users_with_details(self) -> Iterator[IamUser]:
+        """Every user with path, tags and attached managed policies (bulk pages).
+        Keys are not filled in."""
+        ...
+
+    def iter_users(self) -> Iterator[IamUser]:
+        """Every user from `ListUsers`, without tags or policies (the fallback path)."""
+        ...
+
+    def user_details(self, user_name: str) -> IamUser:
+        """One user with tags and attached policies; raises `NotFound`."""
+        ...
+
+    def generate_credential_report(self) -> str:
+        """Ask for a credential report; return its state (STARTED, INPROGRESS, COMPLETE)."""
+        ...
+
+    def get_credential_report(self) -> bytes | None:
+        """The report's CSV, or None when it is not ready yet."""
+        ...
+
+    def list_access_keys(self, user_name: str) -> list[AccessKey]:
+        """The user's keys with ids and status (no last-used); raises `NotFound`."""
+        ...
+
+    def key_last_used(self, access_key_id: str) -> KeyLastUsed: ...
+
+    def create_access_key(self, user_name: str) -> NewKey:
+        """Mint a key. Called once, never retried: it is not idempotent."""
+        ...
+
+    def set_key_status(self, user_name: str, access_key_id: str, status: KeyStatus) -> None: ...
+
+    def delete_access_key(self, user_name: str, access_key_id: str) -> None: ...
+
+    def caller_arn(self, key: NewKey) -> str:
+        """`sts:GetCallerIdentity` signed with `key`: the ARN it authenticates as."""
+        ...
+
+
+class SecretStore(Protocol):
+    """Where new keys live (Vault KV v2)."""
+
+    def path_for(self, account_id: str, user_name: str) -> str: ...
+
+    def read(self, path: str) -> StoredSecret | None:
+        """The latest version at `path`, or None when nothing (or a deleted version) is there."""
+        ...
+
+    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+        """Write a new version with check-and-set `cas` (0: must not exist yet) and set
+        custom metadata; return the new version. Raises `CasConflict`."""
+        ...
+
+    def check(self) -> None:
+        """Raise unless the store is reachable, unsealed and the credentials are valid."""
+        ...
+
+
+class StateStore(Protocol):
+    """Durable rotations, their event trail, and leases between processes."""
+
+    def create(self, rotation: Rotation, reason: str) -> Rotation:
+        """Insert a new rotation and its first event. Raises `RotationExists` when an open
+        rotation for the same (account, user) is already there."""
+        ...
+
+    def get(self, rotation_id: str) -> Rotation | None: ...
+
+    def open_for(self, account_id: str, user_name: str) -> Rotation | None: ...
+
+    def latest_for(self, account_id: str, user_name: str) -> Rotation | None: ...
+
+    def list_open(self) -> list[Rotation]: ...
+
+    def list_recent(self, limit: int = 50, user_name: str | None = None) -> list[Rotation]:
+        """Every open rotation and at most `limit` of the newest closed ones, newest first."""
+        ...
+
+    def save(self, rotation: Rotation, reason: str, from_state: State | None = None) -> None:
+        """Persist `rotation`. When `from_state` is given, the stored row must still be in
+        `from_state` (else `StaleRotation`), and when it differs from `rotation.state` an
+        event (from, to, reason) is appended in the same transaction."""
+        ...
+
+    def replacement_key_ids(self, account_id: str) -> set[str]:
+        """Key ids issued to replace a contained leak (by rotations that did not fail)."""
+        ...
+
+    def record(self, rotation_id: str, state: State, reason: str) -> None:
+        """Append a note to the trail of a rotation that stays in `state`."""
+        ...
+
+    def events(self, rotation_id: str) -> list[Event]: ...
+
+    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> bool:
+        """Take or renew the lease on a rotation; False when another live owner holds it.
+        Raises `NotFound` for an unknown rotation."""
+        ...
+
+    def release_lease(self, rotation_id: str, owner: str) -> None: ...
+
+    def check(self) -> None:
+        """Raise unless the store is writable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Notifier(Protocol):
+    def notify(self, event: str, rotation: Rotation, text: str) -> None:
+        """Tell people about `event` (done, failed, blocked, leaked_contained,
+        consumers_not_switched). Never raises, never blocks a rotation."""
+        ...
+
+
+def key_ids(keys: Iterable[AccessKey]) -> tuple[str, ...]:
+    return tuple(sorted(k.access_key_id for k in keys if k.access_key_id))

@@ -1,0 +1,124 @@
+"""Rendering for people and scripts: the plan as a JSON document and as a table.
+
+Pure functions from values to text; the CLI prints what they return.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rotator.model import Decision, KeyDecision
+from rotator.policy import age_days
+
+# Most urgent first: the order people read a plan in.
+DECISION_ORDER = (
+    Decision.LEAKED,
+    Decision.BLOCKED,
+    Decision.ROTATE,
+    Decision.WARN,
+    Decision.OK,
+    Decision.EXEMPT,
+)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """UTC, second precision, `Z` suffix; None stays None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def plan_item(decision: KeyDecision, as_of: datetime) -> dict[str, Any]:
+    key, user = decision.key, decision.user
+    return {
+        "account_id": user.account_id,
+        "user_name": user.user_name,
+        "access_key_id": key.access_key_id,
+        "status": key.status.value,
+        "created_at": iso(key.created_at),
+        "age_days": age_days(key, as_of),
+        "last_used_at": iso(key.last_used_at),
+        "decision": decision.decision.value,
+        "reason": decision.reason,
+    }
+
+
+def summary(decisions: Iterable[KeyDecision]) -> dict[str, int]:
+    counts = Counter(d.decision for d in decisions)
+    return {d.value: counts.get(d, 0) for d in Decision}
+
+
+def plan_document(
+    decisions: Sequence[KeyDecision],
+    *,
+    generated_at: datetime,
+    as_of: datetime,
+    notes: Sequence[str] = (),
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The `plan --json` document of INTERFACE.md."""
+    doc: dict[str, Any] = {
+        "generated_at": iso(generated_at),
+        "as_of": iso(as_of),
+        "items": [plan_item(d, as_of) for d in decisions],
+        "summary": summary(decisions),
+    }
+    if source is not None:
+        doc["source"] = source
+    if notes:
+        doc["notes"] = list(notes)
+    return doc
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain left-aligned text table."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def plan_text(
+    decisions: Sequence[KeyDecision],
+    *,
+    as_of: datetime,
+    notes: Sequence[str] = (),
+) -> str:
+    """The plan for people: one group per decision, most urgent first, with counts."""
+    out: list[str] = [f"Plan as of {iso(as_of)}"]
+    out += [f"note: {n}" for n in notes]
+    header = ("ACCOUNT", "USER", "KEY", "STATUS", "AGE", "LAST USED", "REASON")
+    for kind in DECISION_ORDER:
+        group = [d for d in decisions if d.decision is kind]
+        if not group:
+            continue
+        out.append("")
+        out.append(f"{kind.value.upper()} ({len(group)})")
+        rows = [
+            (
+                d.user.account_id,
+                d.user.user_name,
+                d.key.access_key_id or "-",
+                d.key.status.value,
+                f"{age_days(d.key, as_of)}d",
+                (iso(d.key.last_used_at) or "never")[:10],
+                d.reason,
+            )
+            for d in group
+        ]
+        out.append(table(rows, header))
+    counts = summary(decisions)
+    out.append("")
+    out.append(
+        "Summary: "
+        + ", ".join(f"{counts[k.value]} {k.value}" for k in DECISION_ORDER)
+        + f" ({len(decisions)} keys)"
+    )
+    return "\n".join(out)

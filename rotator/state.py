@@ -1,0 +1,740 @@
+"""SQLite state store: rotations, their event trail, and leases between processes.
+
+The embedded default behind `rotator.ports.StateStore`, and the only module that imports
+sqlite3. What it guarantees, and how:
+
+- Durability: WAL with `synchronous=FULL`, so once a write returns (CREATE's intent above
+  all) a crash or power loss cannot take it back.
+- Invariant 5 (one rotation in flight per user) is enforced by the database itself: a
+  partial unique index over (account_id, user_name) for rows whose state is not
+  terminal. The daemon, the CLI and a second instance on the same file cannot race past
+  it; `create` turns the violation into `RotationExists`.
+- The event trail is append-only: triggers refuse UPDATE and DELETE on `events`.
+- Leases: the owner string is opaque, but the row also records the holder's host and pid,
+  so a lease left by a process that died on this host is taken over at once instead of
+  delaying recovery until it expires.
+- The schema is versioned with `PRAGMA user_version`; migrations run in order inside one
+  write transaction, and a file written by a newer rotator is refused.
+- Files are private: missing parent directories are created 0700, the database and its
+  `-wal`/`-shm` companions are 0600 whatever the umask.
+
+One connection per store, guarded by a lock, so one store may be shared by threads;
+separate stores (or processes) on the same file coordinate through SQLite's locks, and
+every write starts with `BEGIN IMMEDIATE` so it takes the write lock before reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import stat
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from rotator.errors import (
+    BackendUnavailable,
+    NotFound,
+    RotationExists,
+    RotatorError,
+    StaleRotation,
+    Transient,
+)
+from rotator.machine import TERMINAL, State
+from rotator.model import Event, Rotation, RotationReason
+from rotator.ports import Clock
+
+# The state values below are our own enum's values (no user input), so building SQL
+# from them is safe; the partial unique index must spell out the terminal set literally.
+_TERMINAL_SQL: Final = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
+_OPEN_WHERE: Final = f"state NOT IN ({_TERMINAL_SQL})"
+_CLOSED_WHERE: Final = f"state IN ({_TERMINAL_SQL})"
+
+_OPEN_INDEX: Final = "rotations_one_open"
+_OPEN_INDEX_SQL: Final = (
+    f"CREATE UNIQUE INDEX {_OPEN_INDEX} ON rotations (account_id, user_name) WHERE {_OPEN_WHERE}"
+)
+
+# Each migration is a sequence of statements, applied in order in one transaction.
+# Append new migrations; never edit one that has shipped.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE rotations (
+            id             TEXT PRIMARY KEY,
+            account_id     TEXT NOT NULL,
+            user_name      TEXT NOT NULL,
+            reason         TEXT NOT NULL,
+            state          TEXT NOT NULL,
+            created_at     TEXT NOT NULL,
+            updated_at     TEXT NOT NULL,
+            old_key_id     TEXT,
+            new_key_id     TEXT,
+            leaked         INTEGER NOT NULL CHECK (leaked IN (0, 1)),
+            note           TEXT,
+            intent_key_ids TEXT,
+            intent_at      TEXT,
+            stored_at      TEXT,
+            vault_version  INTEGER,
+            verified_at    TEXT,
+            deactivated_at TEXT,
+            overlap_seconds REAL,
+            next_action_at TEXT,
+            attempts       INTEGER NOT NULL,
+            last_error     TEXT,
+            waiting_on     TEXT
+        )
+        """,
+        "CREATE INDEX rotations_by_user ON rotations (account_id, user_name, created_at)",
+        "CREATE INDEX rotations_by_created ON rotations (created_at)",
+        """
+        CREATE TABLE events (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            rotation_id TEXT NOT NULL REFERENCES rotations (id),
+            at          TEXT NOT NULL,
+            from_state  TEXT,
+            to_state    TEXT NOT NULL,
+            reason      TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX events_by_rotation ON events (rotation_id, id)",
+        """
+        CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END
+        """,
+        """
+        CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END
+        """,
+        """
+        CREATE TABLE leases (
+            rotation_id TEXT PRIMARY KEY REFERENCES rotations (id),
+            owner       TEXT NOT NULL,
+            host        TEXT NOT NULL,
+            pid_ns      TEXT NOT NULL,
+            pid         INTEGER NOT NULL,
+            expires_at  TEXT NOT NULL
+        )
+        """,
+        # `check` commits a write here: only a committed write proves the disk takes one.
+        "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT NOT NULL)",
+    ),
+)
+
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The `PRAGMA user_version` this code writes and understands."""
+
+_COLUMNS: Final = (
+    "id",
+    "account_id",
+    "user_name",
+    "reason",
+    "state",
+    "created_at",
+    "updated_at",
+    "old_key_id",
+    "new_key_id",
+    "leaked",
+    "note",
+    "intent_key_ids",
+    "intent_at",
+    "stored_at",
+    "vault_version",
+    "verified_at",
+    "deactivated_at",
+    "overlap_seconds",
+    "next_action_at",
+    "attempts",
+    "last_error",
+    "waiting_on",
+)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM rotations"  # noqa: S608 - fixed names
+_INSERT: Final = (
+    f"INSERT INTO rotations ({', '.join(_COLUMNS)}) "  # noqa: S608 - fixed names
+    f"VALUES ({', '.join(':' + c for c in _COLUMNS)})"
+)
+_UPDATE: Final = (
+    "UPDATE rotations SET "  # noqa: S608 - fixed names
+    + ", ".join(f"{c} = :{c}" for c in _COLUMNS if c != "id")
+    + " WHERE id = :id"
+)
+_RECENT: Final = (
+    f"SELECT * FROM ("  # noqa: S608 - fixed names and enum values
+    f"SELECT {', '.join(_COLUMNS)}, rowid AS seq FROM rotations "
+    f"WHERE {_OPEN_WHERE} AND (:user IS NULL OR user_name = :user)) "
+    f"UNION ALL SELECT * FROM ("
+    f"SELECT {', '.join(_COLUMNS)}, rowid AS seq FROM rotations "
+    f"WHERE {_CLOSED_WHERE} AND (:user IS NULL OR user_name = :user) "
+    f"ORDER BY created_at DESC, rowid DESC LIMIT :limit) "
+    f"ORDER BY created_at DESC, seq DESC"
+)
+
+# Primary result codes that mean "the file cannot be used right now", as opposed to a
+# bug or a corrupt database.
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOLFS,
+    }
+)
+_BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def lease_owner() -> str:
+    """A lease owner name unique to this process and call: `host:pid:random`."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqliteStateStore:
+    """`StateStore` on one SQLite file. See the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        clock: Clock | None = None,
+        *,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        """Open (creating when missing) the store at `path` and bring its schema up to date.
+
+        `busy_timeout` is how long, in seconds, a statement waits for another writer
+        before `Transient` is raised.
+        """
+        self._path = Path(path)
+        self._clock: Callable[[], datetime] = clock or _utcnow
+        self._lock = threading.Lock()
+        self._host = socket.gethostname()
+        self._pid_ns = _pid_namespace()
+        _prepare_file(self._path)
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._translate(exc, "open") from exc
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            self._configure(conn, busy_timeout)
+            self._migrate()
+            for suffix in ("-wal", "-shm"):
+                _make_private(self._path.with_name(self._path.name + suffix))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # --- StateStore ---------------------------------------------------------------
+
+    def create(self, rotation: Rotation, reason: str) -> Rotation:
+        row = _encode(rotation)
+        with self._write("create") as conn:
+            try:
+                conn.execute(_INSERT, row)
+            except sqlite3.IntegrityError as exc:
+                raise self._conflict(conn, rotation) from exc
+            self._append_event(conn, rotation.id, None, rotation.state, reason)
+            stored = self._select_one(conn, rotation.id)
+        assert stored is not None  # inserted in this very transaction
+        return stored
+
+    def get(self, rotation_id: str) -> Rotation | None:
+        with self._read("get") as conn:
+            return self._select_one(conn, rotation_id)
+
+    def open_for(self, account_id: str, user_name: str) -> Rotation | None:
+        sql = f"{_SELECT} WHERE account_id = ? AND user_name = ? AND {_OPEN_WHERE}"
+        with self._read("open_for") as conn:
+            row = conn.execute(sql, (account_id, user_name)).fetchone()
+        return None if row is None else _decode(row)
+
+    def latest_for(self, account_id: str, user_name: str) -> Rotation | None:
+        sql = (
+            f"{_SELECT} WHERE account_id = ? AND user_name = ? "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1"
+        )
+        with self._read("latest_for") as conn:
+            row = conn.execute(sql, (account_id, user_name)).fetchone()
+        return None if row is None else _decode(row)
+
+    def list_open(self) -> list[Rotation]:
+        """Every open rotation, oldest first."""
+        sql = f"{_SELECT} WHERE {_OPEN_WHERE} ORDER BY created_at, rowid"
+        with self._read("list_open") as conn:
+            rows = conn.execute(sql).fetchall()
+        return [_decode(r) for r in rows]
+
+    def list_recent(self, limit: int = 50, user_name: str | None = None) -> list[Rotation]:
+        """Every open rotation plus at most `limit` of the newest closed ones, newest
+        `created_at` first. Open rotations are never cut by `limit`."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        with self._read("list_recent") as conn:
+            rows = conn.execute(_RECENT, {"user": user_name, "limit": limit}).fetchall()
+        return [_decode(r) for r in rows]
+
+    def replacement_key_ids(self, account_id: str) -> set[str]:
+        """Keys issued to replace a contained leak (rotations that did not fail)."""
+        sql = (
+            "SELECT new_key_id FROM rotations WHERE account_id = ? AND leaked = 1 "
+            "AND new_key_id IS NOT NULL AND state NOT IN ('FAILED', 'CANCELLED')"
+        )
+        with self._read("replacement_key_ids") as conn:
+            rows = conn.execute(sql, (account_id,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def save(self, rotation: Rotation, reason: str, from_state: State | None = None) -> None:
+        row = _encode(rotation)
+        with self._write("save") as conn:
+            if from_state is not None:
+                current = conn.execute(
+                    "SELECT state FROM rotations WHERE id = ?", (rotation.id,)
+                ).fetchone()
+                if current is not None and current[0] != from_state.value:
+                    # Someone else moved it on meanwhile (a lease that ran out): never
+                    # overwrite their progress with ours.
+                    raise StaleRotation(
+                        f"rotation {rotation.id} is in {current[0]}, not {from_state}"
+                    )
+            try:
+                cursor = conn.execute(_UPDATE, row)
+            except sqlite3.IntegrityError as exc:
+                # Moving a closed rotation back to an open state while another is open.
+                raise self._conflict(conn, rotation) from exc
+            if cursor.rowcount == 0:
+                raise NotFound(f"rotation {rotation.id} not found")
+            if from_state is not None and from_state != rotation.state:
+                self._append_event(conn, rotation.id, from_state, rotation.state, reason)
+
+    def record(self, rotation_id: str, state: State, reason: str) -> None:
+        """Append a note to the trail of a rotation that stays in `state` (e.g. "consumers
+        still use the old key"): an event whose from and to states are both `state`."""
+        with self._write("record") as conn:
+            self._require(conn, rotation_id)
+            self._append_event(conn, rotation_id, state, state, reason)
+
+    def events(self, rotation_id: str) -> list[Event]:
+        """The rotation's events in the order they were recorded."""
+        sql = (
+            "SELECT rotation_id, at, from_state, to_state, reason FROM events "
+            "WHERE rotation_id = ? ORDER BY id"
+        )
+        with self._read("events") as conn:
+            rows = conn.execute(sql, (rotation_id,)).fetchall()
+        return [
+            Event(
+                rotation_id=str(r[0]),
+                at=_parse_ts(r[1]),
+                from_state=None if r[2] is None else State(r[2]),
+                to_state=State(r[3]),
+                reason=str(r[4]),
+            )
+            for r in rows
+        ]
+
+    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> bool:
+        """Take the lease when it is free, expired, already `owner`'s (renewal), or held by
+        a process on this host that no longer exists; False otherwise."""
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        now = self._clock()
+        with self._write("acquire_lease") as conn:
+            self._require(conn, rotation_id)
+            held = conn.execute(
+                "SELECT owner, host, pid_ns, pid, expires_at FROM leases WHERE rotation_id = ?",
+                (rotation_id,),
+            ).fetchone()
+            if held is not None and not self._may_take(held, owner, now):
+                return False
+            conn.execute(
+                "INSERT INTO leases (rotation_id, owner, host, pid_ns, pid, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (rotation_id) DO UPDATE SET owner = excluded.owner, "
+                "host = excluded.host, pid_ns = excluded.pid_ns, pid = excluded.pid, "
+                "expires_at = excluded.expires_at",
+                (
+                    rotation_id,
+                    owner,
+                    self._host,
+                    self._pid_ns,
+                    os.getpid(),
+                    _encode_ts(now + ttl),
+                ),
+            )
+        return True
+
+    def release_lease(self, rotation_id: str, owner: str) -> None:
+        """Drop the lease if `owner` holds it; a no-op otherwise."""
+        with self._write("release_lease") as conn:
+            conn.execute(
+                "DELETE FROM leases WHERE rotation_id = ? AND owner = ?", (rotation_id, owner)
+            )
+
+    def check(self) -> None:
+        """Commit a small write; raise `BackendUnavailable` naming the file if it fails.
+
+        A `BEGIN IMMEDIATE; ROLLBACK` would only prove the lock can be taken: a full disk
+        or a file that cannot grow shows up only when a write reaches the WAL."""
+        try:
+            with self._write("check") as conn:
+                conn.execute(
+                    "INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                    (_encode_ts(self._clock()),),
+                )
+        except RotatorError as exc:
+            detail = exc.__cause__ or exc  # the sqlite error, without the path twice
+            raise BackendUnavailable(f"state store {self._path} is not writable: {detail}") from exc
+
+    def close(self) -> None:
+        """Close the connection; later calls raise `BackendUnavailable`. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # --- internals ----------------------------------------------------------------
+
+    def _configure(self, conn: sqlite3.Connection, busy_timeout: float) -> None:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # A crash must not lose a recorded intent: FULL syncs the WAL on every commit.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise self._translate(exc, "open") from exc
+        if str(mode).lower() != "wal":
+            raise BackendUnavailable(
+                f"state store {self._path}: cannot use WAL mode (journal_mode is {mode})"
+            )
+
+    def _migrate(self) -> None:
+        with self._read("open") as c:
+            if self._schema_current(c):
+                return
+        with self._write("migrate") as c:
+            version = self._user_version(c)  # again: another process may have migrated
+            for statements in _MIGRATIONS[version:]:
+                for sql in statements:
+                    c.execute(sql)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._index_sql(c) != _OPEN_INDEX_SQL:
+                # The terminal set in `machine` changed since the index was built.
+                c.execute(f"DROP INDEX IF EXISTS {_OPEN_INDEX}")
+                try:
+                    c.execute(_OPEN_INDEX_SQL)
+                except sqlite3.IntegrityError as exc:
+                    raise RotatorError(
+                        f"state store {self._path}: a user has two rotations that are open "
+                        f"under the current terminal states; close one first"
+                    ) from exc
+
+    def _schema_current(self, conn: sqlite3.Connection) -> bool:
+        return self._user_version(conn) == SCHEMA_VERSION and (
+            self._index_sql(conn) == _OPEN_INDEX_SQL
+        )
+
+    def _user_version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RotatorError(
+                f"state store {self._path} has schema version {version}, newer than this "
+                f"rotator understands ({SCHEMA_VERSION}); upgrade rotator"
+            )
+        return version
+
+    @staticmethod
+    def _index_sql(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (_OPEN_INDEX,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BackendUnavailable(f"state store {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise self._translate(exc, doing) from exc
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so what the
+        transaction reads cannot change before it writes (no read-then-upgrade race)."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._translate(exc, doing) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._translate(exc, doing) from exc
+                raise
+
+    def _translate(self, exc: sqlite3.Error, doing: str) -> RotatorError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        text = f"state store {self._path}: {doing} failed: {exc}"
+        if primary in _BUSY_CODES or "database is locked" in str(exc):
+            return Transient(text)
+        if primary in _UNAVAILABLE_CODES:
+            return BackendUnavailable(text)
+        return RotatorError(text)
+
+    def _conflict(self, conn: sqlite3.Connection, rotation: Rotation) -> RotatorError:
+        """Name the constraint an insert or update of `rotation` broke: the one-open-
+        rotation index (another open rotation for the user exists) or the primary key."""
+        row = conn.execute(
+            f"SELECT id FROM rotations WHERE account_id = ? AND user_name = ? "  # noqa: S608
+            f"AND {_OPEN_WHERE} AND id != ?",
+            (rotation.account_id, rotation.user_name, rotation.id),
+        ).fetchone()
+        if row is not None:
+            return RotationExists(
+                f"user {rotation.user_name} in account {rotation.account_id} already has "
+                f"open rotation {row[0]}"
+            )
+        return RotatorError(f"rotation {rotation.id} already exists")
+
+    def _may_take(self, held: Sequence[object], owner: str, now: datetime) -> bool:
+        held_owner, host, pid_ns, pid, expires_at = held
+        if held_owner == owner or _parse_ts(expires_at) <= now:
+            return True
+        # Same host and same pid namespace: the pid is meaningful here, and a holder that
+        # no longer exists must not delay recovery until its lease runs out.
+        same_machine = host == self._host and pid_ns == self._pid_ns
+        return same_machine and isinstance(pid, int) and not _pid_alive(pid)
+
+    @staticmethod
+    def _require(conn: sqlite3.Connection, rotation_id: str) -> None:
+        if conn.execute("SELECT 1 FROM rotations WHERE id = ?", (rotation_id,)).fetchone() is None:
+            raise NotFound(f"rotation {rotation_id} not found")
+
+    @staticmethod
+    def _select_one(conn: sqlite3.Connection, rotation_id: str) -> Rotation | None:
+        row = conn.execute(f"{_SELECT} WHERE id = ?", (rotation_id,)).fetchone()
+        return None if row is None else _decode(row)
+
+    def _append_event(
+        self,
+        conn: sqlite3.Connection,
+        rotation_id: str,
+        from_state: State | None,
+        to_state: State,
+        reason: str,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO events (rotation_id, at, from_state, to_state, reason) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                rotation_id,
+                _encode_ts(self._clock()),
+                None if from_state is None else from_state.value,
+                to_state.value,
+                reason,
+            ),
+        )
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def _prepare_file(path: Path) -> None:
+    """Create missing parent directories (0700) and the database file (0600), both
+    independent of the umask, before SQLite opens it."""
+    try:
+        _make_private_dirs(path.parent)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            _make_private(path)
+        else:
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise BackendUnavailable(f"state store {path}: cannot prepare file: {exc}") from exc
+
+
+def _make_private_dirs(directory: Path) -> None:
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to chmod
+        os.chmod(d, 0o700)
+
+
+def _make_private(path: Path) -> None:
+    """Take group and other permissions off an existing file (SQLite creates the WAL and
+    shm files with the database's mode; this covers files made by anything else)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+
+
+def _pid_namespace() -> str:
+    """The pid namespace id on Linux, so two containers sharing a hostname and a file
+    never judge each other's pids; empty where there are no pid namespaces."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we can ask about; never take over on it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # PermissionError: it exists, under another user
+    return True
+
+
+# --- rows ----------------------------------------------------------------------------
+
+
+def _encode_ts(value: datetime) -> str:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()}: the store keeps aware UTC times")
+    # Fixed width, so that text order is time order (ORDER BY created_at).
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _encode_opt_ts(value: datetime | None) -> str | None:
+    return None if value is None else _encode_ts(value)
+
+
+def _parse_ts(value: object) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+def _parse_opt_ts(value: object) -> datetime | None:
+    return None if value is None else _parse_ts(value)
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    raise RotatorError(f"state store row holds {value!r} where an integer belongs")
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _float(value: object) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    raise RotatorError(f"state store row holds {value!r} where a number belongs")
+
+
+def _encode(r: Rotation) -> dict[str, object]:
+    row: dict[str, object] = {
+        "id": r.id,
+        "account_id": r.account_id,
+        "user_name": r.user_name,
+        "reason": r.reason.value,
+        "state": r.state.value,
+        "created_at": _encode_ts(r.created_at),
+        "updated_at": _encode_ts(r.updated_at),
+        "old_key_id": r.old_key_id,
+        "new_key_id": r.new_key_id,
+        "leaked": int(r.leaked),
+        "note": r.note,
+        "intent_key_ids": None if r.intent_key_ids is None else json.dumps(r.intent_key_ids),
+        "intent_at": _encode_opt_ts(r.intent_at),
+        "stored_at": _encode_opt_ts(r.stored_at),
+        "vault_version": r.vault_version,
+        "verified_at": _encode_opt_ts(r.verified_at),
+        "deactivated_at": _encode_opt_ts(r.deactivated_at),
+        "overlap_seconds": None if r.overlap is None else r.overlap.total_seconds(),
+        "next_action_at": _encode_opt_ts(r.next_action_at),
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "waiting_on": r.waiting_on,
+    }
+    assert tuple(row) == _COLUMNS
+    return row
+
+
+def _decode(values: Sequence[object]) -> Rotation:
+    # `values` may carry extra trailing columns (list_recent's sort key): zip stops early.
+    row: Mapping[str, object] = dict(zip(_COLUMNS, values, strict=False))
+    intent = row["intent_key_ids"]
+    overlap = row["overlap_seconds"]
+    return Rotation(
+        id=str(row["id"]),
+        account_id=str(row["account_id"]),
+        user_name=str(row["user_name"]),
+        reason=RotationReason(str(row["reason"])),
+        state=State(str(row["state"])),
+        created_at=_parse_ts(row["created_at"]),
+        updated_at=_parse_ts(row["updated_at"]),
+        old_key_id=_opt_str(row["old_key_id"]),
+        new_key_id=_opt_str(row["new_key_id"]),
+        leaked=bool(row["leaked"]),
+        note=_opt_str(row["note"]),
+        intent_key_ids=None if intent is None else tuple(str(k) for k in json.loads(str(intent))),
+        intent_at=_parse_opt_ts(row["intent_at"]),
+        stored_at=_parse_opt_ts(row["stored_at"]),
+        vault_version=_opt_int(row["vault_version"]),
+        verified_at=_parse_opt_ts(row["verified_at"]),
+        deactivated_at=_parse_opt_ts(row["deactivated_at"]),
+        overlap=None if overlap is None else timedelta(seconds=_float(overlap)),
+        next_action_at=_parse_opt_ts(row["next_action_at"]),
+        attempts=_int(row["attempts"]),
+        last_error=_opt_str(row["last_error"]),
+        waiting_on=_opt_str(row["waiting_on"]),
+    )

@@ -1,0 +1,67 @@
+"""A rotator wired to the test servers, with a clock the test moves by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rotator.app import App
+from rotator.config import Settings, parse_settings
+from rotator.sandbox import LocalAws
+from tests.conftest import VaultTarget
+
+
+@dataclass
+class FakeClock:
+    """Starts at the real time (moto stamps keys with it) and moves only when told;
+    `sleep` moves it too, so retries and waits cost no real time."""
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    slept: list[float] = field(default_factory=list)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += timedelta(seconds=seconds)
+
+
+def settings_for(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path, **sections: Mapping[str, Any]
+) -> Settings:
+    data: dict[str, Any] = {
+        "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1"},
+        "vault": {"url": vault.addr, "mount": vault.mount, "auth": {"token": vault.token}},
+        "state": {"path": str(tmp_path / "state.db")},
+        "policy": {"overlap": "0s", "delete_after": "0s", "verify_timeout": "10s"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_settings(data, {})
+
+
+def make_app(
+    settings: Settings, clock: FakeClock, fault: Callable[[str], None] | None = None
+) -> App:
+    return App(settings, clock=clock, sleep=clock.sleep, fault=fault)
+
+
+def vault_secret(vault: VaultTarget, path: str) -> dict[str, Any] | None:
+    """What a consumer reads at `path`: data and custom metadata (raw API, root token)."""
+    try:
+        data = vault.server.request("GET", f"/v1/{vault.mount}/data/{path}")
+        meta = vault.server.request("GET", f"/v1/{vault.mount}/metadata/{path}")
+    except Exception:
+        return None
+    return {
+        "data": data["data"]["data"],
+        "metadata": meta["data"]["custom_metadata"] or {},
+        "version": data["data"]["metadata"]["version"],
+    }

@@ -1,0 +1,155 @@
+"""Full rotation cycles against the moto server and the OpenBao dev server."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from rotator.aws import AwsIam
+from rotator.machine import State
+from rotator.model import KeyStatus, NewKey
+from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
+from tests.conftest import VaultTarget
+from tests.rig import FakeClock, make_app, settings_for, vault_secret
+
+D = timedelta(days=1)
+
+
+def test_zero_overlap_cycle_leaves_one_working_key_in_vault(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """With overlap and delete_after 0s one pass rotates a due key to DONE: one active
+    key, held in Vault with matching custom metadata, and it authenticates as the user."""
+    clock = FakeClock()
+    [old] = aws.add_user("alice", keys=[SeedKey(120 * D)], now=clock.now)
+    app = make_app(settings_for(aws, vault, tmp_path), clock)
+    result = app.run_once()
+    [rotation] = result.rotations
+    assert rotation.state is State.DONE, rotation.last_error
+    keys = aws.keys("alice")
+    assert list(keys.values()) == [KeyStatus.ACTIVE]
+    assert old.access_key_id not in keys
+    secret = vault_secret(vault, f"aws/{ACCOUNT_ID}/alice")
+    assert secret is not None
+    assert secret["data"]["aws_access_key_id"] == rotation.new_key_id == next(iter(keys))
+    assert secret["metadata"]["access_key_id"] == rotation.new_key_id
+    assert secret["metadata"]["rotation_id"] == rotation.id
+    assert secret["metadata"]["rotated_at"]
+    iam = AwsIam(region="us-east-1", endpoint_url=aws.endpoint_url)
+    new = NewKey(secret["data"]["aws_access_key_id"], secret["data"]["aws_secret_access_key"])
+    assert iam.caller_arn(new) == f"arn:aws:iam::{ACCOUNT_ID}:user/alice"
+
+
+def test_second_pass_makes_no_iam_change(aws: LocalAws, vault: VaultTarget, tmp_path: Path) -> None:
+    """After everything is rotated, another pass sends no write call to IAM."""
+    clock = FakeClock()
+    for name in ("a", "b", "c"):
+        aws.add_user(name, keys=[SeedKey(100 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    first = make_app(settings, clock).run_once()
+    assert {r.state for r in first.rotations} == {State.DONE}
+    second_app = make_app(settings, clock)
+    second = second_app.run_once()
+    assert second.opened == []
+    writes = [
+        op
+        for op in second_app.default_iam().calls
+        if any(w in op for w in ("Create", "Update", "Delete"))
+    ]
+    assert writes == []
+
+
+def test_overlap_keeps_old_key_active_until_it_passes(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """With a 24h overlap the old key stays active while Vault already holds the new
+    one; later passes deactivate it after the overlap and delete it after delete_after."""
+    clock = FakeClock()
+    [old] = aws.add_user("bob", keys=[SeedKey(120 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path, policy={"overlap": "24h", "delete_after": "7d"})
+    [r] = make_app(settings, clock).run_once().rotations
+    assert r.state is State.OVERLAP
+    assert aws.keys("bob")[old.access_key_id] is KeyStatus.ACTIVE
+    assert vault_secret(vault, f"aws/{ACCOUNT_ID}/bob")["data"]["aws_access_key_id"] == r.new_key_id  # type: ignore[index]
+
+    clock.advance(timedelta(hours=23))
+    [r] = make_app(settings, clock).run_once().rotations
+    assert r.state is State.OVERLAP
+    assert aws.keys("bob")[old.access_key_id] is KeyStatus.ACTIVE
+
+    clock.advance(timedelta(hours=2))
+    [r] = make_app(settings, clock).run_once().rotations
+    assert r.state is State.RETIRE
+    assert aws.keys("bob")[old.access_key_id] is KeyStatus.INACTIVE
+
+    clock.advance(7 * D)
+    [r] = make_app(settings, clock).run_once().rotations
+    assert r.state is State.DONE
+    assert list(aws.keys("bob")) == [r.new_key_id]
+
+
+def test_rollback_reactivates_a_retired_old_key(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Rollback turns a deactivated old key back on and ends the rotation ROLLED_BACK."""
+    clock = FakeClock()
+    [old] = aws.add_user("carol", keys=[SeedKey(120 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path, policy={"delete_after": "7d"})
+    app = make_app(settings, clock)
+    [r] = app.run_once().rotations
+    assert r.state is State.RETIRE
+    assert aws.keys("carol")[old.access_key_id] is KeyStatus.INACTIVE
+    rolled = app.engine.rollback(r, "test")
+    assert rolled.state is State.ROLLED_BACK
+    assert aws.keys("carol")[old.access_key_id] is KeyStatus.ACTIVE
+
+
+def test_two_active_keys_block_and_stay_untouched(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A due user with two active keys ends BLOCKED with both keys unchanged; once an
+    operator deactivates one, the next pass rotates."""
+    clock = FakeClock()
+    k1, k2 = aws.add_user("dave", keys=[SeedKey(120 * D), SeedKey(100 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    result = make_app(settings, clock).run_once()
+    [r] = result.rotations
+    assert r.state is State.BLOCKED
+    assert "cap_blocked" in (r.last_error or "")
+    assert aws.keys("dave") == {
+        k1.access_key_id: KeyStatus.ACTIVE,
+        k2.access_key_id: KeyStatus.ACTIVE,
+    }
+
+    aws.backend.update_access_key("dave", k2.access_key_id, "Inactive")
+    [r] = make_app(settings, clock).run_once().rotations
+    assert r.state is State.DONE, r.last_error
+    assert list(aws.keys("dave")) == [r.new_key_id]
+
+
+def test_inactive_key_beside_due_key_is_deleted_to_make_room(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """An inactive key frees the slot the replacement needs; the cap is never exceeded."""
+    clock = FakeClock()
+    _inactive, _active = aws.add_user(
+        "erin", keys=[SeedKey(200 * D, status=KeyStatus.INACTIVE), SeedKey(120 * D)], now=clock.now
+    )
+    [r] = make_app(settings_for(aws, vault, tmp_path), clock).run_once().rotations
+    assert r.state is State.DONE
+    assert list(aws.keys("erin")) == [r.new_key_id]
+
+
+def test_forced_rotation_of_user_without_keys_issues_a_first_key(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """`rotate` on a user with no key creates one, stores it in Vault, and is DONE."""
+    clock = FakeClock()
+    aws.add_user("frank", now=clock.now)
+    app = make_app(settings_for(aws, vault, tmp_path), clock)
+    r = app.force("frank", reason="onboarding")
+    assert r.state is State.DONE, r.last_error
+    assert list(aws.keys("frank")) == [r.new_key_id]
+    assert (
+        vault_secret(vault, f"aws/{ACCOUNT_ID}/frank")["data"]["aws_access_key_id"] == r.new_key_id
+    )  # type: ignore[index]

@@ -1,0 +1,194 @@
+"""`rotator plan` and `rotator config check` as a user runs them: a subprocess against
+the moto server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from rotator.model import KeyStatus
+from rotator.sandbox import QUARANTINE_V2, LocalAws, SeedKey, free_port
+
+D = timedelta(days=1)
+
+
+def rotator(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rotator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "rotator.yaml"
+    path.write_text(
+        f"state:\n  path: {tmp_path / 'state.db'}\n"
+        "selection:\n  exclude_users: ['svc-legacy-*']\n"
+        "vault:\n  auth:\n    token: test-token-not-real\n"
+    )
+    return path
+
+
+@pytest.fixture
+def org(aws: LocalAws) -> dict[str, list[str]]:
+    """The organisation of the plan scenario: one user per decision."""
+    now = datetime.now(UTC)
+    seed = {
+        "fresh": [SeedKey(10 * D, last_used_ago=D)],
+        "aging": [SeedKey(85 * D)],
+        "overdue": [SeedKey(120 * D, last_used_ago=3 * D)],
+        "two-active": [SeedKey(120 * D), SeedKey(100 * D)],
+        "inactive-beside": [SeedKey(200 * D, status=KeyStatus.INACTIVE), SeedKey(120 * D)],
+    }
+    ids = {
+        name: [k.access_key_id for k in aws.add_user(name, keys=keys, now=now)]
+        for name, keys in seed.items()
+    }
+    ids["tagged"] = [
+        k.access_key_id
+        for k in aws.add_user(
+            "tagged", tags={"rotator:exempt": "true"}, keys=[SeedKey(300 * D)], now=now
+        )
+    ]
+    ids["svc-legacy-1"] = [
+        k.access_key_id for k in aws.add_user("svc-legacy-1", keys=[SeedKey(300 * D)], now=now)
+    ]
+    ids["quarantined"] = [
+        k.access_key_id
+        for k in aws.add_user(
+            "quarantined", policies=[QUARANTINE_V2], keys=[SeedKey(5 * D)], now=now
+        )
+    ]
+    ids["pathed"] = [
+        k.access_key_id
+        for k in aws.add_user("pathed", path="/teams/data/", keys=[SeedKey(120 * D)], now=now)
+    ]
+    return ids
+
+
+def test_plan_json_gives_every_decision_with_reasons(
+    aws: LocalAws, org: dict[str, list[str]], config: Path
+) -> None:
+    """The scenario yields ok, warn, rotate, blocked, exempt, exempt, leaked, rotate,
+    rotate, with key ids where action is needed, correct ages and last use."""
+    before = {u: aws.keys(u) for u in org}
+    done = rotator("--config", str(config), "plan", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    items = {
+        (i["user_name"], i["access_key_id"] or f"{i['user_name']}-?{i['age_days']}"): i
+        for i in doc["items"]
+    }
+    by_user: dict[str, list[dict[str, object]]] = {}
+    for item in doc["items"]:
+        by_user.setdefault(str(item["user_name"]), []).append(item)
+    decisions = {u: sorted(str(i["decision"]) for i in rows) for u, rows in by_user.items()}
+    assert decisions == {
+        "fresh": ["ok"],
+        "aging": ["warn"],
+        "overdue": ["rotate"],
+        "two-active": ["blocked", "blocked"],
+        "tagged": ["exempt"],
+        "svc-legacy-1": ["exempt"],
+        "quarantined": ["leaked"],
+        "inactive-beside": ["ok", "rotate"],
+        "pathed": ["rotate"],
+    }
+    for item in doc["items"]:
+        assert item["reason"]
+        if item["decision"] not in ("ok", "exempt"):
+            assert item["access_key_id"] in org[str(item["user_name"])]
+    overdue = by_user["overdue"][0]
+    assert overdue["age_days"] == 120
+    assert overdue["last_used_at"] is not None
+    assert by_user["aging"][0]["last_used_at"] is None
+    assert doc["summary"] == {
+        "ok": 2,
+        "warn": 1,
+        "rotate": 3,
+        "leaked": 1,
+        "blocked": 2,
+        "exempt": 2,
+    }
+    assert items  # every item is keyed
+    assert {u: aws.keys(u) for u in org} == before, "plan must not change IAM"
+
+
+def test_plan_as_of_ten_days_turns_warn_into_rotate(
+    aws: LocalAws, org: dict[str, list[str]], config: Path
+) -> None:
+    """`--as-of +10d` judges the 85-day key as 95 days old: rotate."""
+    done = rotator("--config", str(config), "plan", "--json", "--as-of", "+10d")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    aging = next(i for i in doc["items"] if i["user_name"] == "aging")
+    assert aging["decision"] == "rotate"
+    assert aging["age_days"] == 95
+    assert aging["access_key_id"] == org["aging"][0]
+
+
+def test_plan_table_groups_by_decision_with_counts(
+    aws: LocalAws, org: dict[str, list[str]], config: Path
+) -> None:
+    """The table for people has one heading per decision with its count, and a summary."""
+    done = rotator("--config", str(config), "plan")
+    assert done.returncode == 0, done.stderr
+    for heading in ("LEAKED (1)", "BLOCKED (2)", "ROTATE (3)", "WARN (1)", "OK (2)", "EXEMPT (2)"):
+        assert heading in done.stdout
+    assert "Summary: 1 leaked, 2 blocked, 3 rotate, 1 warn, 2 ok, 2 exempt (11 keys)" in done.stdout
+
+
+def test_plan_exits_3_with_one_line_when_aws_is_unreachable(config: Path) -> None:
+    """An AWS endpoint nobody answers gives exit 3, one line, no traceback."""
+    done = rotator(
+        "--config",
+        str(config),
+        "plan",
+        env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"},
+    )
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    assert "cannot reach AWS" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_plan_rejects_a_bad_as_of(config: Path) -> None:
+    """A malformed --as-of is a usage error (exit 2) that shows the accepted forms."""
+    done = rotator("--config", str(config), "plan", "--as-of", "tomorrow")
+    assert done.returncode == 2
+    assert "+N<s|m|h|d>" in done.stderr
+
+
+def test_config_check_names_three_mistakes_and_exits_2(tmp_path: Path) -> None:
+    """Three different mistakes in one file are all reported by path, exit 2."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "policy:\n  max_age: 9x\n"
+        "schedule:\n  scan: '61 * * * *'\n"
+        "vault:\n  auth:\n    method: approle\n"
+    )
+    done = rotator("--config", str(path), "config", "check")
+    assert done.returncode == 2
+    assert 'policy.max_age: "9x" is not a duration' in done.stderr
+    assert "schedule.scan" in done.stderr
+    assert "role_id" in done.stderr
+
+
+def test_config_check_accepts_the_example_file() -> None:
+    """The documented example configuration is valid."""
+    example = Path(__file__).parents[1] / "config" / "rotator.example.yaml"
+    done = rotator(
+        "--config", str(example), "config", "check", env={"VAULT_TOKEN": "test-token-not-real"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "configuration ok" in done.stdout
