@@ -3,11 +3,11 @@ and the daemon share (scan, open rotations, advance them)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from rotator import log
 from rotator.aws import AwsIam
@@ -16,6 +16,7 @@ from rotator.engine import Engine, Timing, new_rotation
 from rotator.errors import NotFound, RotationExists, RotatorError
 from rotator.inventory import Inventory, scan
 from rotator.machine import State
+from rotator.metrics import Metrics
 from rotator.model import KeyStatus, Rotation, RotationReason
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules
@@ -70,18 +71,26 @@ class App:
         notifier: Notifier | None = None,
         fault: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] | None = None,
+        metrics: Metrics | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
         self._notifier = notifier
         self._fault = fault
-        self._sleep = sleep
+        self.metrics = metrics
+        # Set on shutdown: no new step starts, and waits inside a step end early.
+        self.stopping = stopping or threading.Event()
+        self._sleep = sleep or self._interruptible_sleep
         self._iams: dict[str, AwsIam] = {}
         self._default: AwsIam | None = None
         self._secrets: SecretStore | None = None
         self._store: StateStore | None = None
         self._engine: Engine | None = None
         self.owner = lease_owner()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
 
     # --- adapters -------------------------------------------------------------------
 
@@ -94,6 +103,7 @@ class App:
             self._default = AwsIam(
                 region=aws.region,
                 endpoint_url=str(aws.endpoint_url) if aws.endpoint_url else None,
+                before_call=self.metrics.aws_call if self.metrics else None,
             )
         return self._default
 
@@ -127,9 +137,6 @@ class App:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            extra: dict[str, Any] = {}
-            if self._sleep is not None:
-                extra["sleep"] = self._sleep
             self._engine = Engine(
                 iam=self.iam,
                 secrets=self.secrets,
@@ -139,7 +146,9 @@ class App:
                 clock=self._clock,
                 notifier=self._notifier,
                 fault=self._fault,
-                **extra,
+                sleep=self._sleep,
+                should_stop=self.stopping.is_set,
+                on_transition=self.metrics.observe_transition if self.metrics else None,
             )
         return self._engine
 
@@ -180,9 +189,15 @@ class App:
                 note=p.why,
             )
             try:
-                opened.append(self.engine.open(rotation, f"scan: {p.why}"))
+                opened.append(self._open(rotation, f"scan: {p.why}"))
             except RotationExists:
                 continue  # another process opened it a moment ago
+        return opened
+
+    def _open(self, rotation: Rotation, reason: str) -> Rotation:
+        opened = self.engine.open(rotation, reason)
+        if self.metrics is not None:
+            self.metrics.observe_opened(opened)
         return opened
 
     def advance_all(self, rotation_ids: Iterable[str]) -> list[Rotation]:
@@ -190,6 +205,8 @@ class App:
         ids = list(dict.fromkeys(rotation_ids))
 
         def one(rid: str) -> Rotation | None:
+            if self.stopping.is_set():
+                return self.store.get(rid)
             try:
                 return self.engine.advance(rid)
             except RotatorError as exc:
@@ -200,17 +217,41 @@ class App:
             results = list(pool.map(one, ids))
         return [r for r in results if r is not None]
 
-    def run_once(self, *, dry_run: bool = False) -> PassResult:
-        """Scan, open rotations for due and leaked keys, advance every open rotation."""
+    def scan_and_open(self, *, dry_run: bool = False) -> PassResult:
+        """Scan every account and open a rotation for each due, leaked or blocked user."""
         result = PassResult()
+        started = self.now()
         result.inventories = self.scan()
+        if self.metrics is not None:
+            self.metrics.scan_duration.observe((self.now() - started).total_seconds())
+            self.metrics.observe_scan(result.inventories, self.now())
         for inventory in result.inventories:
             result.proposals.extend(propose(inventory.decisions))
+        if not dry_run:
+            self.secrets.check()
+            result.opened = self.open_rotations(result.proposals)
+        return result
+
+    def tick(self) -> list[Rotation]:
+        """Advance every open rotation that is due now (and every BLOCKED one, which
+        resumes as soon as an operator frees a slot)."""
+        now = self.now()
+        due = [
+            r.id
+            for r in self.store.list_open()
+            if r.state is State.BLOCKED or r.next_action_at is None or r.next_action_at <= now
+        ]
+        advanced = self.advance_all(due)
+        if self.metrics is not None:
+            self.metrics.observe_open(self.store.list_open())
+        return advanced
+
+    def run_once(self, *, dry_run: bool = False) -> PassResult:
+        """Scan, open rotations for due and leaked keys, advance every open rotation."""
+        result = self.scan_and_open(dry_run=dry_run)
         if dry_run:
             result.rotations = self.store.list_open()
             return result
-        self.secrets.check()
-        result.opened = self.open_rotations(result.proposals)
         result.rotations = self.advance_all(r.id for r in self.store.list_open())
         return result
 
@@ -225,6 +266,28 @@ class App:
         overlap: timedelta | None = None,
     ) -> Rotation:
         """Open a forced rotation for one user (incident response) and advance it."""
+        opened = self.open_forced(
+            user_name,
+            account_id=account_id,
+            key_id=key_id,
+            leaked=leaked,
+            reason=reason,
+            overlap=overlap,
+        )
+        return self.engine.advance(opened.id)
+
+    def open_forced(
+        self,
+        user_name: str,
+        *,
+        account_id: str | None = None,
+        key_id: str | None = None,
+        leaked: bool = False,
+        reason: str | None = None,
+        overlap: timedelta | None = None,
+    ) -> Rotation:
+        """Open (not advance) a forced rotation. Raises NotFound for an unknown user or
+        key, RotationExists when the user already has an open rotation."""
         account = account_id or self.accounts()[0]
         iam = self.iam(account)
         keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
@@ -251,5 +314,4 @@ class App:
             note=reason,
             overlap=overlap,
         )
-        opened = self.engine.open(rotation, f"forced: {reason or 'no reason given'}")
-        return self.engine.advance(opened.id)
+        return self._open(rotation, f"forced: {reason or 'no reason given'}")

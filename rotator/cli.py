@@ -32,7 +32,7 @@ from rotator.errors import (
 )
 from rotator.machine import State
 from rotator.model import Rotation
-from rotator.report import iso, plan_document, plan_text, table
+from rotator.report import iso, plan_document, plan_text, rotation_json, table
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,6 +83,15 @@ class Context:
             else:
                 self._settings = parse_settings(None, os.environ)
         return self._settings
+
+    def settings_loader(self) -> Callable[[], Settings]:
+        """Loads the settings afresh on each call (the daemon re-reads them on SIGHUP)."""
+
+        def load() -> Settings:
+            self._settings = None
+            return self.settings()
+
+        return load
 
     def app(self) -> App:
         return App(self.settings())
@@ -217,29 +226,6 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
 
 
 # --- run / status / rotate / rollback --------------------------------------------------
-
-
-def rotation_json(r: Rotation) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "account_id": r.account_id,
-        "user_name": r.user_name,
-        "old_key_id": r.old_key_id,
-        "new_key_id": r.new_key_id,
-        "reason": r.reason.value,
-        "leaked": r.leaked,
-        "note": r.note,
-        "state": r.state.value,
-        "next_action_at": iso(r.next_action_at),
-        "attempts": r.attempts,
-        "last_error": r.last_error,
-        "waiting_on": r.waiting_on,
-        "stored_at": iso(r.stored_at),
-        "verified_at": iso(r.verified_at),
-        "deactivated_at": iso(r.deactivated_at),
-        "created_at": iso(r.created_at),
-        "updated_at": iso(r.updated_at),
-    }
 
 
 def rotations_text(rotations: Sequence[Rotation]) -> str:
@@ -440,6 +426,26 @@ def rollback(obj: Context, user: str, account_id: str | None, reason: str) -> No
     click.echo(
         f"{user}: old key {rotation.old_key_id} is active again; rotation {rotation.id} ROLLED_BACK"
     )
+
+
+@cli.command()
+@pass_ctx
+@handle_errors
+def daemon(obj: Context) -> None:
+    """Run as a service: scheduled scans and ticks, HTTP health and metrics, until SIGTERM.
+
+    \b
+    GET  /healthz   alive
+    GET  /readyz    state store writable, Vault reachable, last scan recent
+    GET  /metrics   Prometheus text format
+    POST /v1/rotations   rotation trigger (only with http.trigger_token_file)
+
+    Speaks systemd's notify protocol (READY, WATCHDOG, STATUS, STOPPING) when run as a
+    Type=notify unit. SIGHUP re-reads the configuration; an invalid file keeps the old one.
+    """
+    from rotator.daemon import Daemon
+
+    sys.exit(Daemon(obj.settings_loader()).run())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

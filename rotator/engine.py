@@ -135,6 +135,8 @@ class Engine:
         notifier: Notifier | None = None,
         sleep: Callable[[float], None] = time.sleep,
         fault: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_transition: Callable[[Rotation, State], None] | None = None,
     ) -> None:
         self._iam = iam
         self._secrets = secrets
@@ -145,6 +147,9 @@ class Engine:
         self._notifier: Notifier = notifier or NullNotifier()
         self._sleep = sleep
         self._fault = fault or (lambda point: None)
+        # Shutdown: no new step starts once this says so; a running step finishes.
+        self._should_stop = should_stop
+        self._on_transition = on_transition
 
     # --- public -------------------------------------------------------------------
 
@@ -193,7 +198,7 @@ class Engine:
                     if due > deadline:
                         return current
                     self._sleep(max(0.0, (due - self.now()).total_seconds()))
-                if current.state is State.BLOCKED and stepped:
+                if (current.state is State.BLOCKED and stepped) or self._should_stop():
                     return current
                 stepped = True
                 self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl)
@@ -311,6 +316,8 @@ class Engine:
             **{"from": r.state.value, "to": to.value},
             reason=reason,
         )
+        if self._on_transition is not None:
+            self._on_transition(moved, r.state)
         self._fault(f"moved:{r.state.value}->{to.value}")
         return moved
 
@@ -540,6 +547,9 @@ class Engine:
                 arn = self._iam(r.account_id).caller_arn(held.as_new_key())
                 break
             except Transient as exc:
+                if self._should_stop():
+                    # Stay in VERIFY: the key is in Vault, the next start verifies it.
+                    return r
                 if self.now() >= deadline:
                     return self._fail(r, f"new key did not work within verify_timeout: {exc}")
                 self._sleep(min(pause, max(0.0, (deadline - self.now()).total_seconds())))

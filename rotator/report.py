@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from rotator.model import Decision, KeyDecision
+from rotator.model import Decision, KeyDecision, Rotation
 from rotator.policy import age_days
 
 # Most urgent first: the order people read a plan in.
@@ -122,3 +122,26 @@ def plan_text(
         + f" ({len(decisions)} keys)"
     )
     return "\n".join(out)
+
+
+def rotation_json(r: Rotation) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "account_id": r.account_id,
+        "user_name": r.user_name,
+        "old_key_id": r.old_key_id,
+        "new_key_id": r.new_key_id,
+        "reason": r.reason.value,
+        "leaked": r.leaked,
+        "note": r.note,
+        "state": r.state.value,
+        "next_action_at": iso(r.next_action_at),
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "waiting_on": r.waiting_on,
+        "stored_at": iso(r.stored_at),
+        "verified_at": iso(r.verified_at),
+        "deactivated_at": iso(r.deactivated_at),
+        "created_at": iso(r.created_at),
+        "updated_at": iso(r.updated_at),
+    }
