@@ -32,7 +32,7 @@ from rotator.errors import (
 )
 from rotator.machine import State
 from rotator.model import Rotation
-from rotator.report import iso, plan_document, plan_text, rotation_json, table
+from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -226,27 +226,6 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
 
 
 # --- run / status / rotate / rollback --------------------------------------------------
-
-
-def rotations_text(rotations: Sequence[Rotation]) -> str:
-    if not rotations:
-        return "no rotations"
-    header = ("ID", "ACCOUNT", "USER", "STATE", "REASON", "OLD KEY", "NEW KEY", "NEXT", "NOTE")
-    rows = [
-        (
-            r.id[:8],
-            r.account_id,
-            r.user_name,
-            r.state.value,
-            r.reason.value,
-            r.old_key_id or "-",
-            r.new_key_id or "-",
-            (iso(r.next_action_at) or "-"),
-            r.waiting_on or r.last_error or "",
-        )
-        for r in rotations
-    ]
-    return table(rows, header)
 
 
 def exit_for(rotations: Sequence[Rotation]) -> int:
@@ -446,6 +425,31 @@ def daemon(obj: Context) -> None:
     from rotator.daemon import Daemon
 
     sys.exit(Daemon(obj.settings_loader()).run())
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Leave both servers running until Ctrl-C.")
+@click.pass_context
+def demo(ctx: click.Context, keep: bool) -> None:
+    """Run the whole job on a built-in local AWS (moto) and a local Vault (OpenBao).
+
+    Starts both servers on free loopback ports, seeds about twenty IAM users (fresh,
+    aging, overdue, leaked, exempt, blocked), shows the plan, rotates, and shows where
+    in Vault each new key now lives. Needs no AWS account and no configuration file.
+    """
+    from rotator.demo import run as run_demo
+
+    if ctx.parent is not None and ctx.parent.get_parameter_source("log_level") in (
+        click.core.ParameterSource.DEFAULT,
+        None,
+    ):
+        obj: Context = ctx.find_object(Context)  # type: ignore[assignment]
+        log.configure(obj.log_format, "WARNING")
+    try:
+        code = run_demo(keep, click.echo)
+    except RotatorError as exc:
+        _die(EXIT_BACKEND, str(exc))
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -145,3 +145,24 @@ def rotation_json(r: Rotation) -> dict[str, Any]:
         "created_at": iso(r.created_at),
         "updated_at": iso(r.updated_at),
     }
+
+
+def rotations_text(rotations: Sequence[Rotation]) -> str:
+    if not rotations:
+        return "no rotations"
+    header = ("ID", "ACCOUNT", "USER", "STATE", "REASON", "OLD KEY", "NEW KEY", "NEXT", "NOTE")
+    rows = [
+        (
+            r.id[:8],
+            r.account_id,
+            r.user_name,
+            r.state.value,
+            r.reason.value,
+            r.old_key_id or "-",
+            r.new_key_id or "-",
+            (iso(r.next_action_at) or "-"),
+            r.waiting_on or r.last_error or "",
+        )
+        for r in rotations
+    ]
+    return table(rows, header)
