@@ -10,23 +10,39 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from rotator import log
-from rotator.aws import AwsIam
+from rotator.aws import AwsIam, AwsQueue, AwsTopic, assumed_session, organization_accounts
 from rotator.config import Settings
 from rotator.engine import Engine, Timing, new_rotation
-from rotator.errors import NotFound, RotationExists, RotatorError
+from rotator.errors import (
+    BackendUnavailable,
+    BadInput,
+    NotFound,
+    PermissionDenied,
+    RotationExists,
+    RotatorError,
+)
 from rotator.inventory import Inventory, scan
+from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import Metrics
 from rotator.model import KeyStatus, Rotation, RotationReason
+from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
+from rotator.ratelimit import TokenBucket
 from rotator.state import SqliteStateStore, lease_owner
 from rotator.vault import VaultStore, build_auth
 
 _log = log.get_logger("rotator.app")
 
 PROBLEM_STATES = frozenset({State.FAILED, State.BLOCKED})
+
+
+@dataclass
+class ScanResult:
+    inventories: list[Inventory] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # account id -> why
 
 
 @dataclass
@@ -37,7 +53,7 @@ class PassResult:
     proposals: list[Proposal] = field(default_factory=list)
     opened: list[Rotation] = field(default_factory=list)
     rotations: list[Rotation] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # account id -> why
 
     @property
     def problems(self) -> list[Rotation]:
@@ -82,11 +98,16 @@ class App:
         # Set on shutdown: no new step starts, and waits inside a step end early.
         self.stopping = stopping or threading.Event()
         self._sleep = sleep or self._interruptible_sleep
-        self._iams: dict[str, AwsIam] = {}
+        self._iams: dict[str, IamPort] = {}
+        self._iam_lock = threading.Lock()
+        self._buckets: dict[str, TokenBucket] = {}
+        self._accounts: list[str] | None = None
         self._default: AwsIam | None = None
         self._secrets: SecretStore | None = None
         self._store: StateStore | None = None
         self._engine: Engine | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._queue: AwsQueue | None = None
         self.owner = lease_owner()
 
     def _interruptible_sleep(self, seconds: float) -> None:
@@ -98,29 +119,90 @@ class App:
         return self._clock()
 
     def default_iam(self) -> AwsIam:
+        """IAM for the credentials' own account."""
         if self._default is None:
-            aws = self.settings.aws
             self._default = AwsIam(
-                region=aws.region,
-                endpoint_url=str(aws.endpoint_url) if aws.endpoint_url else None,
-                before_call=self.metrics.aws_call if self.metrics else None,
+                region=self.settings.aws.region,
+                endpoint_url=self._endpoint(),
+                before_call=self._before_call,
             )
         return self._default
 
+    def _before_call(self, operation: str, account_id: str | None = None) -> None:
+        if operation.startswith("iam:"):
+            with self._iam_lock:
+                bucket = self._buckets.get(account_id or "")
+                if bucket is None:
+                    bucket = TokenBucket(self.settings.aws.iam_calls_per_second)
+                    self._buckets[account_id or ""] = bucket
+            bucket.acquire()
+        if self.metrics is not None:
+            self.metrics.aws_call(operation)
+
     def accounts(self) -> list[str]:
-        """The account ids this rotator looks after."""
-        configured = self.settings.aws.accounts
-        if configured:
-            return [a.id for a in configured]
-        return [self.default_iam().account_id()]
+        """The account ids this rotator looks after: `aws.accounts`, the organization's
+        active accounts (`aws.organization`), or the credentials' own account."""
+        if self._accounts is None:
+            aws = self.settings.aws
+            if aws.accounts:
+                self._accounts = [a.id for a in aws.accounts]
+            elif aws.organization is not None:
+                org = aws.organization
+                found = organization_accounts(region=aws.region, endpoint_url=self._endpoint())
+                self._accounts = [
+                    a
+                    for a in found
+                    if (not org.include or a in org.include) and a not in org.exclude
+                ]
+            else:
+                self._accounts = [self.default_iam().account_id()]
+        return self._accounts
+
+    def _role_for(self, account_id: str) -> tuple[str | None, str | None]:
+        aws = self.settings.aws
+        for account in aws.accounts or ():
+            if account.id == account_id:
+                return account.role_arn, account.external_id
+        if aws.organization is not None and account_id in self.accounts():
+            arn = f"arn:aws:iam::{account_id}:role/{aws.organization.role_name}"
+            return arn, aws.organization.external_id
+        if account_id in self.accounts():
+            return None, None
+        raise NotFound(f"account {account_id} is not configured")
 
     def iam(self, account_id: str) -> IamPort:
-        if account_id not in self._iams:
-            default = self.default_iam()
-            if default.account_id() != account_id:
-                raise NotFound(f"account {account_id} is not configured")
-            self._iams[account_id] = default
-        return self._iams[account_id]
+        """IAM for one configured account, reached through its role when it has one."""
+        with self._iam_lock:
+            found = self._iams.get(account_id)
+        if found is not None:
+            return found
+        role_arn, external_id = self._role_for(account_id)
+        if role_arn is None:
+            built = self.default_iam()
+            own = built.account_id()
+            if own != account_id:
+                raise PermissionDenied(
+                    "sts:AssumeRole",
+                    account_id,
+                    f"account {account_id} has no role_arn and is not the credentials' "
+                    f"own account ({own})",
+                )
+        else:
+            session = assumed_session(
+                role_arn,
+                region=self.settings.aws.region,
+                endpoint_url=self._endpoint(),
+                external_id=external_id,
+            )
+            built = AwsIam(
+                region=self.settings.aws.region,
+                endpoint_url=self._endpoint(),
+                session=session,
+                account_id=account_id,
+                before_call=lambda op: self._before_call(op, account_id),
+            )
+        with self._iam_lock:
+            return self._iams.setdefault(account_id, built)
 
     @property
     def secrets(self) -> SecretStore:
@@ -135,6 +217,27 @@ class App:
         return self._store
 
     @property
+    def notifier(self) -> Notifier:
+        if self._notifier is None:
+            senders: list[Callable[[Message], None]] = []
+            if self.settings.notify.webhook_url:
+                senders.append(WebhookSender(str(self.settings.notify.webhook_url)))
+            if self.settings.notify.sns_topic_arn:
+                topic = AwsTopic(
+                    self.settings.notify.sns_topic_arn,
+                    region=self.settings.aws.region,
+                    endpoint_url=self._endpoint(),
+                )
+                senders.append(TopicSender(topic.publish))
+            self._dispatcher = Dispatcher(senders)
+            self._notifier = self._dispatcher
+        return self._notifier
+
+    def _endpoint(self) -> str | None:
+        url = self.settings.aws.endpoint_url
+        return str(url) if url else None
+
+    @property
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(
@@ -144,7 +247,7 @@ class App:
                 timing=Timing.from_settings(self.settings),
                 owner=self.owner,
                 clock=self._clock,
-                notifier=self._notifier,
+                notifier=self.notifier,
                 fault=self._fault,
                 sleep=self._sleep,
                 should_stop=self.stopping.is_set,
@@ -153,6 +256,8 @@ class App:
         return self._engine
 
     def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         if self._store is not None:
             self._store.close()
         closer = getattr(self._secrets, "close", None)
@@ -161,17 +266,28 @@ class App:
 
     # --- jobs -----------------------------------------------------------------------
 
-    def scan(self, *, as_of: datetime | None = None, with_state: bool = True) -> list[Inventory]:
-        """Scan every account. `with_state` reads which keys replaced contained leaks
-        (the plan command runs without touching the state store)."""
+    def scan(self, *, as_of: datetime | None = None, with_state: bool = True) -> ScanResult:
+        """Scan every account; one failing account never stops the others. `with_state`
+        reads which keys replaced contained leaks (plan may run without a state store)."""
         rules = Rules.from_settings(self.settings)
-        out = []
+        result = ScanResult()
         for account in self.accounts():
-            replacements = self.store.replacement_key_ids(account) if with_state else set()
-            out.append(
-                scan(self.iam(account), rules, as_of or self.now(), replacements=replacements)
+            try:
+                replacements = self.store.replacement_key_ids(account) if with_state else set()
+                inventory = scan(
+                    self.iam(account), rules, as_of or self.now(), replacements=replacements
+                )
+            except RotatorError as exc:
+                _log.error("scan.account_failed", account=account, error=str(exc))
+                result.failures[account] = str(exc)
+                continue
+            result.inventories.append(inventory)
+        if not result.inventories and result.failures:
+            # Nothing could be scanned at all: that is an outage, not a partial result.
+            raise BackendUnavailable(
+                "; ".join(f"account {a}: {e}" for a, e in result.failures.items())
             )
-        return out
+        return result
 
     def open_rotations(self, proposals: Iterable[Proposal]) -> list[Rotation]:
         """Open a rotation for each proposal whose user has none open yet."""
@@ -221,7 +337,9 @@ class App:
         """Scan every account and open a rotation for each due, leaked or blocked user."""
         result = PassResult()
         started = self.now()
-        result.inventories = self.scan()
+        scanned = self.scan()
+        result.inventories = scanned.inventories
+        result.failures = scanned.failures
         if self.metrics is not None:
             self.metrics.scan_duration.observe((self.now() - started).total_seconds())
             self.metrics.observe_scan(result.inventories, self.now())
@@ -303,6 +421,8 @@ class App:
             key_id = chosen[0].access_key_id if chosen else None
         if leaked and key_id is None:
             raise RotatorError(f"user {user_name} has no key that could have leaked")
+        if leaked and key_id is not None:
+            return self.report_leak(account, user_name, key_id, reason or "reported leaked")
         self.secrets.check()
         rotation = new_rotation(
             account,
@@ -315,3 +435,99 @@ class App:
             overlap=overlap,
         )
         return self._open(rotation, f"forced: {reason or 'no reason given'}")
+
+    # --- leaks ----------------------------------------------------------------------
+
+    def report_leak(self, account_id: str, user_name: str, key_id: str, reason: str) -> Rotation:
+        """Contain a leaked key: open a leak rotation (CONTAIN deactivates the key first),
+        or turn the user's open rotation into one. Returns the rotation to advance."""
+        existing = self.store.open_for(account_id, user_name)
+        if existing is not None:
+            escalated = self.engine.escalate(existing, key_id, reason)
+            if escalated.state is not State.CANCELLED:
+                return escalated
+        rotation = new_rotation(
+            account_id,
+            user_name,
+            RotationReason.LEAKED,
+            self.now(),
+            old_key_id=key_id,
+            leaked=True,
+            note=reason,
+        )
+        return self._open(rotation, f"leaked: {reason}")
+
+    def open_for_event(self, event: LeakEvent) -> list[Rotation]:
+        """Open (or escalate) a leak rotation for every key an AWS Health event names.
+        Keys are resolved to users with GetAccessKeyLastUsed."""
+        accounts = self.accounts()
+        account = event.account_id or accounts[0]
+        if account not in accounts:
+            raise BadInput(f"the event is about account {account}, which is not configured")
+        iam = self.iam(account)
+        out = []
+        for key_id in event.key_ids:
+            owner = iam.key_last_used(key_id).user_name
+            if not owner:
+                raise NotFound(f"key {key_id} belongs to no IAM user in account {account}")
+            out.append(self.report_leak(account, owner, key_id, event.reason))
+        return out
+
+    def handle_event(self, raw: bytes | str) -> list[Rotation]:
+        """Parse an AWS Health event, contain and rotate every key it names."""
+        event = parse_event(raw)
+        self.secrets.check()
+        opened = self.open_for_event(event)
+        return self.advance_all(r.id for r in opened)
+
+    def poll_leak_queue(self, wait_seconds: int = 5) -> int:
+        """One long poll of `leaks.sqs_queue_url`. A message is deleted only after its
+        rotations are durably recorded; one that cannot be parsed is kept in the state
+        store and then deleted (never retried forever, never dropped silently); a
+        transient failure leaves it to come back after a pause. Returns messages handled."""
+        url = self.settings.leaks.sqs_queue_url
+        if url is None:
+            return 0
+        if self._queue is None:
+            self._queue = AwsQueue(
+                str(url), region=self.settings.aws.region, endpoint_url=self._endpoint()
+            )
+        queue = self._queue
+        handled = 0
+        for message in queue.receive(wait_seconds=wait_seconds):
+            try:
+                event = parse_event(message.body)
+            except BadInput as exc:
+                self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
+                _log.error("leaks.unparseable", message_id=message.message_id, error=str(exc))
+                queue.delete(message)
+                continue
+            try:
+                opened = self.open_for_event(event)
+            except NotFound as exc:
+                _log.warning("leaks.unknown_key", message_id=message.message_id, error=str(exc))
+                self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
+                queue.delete(message)
+                continue
+            except BadInput as exc:
+                self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
+                _log.error("leaks.rejected", message_id=message.message_id, error=str(exc))
+                queue.delete(message)
+                continue
+            except RotatorError as exc:
+                pause = min(30 * message.receive_count, 900)
+                _log.warning(
+                    "leaks.retry", message_id=message.message_id, error=str(exc), retry_in=pause
+                )
+                queue.postpone(message, pause)
+                continue
+            queue.delete(message)  # the rotations are in the state store now
+            handled += 1
+            _log.info(
+                "leaks.event",
+                message_id=message.message_id,
+                code=event.event_code,
+                rotations=[r.id for r in opened],
+            )
+            self.advance_all(r.id for r in opened)
+        return handled

@@ -12,12 +12,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from rotator.errors import (
     BackendUnavailable,
@@ -325,3 +327,166 @@ def _user_from(account: str, item: dict[str, Any], policies: list[dict[str, Any]
         tags={t["Key"]: t.get("Value", "") for t in item.get("Tags", [])},
         attached_policy_arns=frozenset(p["PolicyArn"] for p in policies),
     )
+
+
+@dataclass(frozen=True)
+class QueueMessage:
+    message_id: str
+    receipt: str = field(repr=False)
+    body: str = field(repr=False)
+    receive_count: int = 1
+
+
+class AwsQueue:
+    """The SQS queue that AWS Health events arrive on (EventBridge -> SQS)."""
+
+    def __init__(
+        self,
+        queue_url: str,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        session: Any = None,
+    ) -> None:
+        self.url = queue_url
+        config = botocore.config.Config(
+            region_name=region,
+            retries={"mode": "standard", "total_max_attempts": 5},
+            connect_timeout=10,
+            # A long poll holds the connection for up to 20 s.
+            read_timeout=40,
+        )
+        boto: Any = session or boto3.session.Session()
+        self._sqs = boto.client("sqs", endpoint_url=endpoint_url, config=config)
+
+    def _do(self, operation: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except _BOTO_ERRORS as exc:
+            raise translate(exc, "sqs", operation, self.url) from exc
+
+    def receive(self, *, max_messages: int = 10, wait_seconds: int = 20) -> list[QueueMessage]:
+        answer = self._do(
+            "ReceiveMessage",
+            lambda: self._sqs.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=max_messages,
+                WaitTimeSeconds=wait_seconds,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            ),
+        )
+        return [
+            QueueMessage(
+                message_id=m["MessageId"],
+                receipt=m["ReceiptHandle"],
+                body=m.get("Body", ""),
+                receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+            )
+            for m in answer.get("Messages", [])
+        ]
+
+    def delete(self, message: QueueMessage) -> None:
+        self._do(
+            "DeleteMessage",
+            lambda: self._sqs.delete_message(QueueUrl=self.url, ReceiptHandle=message.receipt),
+        )
+
+    def postpone(self, message: QueueMessage, seconds: int) -> None:
+        """Hide the message for `seconds` (a transient failure: try again later)."""
+        self._do(
+            "ChangeMessageVisibility",
+            lambda: self._sqs.change_message_visibility(
+                QueueUrl=self.url, ReceiptHandle=message.receipt, VisibilityTimeout=seconds
+            ),
+        )
+
+
+class AwsTopic:
+    """An SNS topic that notifications are published to."""
+
+    def __init__(
+        self,
+        topic_arn: str,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        session: Any = None,
+    ) -> None:
+        self.arn = topic_arn
+        config = botocore.config.Config(
+            region_name=region, retries={"mode": "standard", "total_max_attempts": 3}
+        )
+        boto: Any = session or boto3.session.Session()
+        self._sns = boto.client("sns", endpoint_url=endpoint_url, config=config)
+
+    def publish(self, subject: str, message: str) -> None:
+        try:
+            self._sns.publish(TopicArn=self.arn, Subject=subject[:100], Message=message)
+        except _BOTO_ERRORS as exc:
+            raise translate(exc, "sns", "Publish", self.arn) from exc
+
+
+def assumed_session(
+    role_arn: str,
+    *,
+    region: str,
+    endpoint_url: str | None = None,
+    external_id: str | None = None,
+    base: Any = None,
+) -> Any:
+    """A boto3 session whose credentials come from `sts:AssumeRole` on `role_arn` and
+    are refreshed by botocore before they expire. The first AssumeRole happens here, so
+    a role that cannot be assumed fails now, named, not at some later IAM call."""
+    from botocore.credentials import AssumeRoleCredentialFetcher, RefreshableCredentials
+
+    source = (base or boto3.session.Session())._session
+    credentials = source.get_credentials()
+    if credentials is None:
+        raise translate(botocore.exceptions.NoCredentialsError(), "sts", "AssumeRole")
+
+    def create_client(service: str, **kwargs: Any) -> Any:
+        return source.create_client(
+            service, region_name=region, endpoint_url=endpoint_url, **kwargs
+        )
+
+    extra: dict[str, Any] = {"RoleSessionName": "rotator"}
+    if external_id:
+        extra["ExternalId"] = external_id
+    fetcher = AssumeRoleCredentialFetcher(
+        client_creator=create_client,
+        source_credentials=credentials,
+        role_arn=role_arn,
+        extra_args=extra,
+    )
+    try:
+        first = fetcher.fetch_credentials()
+    except _BOTO_ERRORS as exc:
+        raise translate(exc, "sts", "AssumeRole", role_arn) from exc
+    refreshable = RefreshableCredentials.create_from_metadata(
+        metadata=first, refresh_using=fetcher.fetch_credentials, method="assume-role"
+    )
+    core: Any = botocore.session.Session()
+    # botocore has no public setter for refreshable credentials; this is how its own
+    # assume-role provider hands them to a session.
+    core._credentials = refreshable
+    return boto3.session.Session(botocore_session=core, region_name=region)
+
+
+def organization_accounts(
+    *, region: str, endpoint_url: str | None = None, session: Any = None
+) -> list[str]:
+    """Ids of the organization's ACTIVE accounts (`organizations:ListAccounts`)."""
+    boto: Any = session or boto3.session.Session()
+    orgs = boto.client(
+        "organizations",
+        region_name=region,
+        endpoint_url=endpoint_url,
+        config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 5}),
+    )
+    out: list[str] = []
+    try:
+        for page in orgs.get_paginator("list_accounts").paginate():
+            out.extend(a["Id"] for a in page["Accounts"] if a.get("Status") == "ACTIVE")
+    except _BOTO_ERRORS as exc:
+        raise translate(exc, "organizations", "ListAccounts") from exc
+    return out

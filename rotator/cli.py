@@ -30,6 +30,7 @@ from rotator.errors import (
     RotatorError,
     Transient,
 )
+from rotator.leaks import MAX_EVENT_BYTES, parse_event
 from rotator.machine import State
 from rotator.model import Rotation
 from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
@@ -207,11 +208,13 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     moment = parse_as_of(as_of, now)
     with_state = Path(app.settings.state.path).exists()
     try:
-        inventories = app.scan(as_of=moment, with_state=with_state)
+        scanned = app.scan(as_of=moment, with_state=with_state)
     finally:
         app.close()
+    inventories = scanned.inventories
     decisions = [d for inv in inventories for d in inv.decisions]
     notes = [n for inv in inventories for n in inv.notes]
+    notes += [f"account {a} could not be scanned: {e}" for a, e in scanned.failures.items()]
     if as_json:
         doc = plan_document(
             decisions,
@@ -223,6 +226,8 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(plan_text(decisions, as_of=moment, notes=notes))
+    if scanned.failures:
+        _die(EXIT_PROBLEM, "could not scan account(s): " + ", ".join(scanned.failures))
 
 
 # --- run / status / rotate / rollback --------------------------------------------------
@@ -271,6 +276,7 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
             "rotations": [rotation_json(r) for r in result.rotations],
             "states": counts,
             "notes": [n for inv in result.inventories for n in inv.notes],
+            "failed_accounts": result.failures,
         }
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -285,6 +291,10 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
         click.echo(rotations_text(result.rotations))
         if counts:
             click.echo("states: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for account, error in result.failures.items():
+        click.echo(f"rotator: account {account} failed: {error}", err=True)
+    if result.failures:
+        sys.exit(EXIT_PROBLEM)
     sys.exit(0 if dry_run else exit_for(result.rotations))
 
 
@@ -405,6 +415,40 @@ def rollback(obj: Context, user: str, account_id: str | None, reason: str) -> No
     click.echo(
         f"{user}: old key {rotation.old_key_id} is active again; rotation {rotation.id} ROLLED_BACK"
     )
+
+
+@cli.command("leak-event")
+@click.argument("source", metavar="PATH|-")
+@click.option("--json", "as_json", is_flag=True, help="Print the rotations as JSON.")
+@pass_ctx
+@handle_errors
+def leak_event(obj: Context, source: str, as_json: bool) -> None:
+    """Contain and rotate every key an AWS Health event names.
+
+    SOURCE is a file holding the event as EventBridge delivers it (source aws.health,
+    service RISK, e.g. AWS_RISK_CREDENTIALS_EXPOSED), or - for stdin. Each key is
+    deactivated at once, then replaced; the user is found with GetAccessKeyLastUsed.
+    Malformed input exits 2 with a one-line message.
+    """
+    try:
+        if source == "-":
+            raw = sys.stdin.buffer.read(MAX_EVENT_BYTES + 1)
+        else:
+            with open(source, "rb") as handle:
+                raw = handle.read(MAX_EVENT_BYTES + 1)
+    except OSError as exc:
+        raise BadInput(f"cannot read {source}: {exc.strerror}") from exc
+    parse_event(raw)  # malformed input fails here, before any backend is touched
+    app = obj.app()
+    try:
+        rotations = app.handle_event(raw)
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps({"rotations": [rotation_json(r) for r in rotations]}, indent=2))
+    else:
+        click.echo(rotations_text(rotations))
+    sys.exit(exit_for(rotations))
 
 
 @cli.command()

@@ -647,6 +647,25 @@ class AccountSettings(_Section):
         return self
 
 
+_ROLE_NAME_RE = re.compile(r"[\w+=,.@-]{1,64}")
+
+
+def _role_name(value: str) -> str:
+    if not _ROLE_NAME_RE.fullmatch(value):
+        raise ValueError(f"{_q(value)} is not an IAM role name")
+    return value
+
+
+class OrganizationSettings(_Section):
+    """Discover the accounts with Organizations `ListAccounts` (from the management
+    account's credentials) and assume `role_name` in each of them."""
+
+    role_name: Annotated[str, AfterValidator(_role_name)]
+    external_id: NonEmptyStr | None = None
+    include: tuple[AccountId, ...] = ()
+    exclude: tuple[AccountId, ...] = ()
+
+
 class AwsSettings(_Section):
     """Where and how to reach IAM."""
 
@@ -654,14 +673,17 @@ class AwsSettings(_Section):
     endpoint_url: HttpUrl | None = None
     # None: the credentials' own account.
     accounts: Annotated[tuple[AccountSettings, ...], AfterValidator(_not_empty_list)] | None = None
+    organization: OrganizationSettings | None = None
     concurrency: StrictInt = Field(default=8, ge=1, le=64)
-    # A client-side cap: IAM publishes no rate limit, it just starts throttling.
-    iam_calls_per_second: StrictFloat = Field(default=10.0, gt=0, allow_inf_nan=False)
+    # A client-side cap per account: IAM publishes no rate limit, it just starts throttling.
+    iam_calls_per_second: StrictFloat = Field(default=20.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Self:
         if not _checks_deferred(info) and self.accounts:
             _raise_problems(_duplicate_account_problems([a.id for a in self.accounts]))
+        if not _checks_deferred(info) and self.accounts and self.organization:
+            _raise_problems(["aws.organization: give either aws.accounts or aws.organization"])
         return self
 
 

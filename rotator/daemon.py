@@ -200,6 +200,16 @@ class Daemon:
             name="tick",
             misfire_grace_time=max(1, int(tick)),
         )
+        if settings.leaks.sqs_queue_url is not None:
+            # One long poll after another: the job returns after at most a few seconds
+            # so that a stop signal is never kept waiting.
+            scheduler.add_job(
+                self.leaks_job,
+                IntervalTrigger(seconds=1, timezone=UTC),
+                id="leaks",
+                name="leaks",
+                misfire_grace_time=5,
+            )
         scheduler.start()
         self._scheduler = scheduler
 
@@ -272,6 +282,17 @@ class Daemon:
         except Exception:
             _log.exception("daemon.tick_crashed")
 
+    def leaks_job(self) -> None:
+        if self._stopping.is_set():
+            return
+        try:
+            self.app.poll_leak_queue(wait_seconds=5)
+        except RotatorError as exc:
+            _log.error("daemon.leak_queue_failed", error=str(exc))
+            self._stopping.wait(5)
+        except Exception:
+            _log.exception("daemon.leak_queue_crashed")
+
     # --- reload -------------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -288,6 +309,13 @@ class Daemon:
         with self._lock:
             self.settings, self.app = settings, app
         if self._scheduler is not None:
+            has_leaks = self._scheduler.get_job("leaks") is not None
+            if settings.leaks.sqs_queue_url is not None and not has_leaks:
+                self._scheduler.add_job(
+                    self.leaks_job, IntervalTrigger(seconds=1, timezone=UTC), id="leaks"
+                )
+            elif settings.leaks.sqs_queue_url is None and has_leaks:
+                self._scheduler.remove_job("leaks")
             self._scheduler.reschedule_job(
                 "scan", trigger=scan_trigger(settings.schedule.scan_schedule)
             )

@@ -155,7 +155,7 @@ def run(keep: bool, echo: Callable[[str], None]) -> int:
 
 def show_plan(app: App, echo: Callable[[str], None]) -> None:
     echo("== 1. The plan (rotator plan): a decision for every key, nothing changed yet ==\n")
-    inventories = app.scan(with_state=False)
+    inventories = app.scan(with_state=False).inventories
     decisions = [d for inv in inventories for d in inv.decisions]
     echo(plan_text(decisions, as_of=app.now(), notes=[n for inv in inventories for n in inv.notes]))
 

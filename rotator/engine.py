@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rotator import log
+from rotator.config import format_duration
 from rotator.errors import (
     BadInput,
     CapConflict,
@@ -236,6 +237,41 @@ class Engine:
         finally:
             self._store.release_lease(rotation.id, self._owner)
 
+    def escalate(self, rotation: Rotation, key_id: str, reason: str) -> Rotation:
+        """A key of a user with an open rotation leaked: contain it now, whatever the
+        rotation was waiting for. When it is the rotation's old key the rotation turns
+        into a leak rotation (no overlap, no retirement); when it is the rotation's new
+        key the rotation is cancelled and the caller opens a containment rotation."""
+        if not self._store.acquire_lease(rotation.id, self._owner, self._timing.lease_ttl):
+            raise Transient(f"rotation {rotation.id} is being advanced by another process")
+        try:
+            current = self._store.get(rotation.id) or rotation
+            iam = self._iam(current.account_id)
+            keys = {k.access_key_id: k for k in iam.list_access_keys(current.user_name)}
+            key = keys.get(key_id)
+            if key is not None and key.active:
+                iam.set_key_status(current.user_name, key_id, KeyStatus.INACTIVE)
+            text = f"leaked key {key_id} deactivated ({reason})"
+            self._note(current, text)
+            self._notifier.notify("leaked_contained", current, f"{current.user_name}: {text}")
+            if current.state in TERMINAL:
+                return current
+            if key_id == current.new_key_id:
+                return self._move(
+                    current, State.CANCELLED, f"its new key {key_id} leaked; contained"
+                )
+            if key_id == current.old_key_id:
+                current = self._save(
+                    current,
+                    leaked=True,
+                    reason=RotationReason.LEAKED,
+                    note=reason,
+                    next_action_at=None,
+                )
+            return current
+        finally:
+            self._store.release_lease(rotation.id, self._owner)
+
     # --- the loop around a step ----------------------------------------------------
 
     def _guarded_step(self, r: Rotation) -> Rotation:
@@ -244,13 +280,19 @@ class Engine:
         except StaleRotation:
             raise
         except PermissionDenied as exc:
-            return self._fail(r, str(exc))
+            return self._fail(self._stored(r), str(exc))
         except NotFound as exc:
-            return self._not_found(r, exc)
+            return self._not_found(self._stored(r), exc)
         except (Transient, CasConflict) as exc:
-            return self._retry_later(r, str(exc))
+            return self._retry_later(self._stored(r), str(exc))
         except BadInput as exc:
-            return self._fail(r, str(exc))
+            return self._fail(self._stored(r), str(exc))
+
+    def _stored(self, r: Rotation) -> Rotation:
+        """`r` as the store holds it now. A step may have saved progress before it
+        raised (CREATE's intent above all, or a move to STORE): handling the error on
+        the copy the step started from would write that progress away."""
+        return self._store.get(r.id) or r
 
     def _retry_later(self, r: Rotation, error: str) -> Rotation:
         attempts = r.attempts + 1
@@ -434,8 +476,9 @@ class Engine:
             try:
                 version = self._write_secret(r, path, new)
                 break
-            except PermissionDenied as exc:
-                # Retrying will not help; the secret would be lost, so the key goes.
+            except (PermissionDenied, BadInput) as exc:
+                # Retrying will not help (Vault refuses us, or the path holds something
+                # that is not a key pair); the secret would be lost, so the key goes.
                 self._discard_new_key(r, new.access_key_id)
                 return self._fail(r, f"{exc}; new key deleted")
             except (Transient, CasConflict) as exc:
@@ -502,7 +545,12 @@ class Engine:
         ):
             ours.append(r.new_key_id)
         path = self._secrets.path_for(r.account_id, r.user_name)
-        held = self._secrets.read(path)
+        try:
+            held = self._secrets.read(path)
+        except BadInput:
+            # Not a key pair at the path, so not our key either: ours are orphans. (STORE
+            # will then fail on the same path and call an operator.)
+            held = None
         kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
         for key_id in ours:
             if key_id != kept:
@@ -551,11 +599,15 @@ class Engine:
                     # Stay in VERIFY: the key is in Vault, the next start verifies it.
                     return r
                 if self.now() >= deadline:
-                    return self._fail(r, f"new key did not work within verify_timeout: {exc}")
+                    return self._verify_failed(
+                        r, f"new key did not work within verify_timeout: {exc}"
+                    )
                 self._sleep(min(pause, max(0.0, (deadline - self.now()).total_seconds())))
                 pause = min(pause * 2, 8.0)
         if not arn_is_user(arn, r.account_id, r.user_name):
-            return self._fail(r, f"new key authenticates as {arn}, not as user {r.user_name}")
+            return self._verify_failed(
+                r, f"new key authenticates as {arn}, not as user {r.user_name}"
+            )
         now = self.now()
         if r.leaked:
             return self._move(r, State.DELETE, "verified; leaked key goes now", verified_at=now)
@@ -567,16 +619,28 @@ class Engine:
         return self._move(
             r,
             State.OVERLAP,
-            f"verified as {arn}; old key stays active for {overlap}",
+            f"verified as {arn}; old key stays active for {format_duration(overlap)}",
             verified_at=now,
             next_action_at=started + overlap,
         )
+
+    def _verify_failed(self, r: Rotation, error: str) -> Rotation:
+        """A new key that does not work may belong to a user deleted meanwhile (its keys
+        went with it): that ends the rotation CANCELLED, like any step that finds the
+        user gone, not FAILED."""
+        try:
+            self._keys(r)
+        except NotFound:
+            return self._move(r, State.CANCELLED, f"user {r.user_name} no longer exists")
+        return self._fail(r, error)
 
     def _overlap(self, r: Rotation) -> Rotation:
         assert r.stored_at is not None
         assert r.old_key_id is not None
         overlap = r.overlap if r.overlap is not None else self._timing.overlap
         now = self.now()
+        if r.leaked:
+            return self._move(r, State.DEACTIVATE, "leaked: no overlap for a leaked key")
         if now < r.stored_at + overlap:
             return self._save(r, next_action_at=r.stored_at + overlap)
         last = self._iam(r.account_id).key_last_used(r.old_key_id).last_used_at
@@ -599,6 +663,11 @@ class Engine:
             reason = f"overlap limit reached although the old key was used at {last}; deactivating"
         return self._move(r, State.DEACTIVATE, reason)
 
+    def _retention(self, r: Rotation) -> timedelta:
+        """How long the deactivated old key is kept for a rollback. A leaked key is
+        not kept: it goes at once."""
+        return timedelta(0) if r.leaked else self._timing.delete_after
+
     def _deactivate(self, r: Rotation) -> Rotation:
         # Invariant 2: never before the replacement is stored and verified.
         assert r.stored_at is not None
@@ -612,17 +681,18 @@ class Engine:
             self._iam(r.account_id).set_key_status(r.user_name, r.old_key_id, KeyStatus.INACTIVE)
             self._fault("deactivate:done")
         now = self.now()
+        keep = self._retention(r)
         return self._move(
             r,
             State.RETIRE,
-            f"old key {r.old_key_id} deactivated; deleted after {self._timing.delete_after}",
+            f"old key {r.old_key_id} deactivated; deleted after {format_duration(keep)}",
             deactivated_at=now,
-            next_action_at=now + self._timing.delete_after,
+            next_action_at=now + keep,
         )
 
     def _retire(self, r: Rotation) -> Rotation:
         assert r.deactivated_at is not None
-        due = r.deactivated_at + self._timing.delete_after
+        due = r.deactivated_at + self._retention(r)
         if self.now() < due:
             return self._save(r, next_action_at=due)
         return self._move(r, State.DELETE, "retirement over")

@@ -91,26 +91,58 @@ class LocalAws:
 
         A full moto reset reloads AWS's thousand managed policies (over a second), so
         IAM users are removed one by one and only the other services are reset."""
-        iam = self.backend
-        for name in list(iam.users):
-            user = iam.users[name]
-            for arn in list(user.managed_policies):
-                iam.detach_user_policy(arn, name)
-            user.policies.clear()
-            iam.delete_user(name)
-        iam.credential_report = None
         from moto.backends import get_backend
 
-        for service in ("sts", "sqs", "sns"):
+        for account_id in list(get_backend("iam").keys()):
+            iam = self.account(account_id)
+            for name in list(iam.users):
+                user = iam.users[name]
+                for arn in list(user.managed_policies):
+                    iam.detach_user_policy(arn, name)
+                user.policies.clear()
+                iam.delete_user(name)
+            iam.roles.clear()
+            iam.credential_report = None
+
+        for service in ("sts", "sqs", "sns", "organizations"):
             for regions in get_backend(service).values():
                 for backend in regions.values():
                     backend.reset()
 
     @property
     def backend(self) -> Any:
+        return self.account(ACCOUNT_ID)
+
+    def account(self, account_id: str) -> Any:
+        """moto's IAM backend of one account (each account id gets its own)."""
         from moto.backends import get_backend
 
-        return get_backend("iam")[ACCOUNT_ID]["global"]
+        return get_backend("iam")[account_id]["global"]
+
+    def add_role(self, account_id: str, name: str, trusted_account: str = ACCOUNT_ID) -> str:
+        """A role in `account_id` that `trusted_account` may assume; returns its ARN."""
+        trust = json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"AWS": f"arn:aws:iam::{trusted_account}:root"},
+                        "Action": "sts:AssumeRole",
+                    }
+                ],
+            }
+        )
+        role = self.account(account_id).create_role(
+            role_name=name,
+            assume_role_policy_document=trust,
+            path="/",
+            permissions_boundary=None,
+            description="rotator",
+            tags=[],
+            max_session_duration="3600",
+        )
+        return str(role.arn)
 
     def add_user(
         self,
@@ -121,20 +153,28 @@ class LocalAws:
         policies: Iterable[str] = (),
         keys: Iterable[SeedKey] = (),
         now: datetime | None = None,
+        account_id: str = ACCOUNT_ID,
     ) -> list[NewKey]:
         """Create a user with tags, attached managed policies and backdated keys."""
-        backend = self.backend
+        backend = self.account(account_id)
         tag_list = [{"Key": k, "Value": v} for k, v in (tags or {}).items()]
         backend.create_user("us-east-1", name, path=path, tags=tag_list)
         for arn in policies:
             backend.attach_user_policy(arn, name)
-        return [self.add_key(name, spec, now=now) for spec in keys]
+        return [self.add_key(name, spec, now=now, account_id=account_id) for spec in keys]
 
-    def add_key(self, user_name: str, spec: SeedKey, *, now: datetime | None = None) -> NewKey:
+    def add_key(
+        self,
+        user_name: str,
+        spec: SeedKey,
+        *,
+        now: datetime | None = None,
+        account_id: str = ACCOUNT_ID,
+    ) -> NewKey:
         from moto.iam.models import AccessKeyLastUsed
 
         moment = now or datetime.now(UTC)
-        key = self.backend.create_access_key(user_name, status=spec.status.value)
+        key = self.account(account_id).create_access_key(user_name, status=spec.status.value)
         key.create_date = _utc_naive(moment - spec.age)
         if spec.last_used_ago is not None:
             key.last_used = AccessKeyLastUsed(
@@ -148,9 +188,9 @@ class LocalAws:
         key = self.backend.users[user_name].get_access_key_by_id(key_id)
         key.last_used = AccessKeyLastUsed(_utc_naive(when), "s3", "us-east-1")
 
-    def keys(self, user_name: str) -> dict[str, KeyStatus]:
+    def keys(self, user_name: str, account_id: str = ACCOUNT_ID) -> dict[str, KeyStatus]:
         """The user's keys as {id: status}, read from the backend (no API call)."""
-        user = self.backend.users[user_name]
+        user = self.account(account_id).users[user_name]
         return {k.access_key_id: KeyStatus(k.status) for k in user.access_keys}
 
 

@@ -126,6 +126,21 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # `check` commits a write here: only a committed write proves the disk takes one.
         "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT NOT NULL)",
     ),
+    (
+        # Leak events that could not be parsed: kept here, out of the queue's way, so that
+        # nothing is retried forever and nothing is silently dropped.
+        """
+        CREATE TABLE dead_letters (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            source      TEXT NOT NULL,
+            message_id  TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            error       TEXT NOT NULL,
+            body        TEXT NOT NULL,
+            UNIQUE (source, message_id)
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -293,6 +308,23 @@ class SqliteStateStore:
         with self._read("list_recent") as conn:
             rows = conn.execute(_RECENT, {"user": user_name, "limit": limit}).fetchall()
         return [_decode(r) for r in rows]
+
+    def add_dead_letter(self, source: str, message_id: str, error: str, body: str) -> None:
+        """Keep an event that could not be parsed (idempotent per source and message id)."""
+        with self._write("add_dead_letter") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO dead_letters (source, message_id, received_at, error, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (source, message_id, _encode_ts(self._clock()), error, body),
+            )
+
+    def dead_letters(self) -> list[tuple[str, str, datetime, str]]:
+        """(source, message id, received at, error) of every kept event, oldest first."""
+        with self._read("dead_letters") as conn:
+            rows = conn.execute(
+                "SELECT source, message_id, received_at, error FROM dead_letters ORDER BY id"
+            ).fetchall()
+        return [(str(r[0]), str(r[1]), _parse_ts(r[2]), str(r[3])) for r in rows]
 
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Keys issued to replace a contained leak (rotations that did not fail)."""

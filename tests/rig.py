@@ -34,7 +34,7 @@ class FakeClock:
 
 
 def settings_for(
-    aws: LocalAws, vault: VaultTarget, tmp_path: Path, **sections: Mapping[str, Any]
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path, /, **sections: Mapping[str, Any]
 ) -> Settings:
     data: dict[str, Any] = {
         "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1"},

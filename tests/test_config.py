@@ -55,7 +55,7 @@ def test_empty_file_gives_documented_defaults() -> None:
     assert s.aws.endpoint_url is None
     assert s.aws.accounts is None
     assert s.aws.concurrency == 8
-    assert s.aws.iam_calls_per_second == 10.0
+    assert s.aws.iam_calls_per_second == 20.0
     assert s.vault.url == "http://127.0.0.1:8200"
     assert s.vault.auth.method == "token"
     assert s.vault.auth.token == "test-token-from-env"

@@ -3,9 +3,11 @@ OpenBao dev server, probed over HTTP, stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,3 +161,82 @@ def test_daemon_survives_a_backend_outage_during_a_scan(aws: LocalAws, daemon: R
     code, err, _ = daemon.stop()
     assert code == 0
     assert "daemon.scan_failed" in err
+
+
+def test_daemon_speaks_the_systemd_notify_protocol(
+    tmp_path: Path, aws: LocalAws, vault: VaultTarget
+) -> None:
+    """Under a notify socket the daemon sends READY=1 once the backends answered,
+    WATCHDOG=1 at half of WATCHDOG_USEC, STATUS= lines about the scan, and STOPPING=1."""
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(0.5)
+    port = free_port()
+    config = write_config(tmp_path, aws, vault, port)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rotator",
+            "--config",
+            str(config),
+            "--log-format",
+            "json",
+            "daemon",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"},
+    )
+    received: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                received.append(listener.recv(4096).decode())
+            joined = "\n".join(received)
+            if "READY=1" in joined and "last scan" in joined and joined.count("WATCHDOG=1") >= 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        for _ in range(10):
+            try:
+                received.append(listener.recv(4096).decode())
+            except TimeoutError:
+                break
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+    joined = "\n".join(received)
+    assert "READY=1" in joined
+    assert joined.count("WATCHDOG=1") >= 2
+    assert "STATUS=last scan" in joined
+    assert "STOPPING=1" in joined
+    assert proc.returncode == 0
+
+
+def test_sighup_keeps_old_config_on_error_and_applies_a_valid_one(
+    tmp_path: Path, aws: LocalAws, vault: VaultTarget, daemon: Running
+) -> None:
+    """SIGHUP with an invalid file logs why and keeps serving the old settings; with a
+    valid file the daemon reloads."""
+    wait_for(lambda: get(daemon.base + "/readyz")[0] == 200, 30, "/readyz")
+    config = tmp_path / "rotator.yaml"
+    good = config.read_text()
+    config.write_text(good + "policy:\n  max_age: 9x\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert get(daemon.base + "/healthz")[0] == 200
+    config.write_text(good.replace("scan: 3s", "scan: 5s"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    code, err, _ = daemon.stop()
+    assert code == 0
+    events = [json.loads(line) for line in err.splitlines() if line.strip()]
+    rejected = [e for e in events if e["event"] == "daemon.reload_rejected"]
+    assert rejected
+    assert any("policy" in p for p in rejected[0]["problems"])
+    assert any(e["event"] == "daemon.reloaded" and e["scan"] == "5s" for e in events)

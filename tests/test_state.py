@@ -808,3 +808,36 @@ def test_save_from_a_state_the_row_has_left_is_refused(store: SqliteStateStore) 
     stored = store.get(first.id)
     assert stored is not None
     assert stored.state is State.MAKE_ROOM
+
+
+def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """A store written by the first schema gains the dead-letter table on open, keeps its
+    rotations and events, and records the new schema version."""
+    from rotator import state as state_module
+
+    old = rotation()
+    conn = sqlite3.connect(db_path)
+    for sql in state_module._MIGRATIONS[0]:
+        conn.execute(sql)
+    # A rotation and its first event, as the first schema's code wrote them.
+    conn.execute(state_module._INSERT, state_module._encode(old))
+    conn.execute(
+        "INSERT INTO events (rotation_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+        (old.id, "2026-01-01T00:00:00+00:00", None, "PLANNED", "planned before the upgrade"),
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = SqliteStateStore(db_path, clock=clock)
+    try:
+        with raw(db_path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert store.get(old.id) == old
+        assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
+        store.add_dead_letter("sqs", "m-1", "not JSON", "{")
+        store.add_dead_letter("sqs", "m-1", "not JSON", "{")
+        assert [(s, m, e) for s, m, _, e in store.dead_letters()] == [("sqs", "m-1", "not JSON")]
+    finally:
+        store.close()

@@ -1,0 +1,163 @@
+"""Notifications: a Slack-compatible webhook and an SNS topic, on done, failed,
+blocked, leaked_contained and consumers_not_switched.
+
+Sending happens on a background thread with retries and backoff, so a slow or broken
+receiver never blocks a rotation. Texts are built from user names, key ids and states
+only, and pass through the log scrubber once more before they leave: no secret is ever
+sent.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rotator import log
+from rotator.errors import RotatorError
+from rotator.model import Rotation
+
+_log = log.get_logger("rotator.notify")
+
+EVENTS = frozenset({"done", "failed", "blocked", "leaked_contained", "consumers_not_switched"})
+_ICONS = {
+    "done": ":white_check_mark:",
+    "failed": ":x:",
+    "blocked": ":no_entry:",
+    "leaked_contained": ":rotating_light:",
+    "consumers_not_switched": ":hourglass:",
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    event: str
+    subject: str
+    text: str
+    fields: dict[str, str]
+
+
+def message_for(event: str, rotation: Rotation, text: str) -> Message:
+    fields = {
+        "event": event,
+        "account_id": rotation.account_id,
+        "user_name": rotation.user_name,
+        "rotation_id": rotation.id,
+        "state": rotation.state.value,
+        "old_key_id": rotation.old_key_id or "",
+        "new_key_id": rotation.new_key_id or "",
+    }
+    subject = f"rotator: {event.replace('_', ' ')}: {rotation.user_name} ({rotation.account_id})"
+    return Message(event, log.scrub(subject), log.scrub(text), fields)
+
+
+class WebhookSender:
+    """POSTs `{"text": ..., ...}`: the shape Slack, Mattermost and Teams incoming
+    webhooks accept."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self._url = url
+        self._timeout = timeout
+
+    def __call__(self, message: Message) -> None:
+        text = f"{_ICONS.get(message.event, '')} {message.subject}\n{message.text}".strip()
+        body = json.dumps({"text": text, "rotator": message.fields}).encode()
+        request = urllib.request.Request(
+            self._url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RotatorError(f"webhook answered HTTP {exc.code}") from exc
+        except OSError as exc:
+            raise RotatorError(f"webhook unreachable: {exc.__class__.__name__}") from exc
+
+
+class TopicSender:
+    def __init__(self, publish: Callable[[str, str], None]) -> None:
+        self._publish = publish
+
+    def __call__(self, message: Message) -> None:
+        self._publish(message.subject, f"{message.text}\n\n{json.dumps(message.fields, indent=2)}")
+
+
+class Dispatcher:
+    """`rotator.ports.Notifier`: queues messages and sends them from one worker thread,
+    each sender retried with exponential backoff, then given up with an error log."""
+
+    def __init__(
+        self,
+        senders: Sequence[Callable[[Message], None]],
+        *,
+        tries: int = 4,
+        first_pause: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._senders = list(senders)
+        self._tries = tries
+        self._first_pause = first_pause
+        self._sleep = sleep
+        self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=1000)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def notify(self, event: str, rotation: Rotation, text: str) -> None:
+        if not self._senders:
+            return
+        self._start()
+        try:
+            self._queue.put_nowait(message_for(event, rotation, text))
+        except queue.Full:
+            _log.error("notify.dropped", event=event, user=rotation.user_name, why="queue full")
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="rotator-notify", daemon=True
+                )
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            message = self._queue.get()
+            try:
+                if message is None:
+                    return
+                for sender in self._senders:
+                    self._send(sender, message)
+            finally:
+                self._queue.task_done()
+
+    def _send(self, sender: Callable[[Message], None], message: Message) -> None:
+        pause = self._first_pause
+        for attempt in range(1, self._tries + 1):
+            try:
+                sender(message)
+                _log.info(
+                    "notify.sent", notify_event=message.event, user=message.fields["user_name"]
+                )
+                return
+            except Exception as exc:  # a receiver's failure must never reach a rotation
+                _log.warning(
+                    "notify.retry", notify_event=message.event, attempt=attempt, error=str(exc)
+                )
+                if attempt < self._tries:
+                    self._sleep(pause)
+                    pause *= 2
+        _log.error("notify.gave_up", notify_event=message.event, user=message.fields["user_name"])
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Send what is queued (up to `timeout` seconds), then stop the worker."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(None)
+        thread.join(timeout)
