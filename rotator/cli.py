@@ -310,6 +310,7 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
     try:
         rotations = app.store.list_recent(limit=limit, user_name=user_name)
         events = {r.id: app.store.events(r.id) for r in rotations} if user_name else {}
+        dead = app.store.dead_letters()
     finally:
         app.close()
     if as_json:
@@ -325,9 +326,20 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
                     }
                     for e in events[doc["id"]]
                 ]
-        click.echo(json.dumps({"rotations": docs}, indent=2))
+        kept = [
+            {"source": src, "message_id": mid, "received_at": iso(at), "error": err}
+            for src, mid, at, err in dead
+        ]
+        click.echo(json.dumps({"rotations": docs, "dead_letters": kept}, indent=2))
         return
     click.echo(rotations_text(rotations))
+    if dead:
+        click.echo(
+            f"\n{len(dead)} leak event(s) could not be used and are kept in the state store "
+            "(table dead_letters); the latest:"
+        )
+        for src, mid, at, err in dead[-5:]:
+            click.echo(f"  {iso(at)}  {src} {mid}: {err}")
     for r in rotations:
         if r.waiting_on:
             click.echo(f"{r.user_name}: {r.waiting_on}")

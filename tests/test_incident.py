@@ -380,7 +380,7 @@ def test_sqs_health_event_is_contained_by_the_daemon(
 
 
 def test_unparseable_sqs_message_is_kept_aside_and_the_daemon_goes_on(
-    aws: LocalAws, sqs: Any, daemon: Daemon
+    aws: LocalAws, sqs: Any, daemon: Daemon, tmp_path: Path
 ) -> None:
     """A message that is not a Health event is deleted from the queue only after being
     kept in the state store, and the daemon keeps serving."""
@@ -404,6 +404,10 @@ def test_unparseable_sqs_message_is_kept_aside_and_the_daemon_goes_on(
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = daemon.proc.communicate(timeout=20)
     assert "leaks.unparseable" in err
+    status = rotator("--config", str(tmp_path / "rotator.yaml"), "status", "--json")
+    [kept] = json.loads(status.stdout)["dead_letters"]
+    assert kept["source"] == "sqs"
+    assert kept["error"].startswith("not JSON")
 
 
 def test_http_trigger_contains_and_reports_the_rotation(
