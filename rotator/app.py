@@ -3,9 +3,10 @@ and the daemon share (scan, open rotations, advance them)."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -317,8 +318,13 @@ class App:
         return opened
 
     def advance_all(self, rotation_ids: Iterable[str]) -> list[Rotation]:
-        """Advance each rotation as far as it can go now, `aws.concurrency` at a time."""
+        """Advance each rotation as far as it can go now, `aws.concurrency` at a time.
+
+        A rotation whose new key is not accepted yet (IAM is eventually consistent)
+        comes back from VERIFY with a short `next_action_at`: it is put back in line for
+        that moment instead of holding a worker idle, so other rotations progress."""
         ids = list(dict.fromkeys(rotation_ids))
+        results: dict[str, Rotation] = {}
 
         def one(rid: str) -> Rotation | None:
             if self.stopping.is_set():
@@ -329,9 +335,31 @@ class App:
                 _log.error("rotation.advance_failed", rotation_id=rid, error=str(exc))
                 return self.store.get(rid)
 
+        waiting: list[tuple[datetime, str]] = []
         with ThreadPoolExecutor(max_workers=self.settings.aws.concurrency) as pool:
-            results = list(pool.map(one, ids))
-        return [r for r in results if r is not None]
+            running: dict[Future[Rotation | None], str] = {pool.submit(one, r): r for r in ids}
+            while running or waiting:
+                if running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        rid = running.pop(future)
+                        rotation = future.result()
+                        if rotation is None:
+                            continue
+                        results[rid] = rotation
+                        due = rotation.next_action_at
+                        if rotation.state is State.VERIFY and due and not self.stopping.is_set():
+                            heapq.heappush(waiting, (due, rid))
+                elif waiting:
+                    pause = (waiting[0][0] - self.now()).total_seconds()
+                    if pause > 0:
+                        self._sleep(pause)
+                    if self.stopping.is_set():
+                        break
+                while waiting and waiting[0][0] <= self.now():
+                    _, rid = heapq.heappop(waiting)
+                    running[pool.submit(one, rid)] = rid
+        return [results[r] for r in ids if r in results]
 
     def scan_and_open(self, *, dry_run: bool = False) -> PassResult:
         """Scan every account and open a rotation for each due, leaked or blocked user."""
@@ -392,7 +420,8 @@ class App:
             reason=reason,
             overlap=overlap,
         )
-        return self.engine.advance(opened.id)
+        [advanced] = self.advance_all([opened.id])
+        return advanced
 
     def open_forced(
         self,

@@ -385,7 +385,7 @@ class Daemon:
 
     def _advance_now(self, app: App, rotation_id: str) -> None:
         try:
-            app.engine.advance(rotation_id)
+            app.advance_all([rotation_id])
         except Exception:
             _log.exception("daemon.trigger_advance_failed", rotation_id=rotation_id)
 

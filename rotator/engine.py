@@ -17,6 +17,7 @@ Invariants this module keeps (DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -151,6 +152,12 @@ class Engine:
         # Shutdown: no new step starts once this says so; a running step finishes.
         self._should_stop = should_stop
         self._on_transition = on_transition
+        # IAM calls are the cost that matters at scale: within one `advance` call the
+        # user's keys are listed once, and our own writes keep that picture current.
+        self._seen: dict[str, list[AccessKey]] = {}
+        # When this process first tried to verify a rotation's new key.
+        self._verify_started: dict[str, datetime] = {}
+        self._lock = threading.Lock()
 
     # --- public -------------------------------------------------------------------
 
@@ -185,6 +192,7 @@ class Engine:
         if not self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl):
             _log.info("rotation.lease_held", rotation_id=rotation_id, user=current.user_name)
             return current
+        self._forget(rotation_id)
         try:
             deadline = self.now() + wait
             stepped = False
@@ -211,6 +219,7 @@ class Engine:
                     assert fresh is not None
                     return fresh
         finally:
+            self._forget(rotation_id)
             self._store.release_lease(rotation_id, self._owner)
 
     def rollback(self, rotation: Rotation, reason: str) -> Rotation:
@@ -387,8 +396,46 @@ class Engine:
         }[r.state]
         return handler(r)
 
-    def _keys(self, r: Rotation) -> list[AccessKey]:
-        return self._iam(r.account_id).list_access_keys(r.user_name)
+    def _keys(self, r: Rotation, *, fresh: bool = False) -> list[AccessKey]:
+        """The user's keys: listed once per `advance` call (or now, when `fresh`)."""
+        with self._lock:
+            seen = self._seen.get(r.id)
+        if seen is not None and not fresh:
+            return list(seen)
+        keys = self._iam(r.account_id).list_access_keys(r.user_name)
+        with self._lock:
+            self._seen[r.id] = list(keys)
+        return keys
+
+    def _known_keys(self, r: Rotation) -> list[AccessKey] | None:
+        with self._lock:
+            seen = self._seen.get(r.id)
+        return None if seen is None else list(seen)
+
+    def _wrote(self, r: Rotation, key_id: str, status: KeyStatus | None) -> None:
+        """Keep the listed picture current after our own write (None: deleted)."""
+        with self._lock:
+            seen = self._seen.get(r.id)
+            if seen is None:
+                return
+            rest = [k for k in seen if k.access_key_id != key_id]
+            if status is not None:
+                before = next((k for k in seen if k.access_key_id == key_id), None)
+                created = before.created_at if before else self.now()
+                rest.append(AccessKey(key_id, status, created))
+            self._seen[r.id] = rest
+
+    def _forget(self, rotation_id: str) -> None:
+        with self._lock:
+            self._seen.pop(rotation_id, None)
+
+    def _set_status(self, r: Rotation, key_id: str, status: KeyStatus) -> None:
+        self._iam(r.account_id).set_key_status(r.user_name, key_id, status)
+        self._wrote(r, key_id, status)
+
+    def _delete_key(self, r: Rotation, key_id: str) -> None:
+        self._iam(r.account_id).delete_access_key(r.user_name, key_id)
+        self._wrote(r, key_id, None)
 
     def _planned(self, r: Rotation) -> Rotation:
         if r.leaked:
@@ -399,9 +446,7 @@ class Engine:
         keys = {k.access_key_id: k for k in self._keys(r)}
         old = keys.get(r.old_key_id) if r.old_key_id else None
         if old is not None and old.active:
-            self._iam(r.account_id).set_key_status(
-                r.user_name, old.access_key_id or "", KeyStatus.INACTIVE
-            )
+            self._set_status(r, old.access_key_id or "", KeyStatus.INACTIVE)
             self._fault("contain:deactivated")
             text = f"leaked key {r.old_key_id} deactivated"
         elif old is not None:
@@ -437,7 +482,7 @@ class Engine:
             min(inactive, key=lambda k: k.created_at),
         )
         assert victim.access_key_id is not None
-        self._iam(r.account_id).delete_access_key(r.user_name, victim.access_key_id)
+        self._delete_key(r, victim.access_key_id)
         self._fault("make_room:deleted")
         return self._move(
             r, State.CREATE, f"deleted inactive key {victim.access_key_id} to free a slot"
@@ -448,7 +493,7 @@ class Engine:
             # A previous attempt recorded its intent and then stopped: reconcile first.
             return self._reconcile(r)
         iam = self._iam(r.account_id)
-        keys = iam.list_access_keys(r.user_name)
+        keys = self._keys(r)
         if len(keys) >= 2:
             return self._move(r, State.MAKE_ROOM, "no free slot any more: a key appeared")
         # The journal entry comes first: if we die after CreateAccessKey, recovery knows
@@ -462,6 +507,7 @@ class Engine:
                 r, State.MAKE_ROOM, "IAM refused a new key: two keys exist", intent_key_ids=None
             )
         log.register_secret(new.secret_access_key)
+        self._wrote(r, new.access_key_id, KeyStatus.ACTIVE)
         self._fault("create:created")
         r = self._save(r, new_key_id=new.access_key_id)
         self._fault("create:recorded")
@@ -524,7 +570,7 @@ class Engine:
 
     def _discard_new_key(self, r: Rotation, key_id: str) -> None:
         with contextlib.suppress(NotFound):
-            self._iam(r.account_id).delete_access_key(r.user_name, key_id)
+            self._delete_key(r, key_id)
         self._fault("store:discarded")
         _log.warning("rotation.new_key_deleted", rotation_id=r.id, user=r.user_name, key_id=key_id)
 
@@ -535,7 +581,7 @@ class Engine:
     def _reconcile(self, r: Rotation) -> Rotation:
         """Recovery for CREATE (intent recorded) and STORE: every key created by this
         rotation is either held by Vault (go on to VERIFY) or deleted (back to MAKE_ROOM)."""
-        keys = self._keys(r)
+        keys = self._keys(r, fresh=True)
         before = set(r.intent_key_ids or ())
         ours = [k.access_key_id for k in keys if k.access_key_id and k.access_key_id not in before]
         if (
@@ -554,7 +600,7 @@ class Engine:
         kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
         for key_id in ours:
             if key_id != kept:
-                self._iam(r.account_id).delete_access_key(r.user_name, key_id)
+                self._delete_key(r, key_id)
                 self._fault("recover:deleted")
                 self._note(r, f"deleted orphan key {key_id}: its secret never reached Vault")
         if kept is not None and held is not None:
@@ -588,22 +634,25 @@ class Engine:
             found = held.access_key_id if held else "nothing"
             return self._fail(r, f"Vault at {path} holds {found}, not the new key {r.new_key_id}")
         started = r.stored_at or self.now()
-        deadline = self.now() + self._timing.verify_timeout
-        pause = 1.0
-        while True:
-            try:
-                arn = self._iam(r.account_id).caller_arn(held.as_new_key())
-                break
-            except Transient as exc:
-                if self._should_stop():
-                    # Stay in VERIFY: the key is in Vault, the next start verifies it.
-                    return r
-                if self.now() >= deadline:
-                    return self._verify_failed(
-                        r, f"new key did not work within verify_timeout: {exc}"
-                    )
-                self._sleep(min(pause, max(0.0, (deadline - self.now()).total_seconds())))
-                pause = min(pause * 2, 8.0)
+        try:
+            arn = self._iam(r.account_id).caller_arn(held.as_new_key())
+        except Transient as exc:
+            # A new key is eventually consistent. Come back shortly instead of holding
+            # a worker idle: other rotations can progress meanwhile.
+            now = self.now()
+            with self._lock:
+                first = self._verify_started.setdefault(r.id, now)
+            if now - first >= self._timing.verify_timeout:
+                self._verify_done(r.id)
+                return self._verify_failed(r, f"new key did not work within verify_timeout: {exc}")
+            attempts = r.attempts + 1
+            return self._save(
+                r,
+                attempts=attempts,
+                last_error=f"new key not accepted yet: {exc}",
+                next_action_at=now + timedelta(seconds=min(2 ** (attempts - 1), 8)),
+            )
+        self._verify_done(r.id)
         if not arn_is_user(arn, r.account_id, r.user_name):
             return self._verify_failed(
                 r, f"new key authenticates as {arn}, not as user {r.user_name}"
@@ -624,12 +673,16 @@ class Engine:
             next_action_at=started + overlap,
         )
 
+    def _verify_done(self, rotation_id: str) -> None:
+        with self._lock:
+            self._verify_started.pop(rotation_id, None)
+
     def _verify_failed(self, r: Rotation, error: str) -> Rotation:
         """A new key that does not work may belong to a user deleted meanwhile (its keys
         went with it): that ends the rotation CANCELLED, like any step that finds the
         user gone, not FAILED."""
         try:
-            self._keys(r)
+            self._keys(r, fresh=True)
         except NotFound:
             return self._move(r, State.CANCELLED, f"user {r.user_name} no longer exists")
         return self._fail(r, error)
@@ -643,6 +696,10 @@ class Engine:
             return self._move(r, State.DEACTIVATE, "leaked: no overlap for a leaked key")
         if now < r.stored_at + overlap:
             return self._save(r, next_action_at=r.stored_at + overlap)
+        if not overlap:
+            # No overlap was asked for: there is no window for consumers to switch in,
+            # so whether they still use the old key changes nothing.
+            return self._move(r, State.DEACTIVATE, "no overlap")
         last = self._iam(r.account_id).key_last_used(r.old_key_id).last_used_at
         still_used = last is not None and last > r.stored_at
         limit = r.stored_at + max(overlap, self._timing.overlap_limit)
@@ -672,13 +729,19 @@ class Engine:
         # Invariant 2: never before the replacement is stored and verified.
         assert r.stored_at is not None
         assert r.verified_at is not None
-        keys = {k.access_key_id: k for k in self._keys(r)}
-        old = keys.get(r.old_key_id)
-        if old is None:
+        assert r.old_key_id is not None
+        known = self._known_keys(r)
+        old = next((k for k in known or () if k.access_key_id == r.old_key_id), None)
+        if known is not None and old is None:
             return self._move(r, State.DELETE, f"old key {r.old_key_id} already gone")
-        if old.active:
-            assert r.old_key_id is not None
-            self._iam(r.account_id).set_key_status(r.user_name, r.old_key_id, KeyStatus.INACTIVE)
+        if old is None or old.active:
+            # Setting Inactive is idempotent, so without a fresh listing the update
+            # itself is the read: NoSuchEntity says the key (or the user) is gone.
+            try:
+                self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
+            except NotFound:
+                self._keys(r, fresh=True)  # raises NotFound again when the user is gone
+                return self._move(r, State.DELETE, f"old key {r.old_key_id} already gone")
             self._fault("deactivate:done")
         now = self.now()
         keep = self._retention(r)
@@ -710,10 +773,8 @@ class Engine:
                     f"old key {r.old_key_id} was reactivated outside the rotator",
                 )
             if old.active:
-                self._iam(r.account_id).set_key_status(
-                    r.user_name, r.old_key_id, KeyStatus.INACTIVE
-                )
-            self._iam(r.account_id).delete_access_key(r.user_name, r.old_key_id)
+                self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
+            self._delete_key(r, r.old_key_id)
             self._fault("delete:done")
         done = self._move(r, State.DONE, f"old key {r.old_key_id} deleted")
         self._notifier.notify(

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from rotator.app import App
 from rotator.aws import AwsIam
+from rotator.config import Settings
+from rotator.errors import Transient
 from rotator.machine import State
 from rotator.model import KeyStatus, NewKey
+from rotator.ports import IamPort
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.conftest import VaultTarget
 from tests.rig import FakeClock, make_app, settings_for, vault_secret
@@ -153,3 +158,93 @@ def test_forced_rotation_of_user_without_keys_issues_a_first_key(
     assert (
         vault_secret(vault, f"aws/{ACCOUNT_ID}/frank")["data"]["aws_access_key_id"] == r.new_key_id
     )  # type: ignore[index]
+
+
+class SlowToAccept:
+    """IAM whose new keys are refused by STS for the first `refusals` calls, as real IAM
+    refuses a fresh key for a few seconds (moto accepts at once)."""
+
+    def __init__(self, inner: IamPort, refusals: int) -> None:
+        self._inner = inner
+        self.refusals = refusals
+        self.verify_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def caller_arn(self, key: NewKey) -> str:
+        self.verify_calls += 1
+        if self.verify_calls <= self.refusals:
+            raise Transient(
+                "sts:GetCallerIdentity: new key not accepted yet (InvalidClientTokenId)"
+            )
+        return self._inner.caller_arn(key)
+
+
+def slow_app(settings: Settings, clock: FakeClock, refusals: int) -> tuple[App, SlowToAccept]:
+    wrapper: list[SlowToAccept] = []
+
+    class SlowApp(App):
+        def iam(self, account_id: str) -> IamPort:
+            if not wrapper:
+                wrapper.append(SlowToAccept(super().iam(account_id), refusals))
+            return wrapper[0]  # type: ignore[return-value]
+
+    app = SlowApp(settings, clock=clock, sleep=clock.sleep)
+    app.iam(ACCOUNT_ID)
+    return app, wrapper[0]
+
+
+def test_verify_waits_for_eventual_consistency_without_blocking(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A new key refused for a while is retried from VERIFY with growing pauses between
+    passes of the scheduler loop, and the rotation completes; the old key stays active
+    until then."""
+    clock = FakeClock()
+    [old] = aws.add_user("hal", keys=[SeedKey(120 * D)], now=clock.now)
+    app, iam = slow_app(settings_for(aws, vault, tmp_path), clock, refusals=3)
+    [r] = app.run_once().rotations
+    assert r.state is State.DONE, r.last_error
+    assert iam.verify_calls == 4
+    assert clock.slept == [1, 2, 4]
+    assert list(aws.keys("hal")) == [r.new_key_id]
+    assert old.access_key_id not in aws.keys("hal")
+
+
+def test_verify_gives_up_after_verify_timeout_keeping_the_old_key(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A new key that never works fails the rotation once verify_timeout has passed; the
+    old key is still active (a consumer is never locked out)."""
+    clock = FakeClock()
+    [old] = aws.add_user("ida", keys=[SeedKey(120 * D)], now=clock.now)
+    app, _ = slow_app(
+        settings_for(aws, vault, tmp_path, policy={"verify_timeout": "20s"}), clock, refusals=10**6
+    )
+    [r] = app.run_once().rotations
+    assert r.state is State.FAILED
+    assert "verify_timeout" in (r.last_error or "")
+    assert aws.keys("ida")[old.access_key_id] is KeyStatus.ACTIVE
+    assert 20 <= sum(clock.slept) < 30
+
+
+def test_a_rotation_costs_at_most_six_iam_calls_and_one_sts_call(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """From MAKE_ROOM to DONE, across three passes (overlap and retirement waits), a
+    rotation sends at most 6 IAM calls and 1 STS call."""
+    clock = FakeClock()
+    aws.add_user("joe", keys=[SeedKey(120 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path, policy={"overlap": "1h", "delete_after": "1d"})
+    app = make_app(settings, clock)
+    proposals = app.scan_and_open().opened
+    iam = app.default_iam()
+    before = dict(iam.calls)
+    for step in (timedelta(0), timedelta(hours=2), timedelta(days=2)):
+        clock.advance(step)
+        [r] = app.advance_all([proposals[0].id])
+    assert r.state is State.DONE
+    spent = {op: n - before.get(op, 0) for op, n in iam.calls.items() if n - before.get(op, 0)}
+    assert sum(n for op, n in spent.items() if op.startswith("iam:")) <= 6, spent
+    assert spent.get("sts:GetCallerIdentity") == 1, spent
