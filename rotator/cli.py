@@ -127,10 +127,16 @@ def cli(ctx: click.Context, config: str | None, log_format: str | None, log_leve
 
     \b
     Start with:
+      rotator demo               the whole job on a local AWS and Vault, no account needed
       rotator config check       validate the configuration
       rotator plan               what is due, leaked or blocked (changes nothing)
       rotator run --once         rotate what is due, then exit
       rotator status             open and recent rotations
+      rotator daemon             run as a service (systemd, container)
+    \b
+    When a key leaks:
+      rotator rotate USER --key KEY_ID --leaked --reason INC-123
+      rotator leak-event health-event.json
 
     Exit codes: 0 ok, 1 something FAILED or BLOCKED, 2 bad configuration or usage,
     3 a backend could not be reached.

@@ -1,0 +1,114 @@
+"""`run --once`, `status`, `rotate` and `rollback` as an operator types them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from rotator.model import KeyStatus
+from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
+from tests.conftest import VaultTarget
+from tests.rig import vault_secret
+
+D = timedelta(days=1)
+
+
+def rotator(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rotator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+
+
+def config(tmp_path: Path, aws: LocalAws, vault: VaultTarget, policy: str) -> str:
+    path = tmp_path / "rotator.yaml"
+    path.write_text(
+        f"aws:\n  endpoint_url: {aws.endpoint_url}\n"
+        f"vault:\n  url: {vault.addr}\n  mount: {vault.mount}\n  auth:\n    token: {vault.token}\n"
+        f"state:\n  path: {tmp_path / 'state.db'}\n"
+        f"policy:\n{policy}"
+    )
+    return str(path)
+
+
+def test_a_dozen_due_users_rotate_in_one_pass_and_the_next_pass_changes_nothing(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """One `run --once` leaves each of twelve due users with one active key that Vault
+    holds with matching metadata; `status --json` shows them DONE; a second pass opens
+    nothing and exits 0."""
+    old = {
+        f"user{i:02d}": aws.add_user(f"user{i:02d}", keys=[SeedKey((91 + i) * D)])[0]
+        for i in range(12)
+    }
+    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n  delete_after: 0s\n")
+    first = rotator("--config", cfg, "run", "--once", "--json")
+    assert first.returncode == 0, first.stderr
+    for name, key in old.items():
+        keys = aws.keys(name)
+        [(new_id, status)] = keys.items()
+        assert status is KeyStatus.ACTIVE
+        assert new_id != key.access_key_id
+        secret = vault_secret(vault, f"aws/{ACCOUNT_ID}/{name}")
+        assert secret is not None
+        assert secret["data"]["aws_access_key_id"] == secret["metadata"]["access_key_id"] == new_id
+    status = json.loads(rotator("--config", cfg, "status", "--json").stdout)
+    assert sorted(r["state"] for r in status["rotations"]) == ["DONE"] * 12
+    before = {name: aws.keys(name) for name in old}
+    second = rotator("--config", cfg, "run", "--once", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["opened"] == []
+    assert {name: aws.keys(name) for name in old} == before
+
+
+def test_rollback_reactivates_the_old_key_from_the_command_line(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """After a rotation deactivated the old key, `rollback USER` turns it back on and
+    `status` shows ROLLED_BACK; a second rollback has nothing to undo (exit 2)."""
+    [old] = aws.add_user("alice", keys=[SeedKey(120 * D)])
+    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n  delete_after: 7d\n")
+    ran = rotator("--config", cfg, "run", "--once")
+    assert ran.returncode == 0, ran.stderr
+    assert aws.keys("alice")[old.access_key_id] is KeyStatus.INACTIVE
+    back = rotator("--config", cfg, "rollback", "alice")
+    assert back.returncode == 0, back.stderr
+    assert aws.keys("alice")[old.access_key_id] is KeyStatus.ACTIVE
+    assert "ROLLED_BACK" in rotator("--config", cfg, "status", "--user", "alice").stdout
+    again = rotator("--config", cfg, "rollback", "alice")
+    assert again.returncode == 2
+    assert "ROLLED_BACK" in again.stderr
+
+
+def test_rotate_unknown_user_is_a_usage_error(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Forcing a rotation of a user IAM does not know exits 2 with one line."""
+    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n")
+    done = rotator("--config", cfg, "rotate", "nobody")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_blocked_user_makes_run_exit_1_and_stays_untouched(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A due user with two active keys ends BLOCKED: `run --once` exits 1 and both keys
+    are left as they were."""
+    k1, k2 = aws.add_user("bob", keys=[SeedKey(120 * D), SeedKey(100 * D)])
+    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n")
+    done = rotator("--config", cfg, "run", "--once")
+    assert done.returncode == 1
+    assert "BLOCKED" in done.stdout
+    assert aws.keys("bob") == {
+        k1.access_key_id: KeyStatus.ACTIVE,
+        k2.access_key_id: KeyStatus.ACTIVE,
+    }
