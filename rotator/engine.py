@@ -193,6 +193,7 @@ class Engine:
             _log.info("rotation.lease_held", rotation_id=rotation_id, user=current.user_name)
             return current
         self._forget(rotation_id)
+        renewed = self.now()
         try:
             deadline = self.now() + wait
             stepped = False
@@ -210,7 +211,13 @@ class Engine:
                 if (current.state is State.BLOCKED and stepped) or self._should_stop():
                     return current
                 stepped = True
-                self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl)
+                if self.now() - renewed > self._timing.lease_ttl / 3:
+                    # Renew well before expiry; every renewal is a write to the store.
+                    if not self._store.acquire_lease(
+                        rotation_id, self._owner, self._timing.lease_ttl
+                    ):
+                        return current
+                    renewed = self.now()
                 try:
                     self._guarded_step(current)
                 except StaleRotation as exc:

@@ -233,22 +233,20 @@ class SqliteStateStore:
         """
         self._path = Path(path)
         self._clock: Callable[[], datetime] = clock or _utcnow
+        self._busy_timeout = busy_timeout
+        # One connection per thread: SQLite itself serialises writers (BEGIN IMMEDIATE
+        # with a busy timeout) and lets readers run beside them in WAL mode, so threads
+        # never queue behind each other's fsync on a Python lock.
+        self._local = threading.local()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
         self._host = socket.gethostname()
         self._pid_ns = _pid_namespace()
         _prepare_file(self._path)
         try:
-            conn = sqlite3.connect(
-                self._path,
-                timeout=busy_timeout,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise self._translate(exc, "open") from exc
-        self._conn: sqlite3.Connection | None = conn
-        try:
-            self._configure(conn, busy_timeout)
+            self._connection()
             self._migrate()
             for suffix in ("-wal", "-shm"):
                 _make_private(self._path.with_name(self._path.name + suffix))
@@ -440,11 +438,13 @@ class SqliteStateStore:
             raise BackendUnavailable(f"state store {self._path} is not writable: {detail}") from exc
 
     def close(self) -> None:
-        """Close the connection; later calls raise `BackendUnavailable`. Idempotent."""
+        """Close every connection; later calls raise `BackendUnavailable`. Idempotent."""
         with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     # --- internals ----------------------------------------------------------------
 
@@ -505,25 +505,51 @@ class SqliteStateStore:
         return None if row is None else str(row[0])
 
     def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
+        """This thread's connection, opened on first use."""
+        if self._closed:
             raise BackendUnavailable(f"state store {self._path} is closed")
-        return self._conn
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # close() may run on another thread
+            )
+        except sqlite3.Error as exc:
+            raise self._translate(exc, "open") from exc
+        try:
+            self._configure(conn, self._busy_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            if self._closed:
+                conn.close()
+                raise BackendUnavailable(f"state store {self._path} is closed")
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
 
     @contextmanager
     def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
-            try:
-                yield conn
-            except sqlite3.Error as exc:
-                raise self._translate(exc, doing) from exc
+        conn = self._connection()
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise self._translate(exc, doing) from exc
 
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
         """One write transaction. IMMEDIATE takes the write lock up front, so what the
-        transaction reads cannot change before it writes (no read-then-upgrade race)."""
-        with self._lock:
-            conn = self._connection()
+        transaction reads cannot change before it writes (no read-then-upgrade race).
+
+        Writers of this process queue on a lock first: SQLite's own busy handler backs
+        off in coarse sleeps, which would leave threads idle while the file is free."""
+        conn = self._connection()
+        with self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
