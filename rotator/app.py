@@ -275,9 +275,14 @@ class App:
         for account in self.accounts():
             try:
                 replacements = self.store.replacement_key_ids(account) if with_state else set()
-                inventory = scan(
-                    self.iam(account), rules, as_of or self.now(), replacements=replacements
-                )
+                with ThreadPoolExecutor(max_workers=self.settings.aws.concurrency) as pool:
+                    inventory = scan(
+                        self.iam(account),
+                        rules,
+                        as_of or self.now(),
+                        replacements=replacements,
+                        pmap=pool.map,
+                    )
             except RotatorError as exc:
                 _log.error("scan.account_failed", account=account, error=str(exc))
                 result.failures[account] = str(exc)

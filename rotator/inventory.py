@@ -127,8 +127,12 @@ def scan(
     replacements: Iterable[str] = (),
     report_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
+    pmap: Callable[[Callable[[IamUser], IamUser], list[IamUser]], Iterable[IamUser]] = map,
 ) -> Inventory:
-    """Read the account and decide every key. Changes nothing in AWS."""
+    """Read the account and decide every key. Changes nothing in AWS.
+
+    `pmap` runs the per-user reads (key ids for users that need action); pass a thread
+    pool's `map` so that they overlap instead of queueing one after another."""
     issued = frozenset(replacements)
     account = iam.account_id()
     users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
@@ -144,29 +148,27 @@ def scan(
         source = "per_user"
         notes.append(f"credential report unavailable ({exc}); read keys with per-user calls")
 
-    done_users: list[IamUser] = []
-    decisions: list[KeyDecision] = []
-    for user in users:
-        if reported is None:
-            full = replace(user, keys=keys_per_user(iam, user.user_name))
-            done_users.append(full)
-            decisions.extend(decide_user(full, now, rules, issued))
-            continue
-        from_report = reported.get(user.user_name)
+    def with_listed_keys(user: IamUser) -> IamUser:
+        from_report = (reported or {}).get(user.user_name)
         if from_report is None:
-            # Created after the (up to four hours old) report was generated.
-            full = replace(user, keys=keys_per_user(iam, user.user_name))
-        else:
+            # No report, or a user created after the (up to four hours old) report.
+            return replace(user, keys=keys_per_user(iam, user.user_name))
+        listed = iam.list_access_keys(user.user_name)
+        return replace(user, keys=merge_keys(listed, from_report, iam))
+
+    settled: dict[str, IamUser] = {}
+    to_list: list[IamUser] = []
+    for user in users:
+        from_report = None if reported is None else reported.get(user.user_name)
+        if from_report is not None:
             full = replace(user, keys=tuple(from_report))
-            first = decide_user(full, now, rules, issued)
             # Report keys carry no ids, so a quarantined user always needs action here.
-            if needs_action(first):
-                listed = iam.list_access_keys(user.user_name)
-                full = replace(user, keys=merge_keys(listed, from_report, iam))
-            else:
-                done_users.append(full)
-                decisions.extend(first)
+            if not needs_action(decide_user(full, now, rules, issued)):
+                settled[user.user_name] = full
                 continue
-        done_users.append(full)
-        decisions.extend(decide_user(full, now, rules, issued))
+        to_list.append(user)
+    settled.update((u.user_name, u) for u in pmap(with_listed_keys, to_list))
+
+    done_users = [settled[u.user_name] for u in users]
+    decisions = [d for u in done_users for d in decide_user(u, now, rules, issued)]
     return Inventory(account, done_users, decisions, source, notes)
