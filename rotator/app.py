@@ -37,8 +37,6 @@ from rotator.vault import VaultStore, build_auth
 
 _log = log.get_logger("rotator.app")
 
-PROBLEM_STATES = frozenset({State.FAILED, State.BLOCKED})
-
 
 @dataclass
 class ScanResult:
@@ -56,10 +54,6 @@ class PassResult:
     rotations: list[Rotation] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # account id -> why
 
-    @property
-    def problems(self) -> list[Rotation]:
-        return [r for r in self.rotations if r.state in PROBLEM_STATES]
-
 
 def build_secrets(settings: Settings) -> VaultStore:
     auth = settings.vault.auth
@@ -74,6 +68,7 @@ def build_secrets(settings: Settings) -> VaultStore:
             role_id=auth.role_id,
             secret_id_file=str(auth.secret_id_file) if auth.secret_id_file else None,
         ),
+        connections=settings.aws.concurrency,
     )
 
 
@@ -101,6 +96,9 @@ class App:
         self._sleep = sleep or self._interruptible_sleep
         self._iams: dict[str, IamPort] = {}
         self._iam_lock = threading.Lock()
+        # Adapters are built lazily, once, whichever thread asks first (RLock: building
+        # the engine builds the store and the notifier).
+        self._build_lock = threading.RLock()
         self._buckets: dict[str, TokenBucket] = {}
         self._accounts: list[str] | None = None
         self._default: AwsIam | None = None
@@ -126,6 +124,7 @@ class App:
                 region=self.settings.aws.region,
                 endpoint_url=self._endpoint(),
                 before_call=self._before_call,
+                connections=self.settings.aws.concurrency,
             )
         return self._default
 
@@ -201,24 +200,31 @@ class App:
                 session=session,
                 account_id=account_id,
                 before_call=lambda op: self._before_call(op, account_id),
+                connections=self.settings.aws.concurrency,
             )
         with self._iam_lock:
             return self._iams.setdefault(account_id, built)
 
     @property
     def secrets(self) -> SecretStore:
-        if self._secrets is None:
-            self._secrets = build_secrets(self.settings)
-        return self._secrets
+        with self._build_lock:
+            if self._secrets is None:
+                self._secrets = build_secrets(self.settings)
+            return self._secrets
 
     @property
     def store(self) -> StateStore:
-        if self._store is None:
-            self._store = SqliteStateStore(self.settings.state.path, clock=self._clock)
-        return self._store
+        with self._build_lock:
+            if self._store is None:
+                self._store = SqliteStateStore(self.settings.state.path, clock=self._clock)
+            return self._store
 
     @property
     def notifier(self) -> Notifier:
+        with self._build_lock:
+            return self._build_notifier()
+
+    def _build_notifier(self) -> Notifier:
         if self._notifier is None:
             senders: list[Callable[[Message], None]] = []
             if self.settings.notify.webhook_url:
@@ -240,6 +246,10 @@ class App:
 
     @property
     def engine(self) -> Engine:
+        with self._build_lock:
+            return self._build_engine()
+
+    def _build_engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(
                 iam=self.iam,

@@ -127,6 +127,7 @@ class AwsIam:
         account_id: str | None = None,
         max_attempts: int = 5,
         before_call: Callable[[str], None] | None = None,
+        connections: int = 10,
     ) -> None:
         self._session = session or boto3.session.Session()
         self._region = region
@@ -140,6 +141,8 @@ class AwsIam:
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=10,
             read_timeout=30,
+            # One pooled connection per concurrent rotation (botocore's default is 10).
+            max_pool_connections=max(10, connections),
         )
         # CreateAccessKey is not idempotent: a retry after a lost response can mint a
         # second key whose secret nobody ever sees. This client sends each call once.

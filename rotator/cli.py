@@ -76,13 +76,15 @@ class Context:
         self.log_level = log_level
         self._settings: Settings | None = None
 
-    def settings(self) -> Settings:
+    def settings(self, *, need_vault: bool = True) -> Settings:
+        """The validated settings. Commands that never talk to Vault pass
+        `need_vault=False`, so that a missing Vault token does not stop them."""
         if self._settings is None:
             path, explicit = config_path(self.config, os.environ)
             if explicit or path.exists():
-                self._settings = load_settings(path, os.environ)
+                self._settings = load_settings(path, os.environ, need_vault=need_vault)
             else:
-                self._settings = parse_settings(None, os.environ)
+                self._settings = parse_settings(None, os.environ, need_vault=need_vault)
         return self._settings
 
     def settings_loader(self) -> Callable[[], Settings]:
@@ -94,8 +96,8 @@ class Context:
 
         return load
 
-    def app(self) -> App:
-        return App(self.settings())
+    def app(self, *, need_vault: bool = True) -> App:
+        return App(self.settings(need_vault=need_vault))
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -209,7 +211,7 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     (a quarantine policy is attached), blocked (due, but both keys are active),
     exempt (excluded by path, name pattern or tag).
     """
-    app = obj.app()
+    app = obj.app(need_vault=False)
     now = app.now()
     moment = parse_as_of(as_of, now)
     with_state = Path(app.settings.state.path).exists()
@@ -256,7 +258,7 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
     Rotations that must wait (the overlap, the retirement of an old key) are picked up
     by the next pass. Exit 1 when a rotation is FAILED or BLOCKED.
     """
-    app = obj.app()
+    app = obj.app(need_vault=not dry_run)
     try:
         result = app.run_once(dry_run=dry_run)
     finally:
@@ -312,7 +314,7 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
 @handle_errors
 def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> None:
     """Open and recent rotations with their state. Reads only the state store."""
-    app = obj.app()
+    app = obj.app(need_vault=False)
     try:
         rotations = app.store.list_recent(limit=limit, user_name=user_name)
         events = {r.id: app.store.events(r.id) for r in rotations} if user_name else {}

@@ -840,11 +840,15 @@ def config_path(cli_value: str | None, env: Mapping[str, str] | None = None) -> 
     return DEFAULT_CONFIG_PATH, False
 
 
-def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path, env: Mapping[str, str] | None = None, *, need_vault: bool = True
+) -> Settings:
     """Read and validate a YAML config file.
 
     Raises ConfigError naming every problem: a missing or unreadable file, a YAML syntax
-    error (with line and column), a duplicated key, and every invalid setting.
+    error (with line and column), a duplicated key, and every invalid setting. With
+    `need_vault=False` (commands that never talk to Vault) a missing Vault token is not
+    a problem.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -859,14 +863,16 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     data, problems = _load_yaml(text, path)
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError([*problems, f"{path}: {_top_level_problem(data)}"])
-    settings, more = _validate(data, os.environ if env is None else env)
+    settings, more = _validate(data, os.environ if env is None else env, need_vault=need_vault)
     problems.extend(more)
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
 
 
-def parse_settings(data: object, env: Mapping[str, str] | None = None) -> Settings:
+def parse_settings(
+    data: object, env: Mapping[str, str] | None = None, *, need_vault: bool = True
+) -> Settings:
     """Validate what YAML produced (None, for an empty file, means all defaults).
 
     Environment defaults are applied from `env` (default: `os.environ`). Raises
@@ -874,7 +880,7 @@ def parse_settings(data: object, env: Mapping[str, str] | None = None) -> Settin
     """
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError([f"top level: {_top_level_problem(data)}"])
-    settings, problems = _validate(data, os.environ if env is None else env)
+    settings, problems = _validate(data, os.environ if env is None else env, need_vault=need_vault)
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
@@ -928,7 +934,7 @@ def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...]) -> list[str]:
 
 
 def _validate(
-    data: Mapping[str, Any] | None, env: Mapping[str, str]
+    data: Mapping[str, Any] | None, env: Mapping[str, str], *, need_vault: bool = True
 ) -> tuple[Settings | None, list[str]]:
     raw, sources = _with_env_defaults(data or {}, env)
     problems: list[str] = []
@@ -937,7 +943,7 @@ def _validate(
         settings = Settings.model_validate(raw, context={_DEFER_CHECKS: True})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, sources))
-    problems.extend(_cross_field_problems(raw))
+    problems.extend(_cross_field_problems(raw, need_vault=need_vault))
     secrets = [_secret_value(raw), env.get("VAULT_TOKEN")]
     return settings, _scrub(_in_file_order(problems), secrets)
 
@@ -1134,7 +1140,7 @@ def _mapping(parent: Mapping[str, Any] | None, name: str) -> Mapping[str, Any] |
     return value if isinstance(value, Mapping) else None
 
 
-def _cross_field_problems(raw: Mapping[str, Any]) -> list[str]:
+def _cross_field_problems(raw: Mapping[str, Any], *, need_vault: bool = True) -> list[str]:
     problems: list[str] = []
 
     policy = _mapping(raw, "policy")
@@ -1149,6 +1155,10 @@ def _cross_field_problems(raw: Mapping[str, Any]) -> list[str]:
         method = _resolve(VaultAuthSettings, auth, "method")
         # A value of the wrong type is present (and reported); only absence counts here.
         present = {key: auth.get(key) is not None for key in VaultAuthSettings.model_fields}
+        if not need_vault and method == "token":
+            # A token usually comes from the environment of the command that uses Vault;
+            # a command that never talks to Vault (plan, status) must not demand one.
+            present["token"] = True
         problems += [f"vault.{p}" for p in _auth_problems(method, present)]
 
     aws = _mapping(raw, "aws")

@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import hvac
 import hvac.exceptions
 import requests
+import requests.adapters
 import structlog
 
 from rotator.errors import (
@@ -324,6 +325,7 @@ class VaultStore:
         *,
         timeout: float = 10.0,
         clock: Clock | None = None,
+        connections: int = 10,
     ) -> None:
         self.url = url.rstrip("/")
         self.mount = mount.strip("/")
@@ -345,7 +347,13 @@ class VaultStore:
         self._clock: Clock = clock or _utc_now
         # token="" (not None): hvac would otherwise pick up VAULT_TOKEN or
         # ~/.vault-token behind the configured auth method's back.
-        self._client: Any = hvac.Client(url=self.url, token="", timeout=timeout)
+        # As many pooled connections as rotations run at once: a smaller pool makes
+        # urllib3 open and drop extra connections (and warn) under load.
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, connections))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._client: Any = hvac.Client(url=self.url, token="", timeout=timeout, session=session)
         self._login_client: Any = hvac.Client(url=self.url, token="", timeout=timeout)
         self._lock = threading.RLock()
         self._token: str | None = None

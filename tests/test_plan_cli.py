@@ -32,9 +32,7 @@ def rotator(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "rotator.yaml"
     path.write_text(
-        f"state:\n  path: {tmp_path / 'state.db'}\n"
-        "selection:\n  exclude_users: ['svc-legacy-*']\n"
-        "vault:\n  auth:\n    token: test-token-not-real\n"
+        f"state:\n  path: {tmp_path / 'state.db'}\nselection:\n  exclude_users: ['svc-legacy-*']\n"
     )
     return path
 
@@ -192,3 +190,37 @@ def test_config_check_accepts_the_example_file() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "configuration ok" in done.stdout
+
+
+def test_plan_needs_no_config_file_and_no_vault(aws: LocalAws, tmp_path: Path) -> None:
+    """With only AWS settings in the environment (no file, no Vault token) `plan` runs:
+    an audit never talks to Vault."""
+    aws.add_user("solo", keys=[SeedKey(100 * D)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "ROTATOR_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "rotator", "plan", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    [item] = json.loads(done.stdout)["items"]
+    assert item["decision"] == "rotate"
+
+
+def test_config_check_still_demands_a_vault_token(tmp_path: Path) -> None:
+    """`config check` reports the token method without a token, since rotations need it."""
+    path = tmp_path / "rotator.yaml"
+    path.write_text("policy:\n  max_age: 90d\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "rotator", "--config", str(path), "config", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert 'vault.auth: method "token" needs a token' in done.stderr
