@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from rotator import log
 from rotator.aws import AwsIam, AwsQueue, AwsTopic, assumed_session, organization_accounts
@@ -26,7 +26,7 @@ from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import Metrics
-from rotator.model import KeyStatus, Rotation, RotationReason
+from rotator.model import ForcedRotation, KeyStatus, Rotation, RotationReason
 from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules
@@ -416,41 +416,17 @@ class App:
         result.rotations = self.advance_all(r.id for r in self.store.list_open())
         return result
 
-    def force(
-        self,
-        user_name: str,
-        *,
-        account_id: str | None = None,
-        key_id: str | None = None,
-        leaked: bool = False,
-        reason: str | None = None,
-        overlap: timedelta | None = None,
-    ) -> Rotation:
+    def force(self, request: ForcedRotation) -> Rotation:
         """Open a forced rotation for one user (incident response) and advance it."""
-        opened = self.open_forced(
-            user_name,
-            account_id=account_id,
-            key_id=key_id,
-            leaked=leaked,
-            reason=reason,
-            overlap=overlap,
-        )
-        [advanced] = self.advance_all([opened.id])
+        [advanced] = self.advance_all([self.open_forced(request).id])
         return advanced
 
-    def open_forced(
-        self,
-        user_name: str,
-        *,
-        account_id: str | None = None,
-        key_id: str | None = None,
-        leaked: bool = False,
-        reason: str | None = None,
-        overlap: timedelta | None = None,
-    ) -> Rotation:
+    def open_forced(self, request: ForcedRotation) -> Rotation:
         """Open (not advance) a forced rotation. Raises NotFound for an unknown user or
         key, RotationExists when the user already has an open rotation."""
-        account = account_id or self.accounts()[0]
+        user_name, key_id, leaked = request.user_name, request.key_id, request.leaked
+        reason = request.reason
+        account = request.account_id or self.accounts()[0]
         iam = self.iam(account)
         keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
         if key_id is not None and key_id not in {k.access_key_id for k in keys}:
@@ -458,25 +434,25 @@ class App:
         if key_id is None:
             active = [k for k in keys if k.status is KeyStatus.ACTIVE]
             if len(active) > 1:
-                raise RotatorError(
-                    f"user {user_name} has two active keys: name the one to replace with --key"
+                raise BadInput(
+                    f"user {user_name} has two active keys: name the one to replace "
+                    "(--key, or access_key_id)"
                 )
             chosen = active or sorted(keys, key=lambda k: k.created_at)
             key_id = chosen[0].access_key_id if chosen else None
-        if leaked and key_id is None:
-            raise RotatorError(f"user {user_name} has no key that could have leaked")
-        if leaked and key_id is not None:
+        if leaked:
+            if key_id is None:
+                raise BadInput(f"user {user_name} has no key that could have leaked")
             return self.report_leak(account, user_name, key_id, reason or "reported leaked")
         self.secrets.check()
         rotation = new_rotation(
             account,
             user_name,
-            RotationReason.LEAKED if leaked else RotationReason.MANUAL,
+            RotationReason.MANUAL,
             self.now(),
             old_key_id=key_id,
-            leaked=leaked,
             note=reason,
-            overlap=overlap,
+            overlap=request.overlap,
         )
         return self._open(rotation, f"forced: {reason or 'no reason given'}")
 

@@ -32,7 +32,7 @@ from rotator.errors import (
 )
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
 from rotator.machine import State
-from rotator.model import Rotation
+from rotator.model import ForcedRotation, Rotation
 from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -397,14 +397,7 @@ def rotate(
             raise BadInput(f"--overlap: {exc}") from exc
     app = obj.app()
     try:
-        rotation = app.force(
-            user,
-            account_id=account_id,
-            key_id=key_id,
-            leaked=leaked,
-            reason=reason,
-            overlap=overlap_td,
-        )
+        rotation = app.force(ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td))
     finally:
         app.close()
     if as_json:

@@ -18,13 +18,13 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
 from rotator import log
 from rotator.errors import BadInput, NotFound, RotationExists, RotatorError, Transient
+from rotator.model import ForcedRotation
 
 _log = log.get_logger("rotator.http")
 
@@ -35,16 +35,7 @@ _KEY_ID = re.compile(r"^[A-Z0-9]{16,128}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
 
 
-@dataclass(frozen=True)
-class TriggerRequest:
-    user_name: str
-    account_id: str | None
-    access_key_id: str | None
-    leaked: bool
-    reason: str | None
-
-
-def parse_trigger(body: bytes) -> TriggerRequest:
+def parse_trigger(body: bytes) -> ForcedRotation:
     """Validate a `POST /v1/rotations` body; `BadInput` names the first problem."""
     try:
         data = json.loads(body.decode("utf-8"))
@@ -70,7 +61,7 @@ def parse_trigger(body: bytes) -> TriggerRequest:
     reason = data.get("reason")
     if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
         raise BadInput("reason must be a string of at most 500 characters")
-    return TriggerRequest(user, account, key, leaked, reason)
+    return ForcedRotation(user, account, key, leaked, reason)
 
 
 class Api(Protocol):
@@ -82,7 +73,7 @@ class Api(Protocol):
 
     def metrics_text(self) -> tuple[bytes, str]: ...
 
-    def trigger(self, request: TriggerRequest) -> dict[str, Any]:
+    def trigger(self, request: ForcedRotation) -> dict[str, Any]:
         """Open a rotation; raises NotFound for an unknown user, RotationExists."""
         ...
 

@@ -91,6 +91,18 @@ class StoredSecret:
 
 
 @dataclass(frozen=True)
+class ForcedRotation:
+    """A request to replace one user's key now: `rotate`, the HTTP trigger, a leak."""
+
+    user_name: str
+    account_id: str | None = None
+    key_id: str | None = None
+    leaked: bool = False
+    reason: str | None = None
+    overlap: timedelta | None = None
+
+
+@dataclass(frozen=True)
 class Rotation:
     """One rotation of one user's key: a row in the state store. Never holds a secret."""
 

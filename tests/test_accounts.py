@@ -4,9 +4,6 @@ with the account in its Vault path, and one failing account never stopping the o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,21 +14,11 @@ from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.awsproxy import refusing
 from tests.conftest import VaultTarget
-from tests.rig import FakeClock, make_app, settings_for, vault_secret
+from tests.rig import FakeClock, make_app, rotator, settings_for, vault_secret
 
 D = timedelta(days=1)
 OTHER = "222233334444"
 BROKEN = "333344445555"
-
-
-def rotator(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ),
-    )
 
 
 def test_two_accounts_rotate_each_into_its_own_vault_path(

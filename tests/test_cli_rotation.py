@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.conftest import VaultTarget
-from tests.rig import vault_secret
+from tests.rig import rotator, vault_secret
 
 D = timedelta(days=1)
-
-
-def rotator(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ),
-    )
 
 
 def config(tmp_path: Path, aws: LocalAws, vault: VaultTarget, policy: str) -> str:

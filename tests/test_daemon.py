@@ -22,6 +22,7 @@ import pytest
 from rotator.model import KeyStatus
 from rotator.sandbox import LocalAws, SeedKey, free_port
 from tests.conftest import VaultTarget
+from tests.rig import wait_until
 
 D = timedelta(days=1)
 
@@ -34,15 +35,6 @@ def get(url: str, timeout: float = 5) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:  # not listening yet
         return 0, ""
-
-
-def wait_for(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_config(
@@ -118,10 +110,10 @@ def test_daemon_rotates_serves_probes_and_stops_cleanly(aws: LocalAws, daemon: R
     /readyz with 200, exposes rotator_* metrics, logs only JSON lines, and exits 0 on
     SIGTERM within 10s with no rotation left mid-step."""
     [old] = aws.add_user("alice", keys=[SeedKey(120 * D)])
-    wait_for(lambda: get(daemon.base + "/healthz")[0] == 200, 30, "/healthz")
-    wait_for(lambda: old.access_key_id not in aws.keys("alice"), 30, "the rotation")
+    wait_until(lambda: get(daemon.base + "/healthz")[0] == 200, 30, "/healthz")
+    wait_until(lambda: old.access_key_id not in aws.keys("alice"), 30, "the rotation")
     assert list(aws.keys("alice").values()) == [KeyStatus.ACTIVE]
-    wait_for(lambda: get(daemon.base + "/readyz")[0] == 200, 15, "/readyz")
+    wait_until(lambda: get(daemon.base + "/readyz")[0] == 200, 15, "/readyz")
     status, ready = get(daemon.base + "/readyz")
     assert json.loads(ready)["checks"] == {"state_store": "ok", "vault": "ok", "scan": "ok"}
     status, metrics = get(daemon.base + "/metrics")
@@ -149,7 +141,7 @@ def test_daemon_rotates_serves_probes_and_stops_cleanly(aws: LocalAws, daemon: R
 
 def test_daemon_survives_a_backend_outage_during_a_scan(aws: LocalAws, daemon: Running) -> None:
     """An AWS error during a scan is logged and the daemon keeps serving."""
-    wait_for(lambda: get(daemon.base + "/readyz")[0] == 200, 30, "/readyz")
+    wait_until(lambda: get(daemon.base + "/readyz")[0] == 200, 30, "/readyz")
     aws.stop()
     try:
         time.sleep(4)
@@ -223,7 +215,7 @@ def test_sighup_keeps_old_config_on_error_and_applies_a_valid_one(
 ) -> None:
     """SIGHUP with an invalid file logs why and keeps serving the old settings; with a
     valid file the daemon reloads."""
-    wait_for(lambda: get(daemon.base + "/readyz")[0] == 200, 30, "/readyz")
+    wait_until(lambda: get(daemon.base + "/readyz")[0] == 200, 30, "/readyz")
     config = tmp_path / "rotator.yaml"
     good = config.read_text()
     config.write_text(good + "policy:\n  max_age: 9x\n")

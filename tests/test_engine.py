@@ -11,7 +11,7 @@ from rotator.aws import AwsIam
 from rotator.config import Settings
 from rotator.errors import Transient
 from rotator.machine import State
-from rotator.model import KeyStatus, NewKey
+from rotator.model import ForcedRotation, KeyStatus, NewKey
 from rotator.ports import IamPort
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.conftest import VaultTarget
@@ -152,7 +152,7 @@ def test_forced_rotation_of_user_without_keys_issues_a_first_key(
     clock = FakeClock()
     aws.add_user("frank", now=clock.now)
     app = make_app(settings_for(aws, vault, tmp_path), clock)
-    r = app.force("frank", reason="onboarding")
+    r = app.force(ForcedRotation("frank", reason="onboarding"))
     assert r.state is State.DONE, r.last_error
     assert list(aws.keys("frank")) == [r.new_key_id]
     assert (

@@ -84,7 +84,7 @@ def test_event_parser_accepts_only_well_formed_events(data: dict[str, Any]) -> N
 
 @given(json_values)
 def test_trigger_parser_never_crashes(data: Any) -> None:
-    """Any JSON body gives a TriggerRequest naming a plausible user, or BadInput."""
+    """Any JSON body gives a ForcedRotation naming a plausible user, or BadInput."""
     try:
         request = parse_trigger(json.dumps(data).encode())
     except BadInput as exc:

@@ -23,10 +23,10 @@ import boto3
 import pytest
 
 from rotator.machine import State
-from rotator.model import KeyStatus
+from rotator.model import ForcedRotation, KeyStatus
 from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, SeedKey, free_port
 from tests.conftest import VaultTarget
-from tests.rig import FakeClock, make_app, settings_for, vault_secret
+from tests.rig import FakeClock, make_app, rotator, settings_for, vault_secret, wait_until
 
 D = timedelta(days=1)
 TOKEN = "trigger-token-for-tests-0123456789"
@@ -72,17 +72,6 @@ policy:
 {extra}"""
     )
     return path
-
-
-def rotator(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=120,
-        env=dict(os.environ),
-    )
 
 
 def assert_replaced(aws: LocalAws, vault: VaultTarget, user: str, leaked: str) -> str:
@@ -219,7 +208,9 @@ def test_leaked_old_key_of_an_open_rotation_is_contained_at_once(
     app = make_app(settings, clock)
     [r] = app.run_once().rotations
     assert r.state is State.OVERLAP
-    escalated = app.force("erin", key_id=old.access_key_id, leaked=True, reason="INC-9")
+    escalated = app.force(
+        ForcedRotation("erin", key_id=old.access_key_id, leaked=True, reason="INC-9")
+    )
     assert escalated.id == r.id
     assert escalated.state is State.DONE, escalated.last_error
     assert list(aws.keys("erin")) == [r.new_key_id]
@@ -269,15 +260,6 @@ class Daemon:
                 return resp.status, json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out: {what}")
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
-import sys
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +24,11 @@ import structlog
 from rotator import log
 from rotator.errors import RotatorError
 from rotator.machine import State
-from rotator.model import NewKey
+from rotator.model import ForcedRotation, NewKey
 from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey
 from rotator.vault import TokenAuth, VaultStore
 from tests.conftest import VaultTarget
-from tests.rig import FakeClock, make_app, settings_for
+from tests.rig import FakeClock, make_app, rotator, settings_for
 
 D = timedelta(days=1)
 
@@ -173,7 +171,9 @@ def test_in_process_rotations_at_debug_leak_no_secret(
     app = make_app(settings, clock, fault=secrets.hook(aws))
     result = app.run_once()
     assert {r.state for r in result.rotations} == {State.DONE}
-    forced = app.force("cat", key_id=leaked.access_key_id, leaked=True, reason="on a paste site")
+    forced = app.force(
+        ForcedRotation("cat", key_id=leaked.access_key_id, leaked=True, reason="on a paste site")
+    )
     assert forced.state is State.DONE
     errors += result.failures.values()
     errors += [r.last_error or "" for r in app.store.list_recent(limit=50)]
@@ -269,13 +269,7 @@ def test_in_process_rotations_at_debug_leak_no_secret(
 
 
 def rotator_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
+    return rotator("--config", str(config), *args)
 
 
 def test_cli_at_debug_leaks_no_secret(aws: LocalAws, vault: VaultTarget, tmp_path: Path) -> None:

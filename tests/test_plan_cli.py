@@ -14,18 +14,9 @@ import pytest
 
 from rotator.model import KeyStatus
 from rotator.sandbox import QUARANTINE_V2, LocalAws, SeedKey, free_port
+from tests.rig import rotator
 
 D = timedelta(days=1)
-
-
-def rotator(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rotator", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from rotator.config import Settings, parse_settings
 from rotator.engine import SimulatedCrash
 from rotator.errors import Transient
 from rotator.machine import TERMINAL, TRANSITIONS, State
-from rotator.model import KeyStatus, NewKey, Rotation
+from rotator.model import ForcedRotation, KeyStatus, NewKey, Rotation
 from rotator.ports import IamPort, SecretStore
 from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey
 from rotator.state import SqliteStateStore
@@ -241,7 +241,11 @@ def start(app: App, scenario: str, old_key_id: str) -> None:
     """The first pass of `scenario`: a scan-driven run, or a forced leaked rotation."""
     try:
         if scenario == "leaked":
-            app.force(USER, key_id=old_key_id, leaked=True, reason="test: key on a paste site")
+            app.force(
+                ForcedRotation(
+                    USER, key_id=old_key_id, leaked=True, reason="test: key on a paste site"
+                )
+            )
         else:
             app.run_once()
     finally:
