@@ -283,13 +283,8 @@ def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
 def plan_config(scratch: Path, proxy_url: str) -> dict[str, Any]:
     return {
         "aws": {"region": "us-east-1", "endpoint_url": proxy_url},
-        # plan never talks to Vault, but the settings insist on a token for method
-        # "token"; this one is never sent anywhere (no Vault listens on port 9).
-        "vault": {
-            "url": "http://127.0.0.1:9",
-            "auth": {"method": "token", "token": "unused-by-plan"},
-        },
-        # plan never opens the state store when the file does not exist.
+        # plan never talks to Vault, so it needs no Vault settings; and it never opens
+        # the state store when the file does not exist.
         "state": {"path": str(scratch / "plan-state.db")},
         "policy": {"max_age": f"{MAX_AGE_DAYS}d"},
     }
