@@ -33,7 +33,6 @@ from rotator.errors import (
     CasConflict,
     NotFound,
     PermissionDenied,
-    RotatorError,
     StaleRotation,
     Transient,
 )
@@ -179,8 +178,9 @@ class Engine:
         )
         return created
 
-    def advance(self, rotation_id: str, *, wait: timedelta = timedelta(0)) -> Rotation:
-        """Step the rotation until it is terminal or must wait longer than `wait`.
+    def advance(self, rotation_id: str) -> Rotation:
+        """Step the rotation until it is terminal or has to wait (`next_action_at` in the
+        future: an overlap, a retirement, a retry, a key not accepted yet).
 
         Returns the rotation as it stands. When another live process holds the lease,
         returns it unchanged."""
@@ -195,7 +195,6 @@ class Engine:
         self._forget(rotation_id)
         renewed = self.now()
         try:
-            deadline = self.now() + wait
             stepped = False
             while True:
                 fresh = self._store.get(rotation_id)
@@ -205,9 +204,7 @@ class Engine:
                     return current
                 due = current.next_action_at
                 if due is not None and due > self.now():
-                    if due > deadline:
-                        return current
-                    self._sleep(max(0.0, (due - self.now()).total_seconds()))
+                    return current
                 if (current.state is State.BLOCKED and stepped) or self._should_stop():
                     return current
                 stepped = True
@@ -800,4 +797,4 @@ def _rotated_at(held: StoredSecret) -> datetime | None:
         return None
 
 
-__all__ = ["Engine", "RotatorError", "SimulatedCrash", "Timing", "arn_is_user", "new_rotation"]
+__all__ = ["Engine", "SimulatedCrash", "Timing", "arn_is_user", "new_rotation"]
