@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import boto3
+
 from rotator.app import App
 from rotator.config import Settings, parse_settings
 from rotator.sandbox import LocalAws
@@ -93,3 +95,35 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def spawn_daemon(config: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """`rotator --config CONFIG --log-format json daemon` in the background."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rotator",
+            "--config",
+            str(config),
+            "--log-format",
+            "json",
+            "daemon",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def identity_of(aws: LocalAws, secret: Mapping[str, Any]) -> str:
+    """The ARN the key pair a consumer reads from Vault authenticates as (moto's STS)."""
+    sts = boto3.client(
+        "sts",
+        endpoint_url=aws.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=secret["data"]["aws_access_key_id"],
+        aws_secret_access_key=secret["data"]["aws_secret_access_key"],
+    )
+    return str(sts.get_caller_identity()["Arn"])

@@ -14,7 +14,7 @@ from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.awsproxy import refusing
 from tests.conftest import VaultTarget
-from tests.rig import FakeClock, make_app, rotator, settings_for, vault_secret
+from tests.rig import FakeClock, identity_of, make_app, rotator, settings_for, vault_secret
 
 D = timedelta(days=1)
 OTHER = "222233334444"
@@ -51,14 +51,7 @@ def test_two_accounts_rotate_each_into_its_own_vault_path(
         assert secret is not None
         new_id = secret["data"]["aws_access_key_id"]
         assert aws.keys("alice", account) == {new_id: KeyStatus.ACTIVE}
-        sts = boto3.client(
-            "sts",
-            endpoint_url=aws.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id=new_id,
-            aws_secret_access_key=secret["data"]["aws_secret_access_key"],
-        )
-        assert sts.get_caller_identity()["Arn"] == f"arn:aws:iam::{account}:user/alice"
+        assert identity_of(aws, secret) == f"arn:aws:iam::{account}:user/alice"
 
 
 def test_one_account_failing_does_not_stop_the_other(

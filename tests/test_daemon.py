@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +20,7 @@ import pytest
 from rotator.model import KeyStatus
 from rotator.sandbox import LocalAws, SeedKey, free_port
 from tests.conftest import VaultTarget
-from tests.rig import wait_until
+from tests.rig import spawn_daemon, wait_until
 
 D = timedelta(days=1)
 
@@ -82,22 +80,7 @@ class Running:
 def daemon(tmp_path: Path, aws: LocalAws, vault: VaultTarget) -> Iterator[Running]:
     port = free_port()
     config = write_config(tmp_path, aws, vault, port)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rotator",
-            "--config",
-            str(config),
-            "--log-format",
-            "json",
-            "daemon",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    proc = spawn_daemon(config)
     running = Running(proc, port)
     yield running
     if proc.poll() is None:
@@ -166,22 +149,7 @@ def test_daemon_speaks_the_systemd_notify_protocol(
     listener.settimeout(0.5)
     port = free_port()
     config = write_config(tmp_path, aws, vault, port)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rotator",
-            "--config",
-            str(config),
-            "--log-format",
-            "json",
-            "daemon",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"},
-    )
+    proc = spawn_daemon(config, {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"})
     received: list[str] = []
     try:
         deadline = time.monotonic() + 30

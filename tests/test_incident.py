@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +24,16 @@ from rotator.machine import State
 from rotator.model import ForcedRotation, KeyStatus
 from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, SeedKey, free_port
 from tests.conftest import VaultTarget
-from tests.rig import FakeClock, make_app, rotator, settings_for, vault_secret, wait_until
+from tests.rig import (
+    FakeClock,
+    identity_of,
+    make_app,
+    rotator,
+    settings_for,
+    spawn_daemon,
+    vault_secret,
+    wait_until,
+)
 
 D = timedelta(days=1)
 TOKEN = "trigger-token-for-tests-0123456789"
@@ -83,14 +90,7 @@ def assert_replaced(aws: LocalAws, vault: VaultTarget, user: str, leaked: str) -
     new_id = secret["data"]["aws_access_key_id"]
     assert new_id != leaked
     assert keys[new_id] is KeyStatus.ACTIVE
-    sts = boto3.client(
-        "sts",
-        endpoint_url=aws.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=new_id,
-        aws_secret_access_key=secret["data"]["aws_secret_access_key"],
-    )
-    assert sts.get_caller_identity()["Arn"].endswith(f":user/{user}")
+    assert identity_of(aws, secret).endswith(f":user/{user}")
     return str(new_id)
 
 
@@ -292,22 +292,7 @@ notify:
   webhook_url: {webhook[0]}
 """,
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rotator",
-            "--config",
-            str(config),
-            "--log-format",
-            "json",
-            "daemon",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    proc = spawn_daemon(config)
     running = Daemon(proc, port)
     wait_until(lambda: _ready(running), 30, "daemon ready")
     yield running
