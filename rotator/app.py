@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from rotator import log
 from rotator.aws import AwsIam, AwsQueue, AwsTopic, assumed_session, organization_accounts
@@ -26,7 +27,14 @@ from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import Metrics
-from rotator.model import ForcedRotation, KeyStatus, Rotation, RotationReason
+from rotator.model import (
+    ForcedRotation,
+    KeyStatus,
+    NewKey,
+    Rotation,
+    RotationReason,
+    StoredSecret,
+)
 from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules
@@ -36,6 +44,7 @@ from rotator.state import SqliteStateStore, lease_owner
 from rotator.vault import VaultStore, build_auth
 
 _log = log.get_logger("rotator.app")
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,6 +79,38 @@ def build_secrets(settings: Settings) -> VaultStore:
         ),
         connections=settings.aws.concurrency,
     )
+
+
+class CountedSecrets:
+    """A SecretStore that counts its failures in `rotator_vault_errors_total`."""
+
+    def __init__(self, inner: SecretStore, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    def _counted(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except RotatorError as exc:
+            self._metrics.vault_errors.labels(kind=type(exc).__name__).inc()
+            raise
+
+    def path_for(self, account_id: str, user_name: str) -> str:
+        return self._inner.path_for(account_id, user_name)
+
+    def read(self, path: str) -> StoredSecret | None:
+        return self._counted(lambda: self._inner.read(path))
+
+    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+        return self._counted(lambda: self._inner.write(path, key, metadata, cas))
+
+    def check(self) -> None:
+        self._counted(self._inner.check)
+
+    def close(self) -> None:
+        closer = getattr(self._inner, "close", None)
+        if callable(closer):
+            closer()
 
 
 class App:
@@ -209,7 +250,10 @@ class App:
     def secrets(self) -> SecretStore:
         with self._build_lock:
             if self._secrets is None:
-                self._secrets = build_secrets(self.settings)
+                built: SecretStore = build_secrets(self.settings)
+                if self.metrics is not None:
+                    built = CountedSecrets(built, self.metrics)
+                self._secrets = built
             return self._secrets
 
     @property
