@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -62,3 +62,19 @@ def vault(local_vault: LocalVault, monkeypatch: pytest.MonkeyPatch) -> VaultTarg
     monkeypatch.setenv("VAULT_ADDR", local_vault.addr)
     monkeypatch.setenv("VAULT_TOKEN", local_vault.token)
     return VaultTarget(local_vault.addr, local_vault.token, mount, local_vault)
+
+
+@pytest.fixture
+def own_vault() -> Iterator[Callable[[], VaultTarget]]:
+    """Starts dedicated OpenBao dev servers (a test may stop them); stops them all."""
+    started: list[LocalVault] = []
+
+    def start_one() -> VaultTarget:
+        server = LocalVault().start()
+        started.append(server)
+        server.enable_kv2("kv")
+        return VaultTarget(server.addr, server.token, "kv", server)
+
+    yield start_one
+    for server in started:
+        server.stop()

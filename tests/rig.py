@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import yaml
 
 from rotator.app import App
 from rotator.config import Settings, parse_settings
@@ -39,9 +40,11 @@ class FakeClock:
         self.now += timedelta(seconds=seconds)
 
 
-def settings_for(
+def config_data(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path, /, **sections: Mapping[str, Any]
-) -> Settings:
+) -> dict[str, Any]:
+    """Configuration for the test servers (zero overlap and retirement), each section
+    in `sections` merged over the defaults."""
     data: dict[str, Any] = {
         "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1"},
         "vault": {"url": vault.addr, "mount": vault.mount, "auth": {"token": vault.token}},
@@ -50,7 +53,22 @@ def settings_for(
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
-    return parse_settings(data, {})
+    return data
+
+
+def settings_for(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path, /, **sections: Mapping[str, Any]
+) -> Settings:
+    return parse_settings(config_data(aws, vault, tmp_path, **sections), {})
+
+
+def write_config(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path, /, **sections: Mapping[str, Any]
+) -> Path:
+    """The same configuration as a file, `tmp_path/rotator.yaml`, for the CLI."""
+    path = tmp_path / "rotator.yaml"
+    path.write_text(yaml.safe_dump(config_data(aws, vault, tmp_path, **sections)))
+    return path
 
 
 def make_app(

@@ -9,20 +9,13 @@ from pathlib import Path
 from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from tests.conftest import VaultTarget
-from tests.rig import rotator, vault_secret
+from tests.rig import rotator, vault_secret, write_config
 
 D = timedelta(days=1)
 
 
-def config(tmp_path: Path, aws: LocalAws, vault: VaultTarget, policy: str) -> str:
-    path = tmp_path / "rotator.yaml"
-    path.write_text(
-        f"aws:\n  endpoint_url: {aws.endpoint_url}\n"
-        f"vault:\n  url: {vault.addr}\n  mount: {vault.mount}\n  auth:\n    token: {vault.token}\n"
-        f"state:\n  path: {tmp_path / 'state.db'}\n"
-        f"policy:\n{policy}"
-    )
-    return str(path)
+def config(tmp_path: Path, aws: LocalAws, vault: VaultTarget, **policy: str) -> str:
+    return str(write_config(aws, vault, tmp_path, policy=policy))
 
 
 def test_a_dozen_due_users_rotate_in_one_pass_and_the_next_pass_changes_nothing(
@@ -35,7 +28,7 @@ def test_a_dozen_due_users_rotate_in_one_pass_and_the_next_pass_changes_nothing(
         f"user{i:02d}": aws.add_user(f"user{i:02d}", keys=[SeedKey((91 + i) * D)])[0]
         for i in range(12)
     }
-    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n  delete_after: 0s\n")
+    cfg = config(tmp_path, aws, vault, overlap="0s", delete_after="0s")
     first = rotator("--config", cfg, "run", "--once", "--json")
     assert first.returncode == 0, first.stderr
     for name, key in old.items():
@@ -61,7 +54,7 @@ def test_rollback_reactivates_the_old_key_from_the_command_line(
     """After a rotation deactivated the old key, `rollback USER` turns it back on and
     `status` shows ROLLED_BACK; a second rollback has nothing to undo (exit 2)."""
     [old] = aws.add_user("alice", keys=[SeedKey(120 * D)])
-    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n  delete_after: 7d\n")
+    cfg = config(tmp_path, aws, vault, overlap="0s", delete_after="7d")
     ran = rotator("--config", cfg, "run", "--once")
     assert ran.returncode == 0, ran.stderr
     assert aws.keys("alice")[old.access_key_id] is KeyStatus.INACTIVE
@@ -78,7 +71,7 @@ def test_rotate_unknown_user_is_a_usage_error(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path
 ) -> None:
     """Forcing a rotation of a user IAM does not know exits 2 with one line."""
-    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n")
+    cfg = config(tmp_path, aws, vault, overlap="0s")
     done = rotator("--config", cfg, "rotate", "nobody")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -91,7 +84,7 @@ def test_blocked_user_makes_run_exit_1_and_stays_untouched(
     """A due user with two active keys ends BLOCKED: `run --once` exits 1 and both keys
     are left as they were."""
     k1, k2 = aws.add_user("bob", keys=[SeedKey(120 * D), SeedKey(100 * D)])
-    cfg = config(tmp_path, aws, vault, "  overlap: 0s\n")
+    cfg = config(tmp_path, aws, vault, overlap="0s")
     done = rotator("--config", cfg, "run", "--once")
     assert done.returncode == 1
     assert "BLOCKED" in done.stdout

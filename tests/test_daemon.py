@@ -20,7 +20,7 @@ import pytest
 from rotator.model import KeyStatus
 from rotator.sandbox import LocalAws, SeedKey, free_port
 from tests.conftest import VaultTarget
-from tests.rig import spawn_daemon, wait_until
+from tests.rig import spawn_daemon, wait_until, write_config
 
 D = timedelta(days=1)
 
@@ -35,33 +35,14 @@ def get(url: str, timeout: float = 5) -> tuple[int, str]:
         return 0, ""
 
 
-def write_config(
-    tmp_path: Path, aws: LocalAws, vault: VaultTarget, port: int, extra: str = ""
-) -> Path:
-    path = tmp_path / "rotator.yaml"
-    path.write_text(
-        f"""
-aws:
-  endpoint_url: {aws.endpoint_url}
-vault:
-  url: {vault.addr}
-  mount: {vault.mount}
-  auth:
-    token: {vault.token}
-state:
-  path: {tmp_path / "state.db"}
-policy:
-  overlap: 0s
-  delete_after: 0s
-  verify_timeout: 10s
-schedule:
-  scan: 3s
-  tick: 1s
-http:
-  listen: 127.0.0.1:{port}
-{extra}"""
+def daemon_config(tmp_path: Path, aws: LocalAws, vault: VaultTarget, port: int) -> Path:
+    return write_config(
+        aws,
+        vault,
+        tmp_path,
+        schedule={"scan": "3s", "tick": "1s"},
+        http={"listen": f"127.0.0.1:{port}"},
     )
-    return path
 
 
 class Running:
@@ -79,7 +60,7 @@ class Running:
 @pytest.fixture
 def daemon(tmp_path: Path, aws: LocalAws, vault: VaultTarget) -> Iterator[Running]:
     port = free_port()
-    config = write_config(tmp_path, aws, vault, port)
+    config = daemon_config(tmp_path, aws, vault, port)
     proc = spawn_daemon(config)
     running = Running(proc, port)
     yield running
@@ -148,7 +129,7 @@ def test_daemon_speaks_the_systemd_notify_protocol(
     listener.bind(sock_path)
     listener.settimeout(0.5)
     port = free_port()
-    config = write_config(tmp_path, aws, vault, port)
+    config = daemon_config(tmp_path, aws, vault, port)
     proc = spawn_daemon(config, {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"})
     received: list[str] = []
     try:

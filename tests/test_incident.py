@@ -33,6 +33,7 @@ from tests.rig import (
     spawn_daemon,
     vault_secret,
     wait_until,
+    write_config,
 )
 
 D = timedelta(days=1)
@@ -59,26 +60,11 @@ def health_event(*key_ids: str, code: str = "AWS_RISK_CREDENTIALS_EXPOSED") -> d
     }
 
 
-def config_file(tmp_path: Path, aws: LocalAws, vault: VaultTarget, extra: str = "") -> Path:
-    path = tmp_path / "rotator.yaml"
-    path.write_text(
-        f"""
-aws:
-  endpoint_url: {aws.endpoint_url}
-vault:
-  url: {vault.addr}
-  mount: {vault.mount}
-  auth:
-    token: {vault.token}
-state:
-  path: {tmp_path / "state.db"}
-policy:
-  overlap: 24h
-  delete_after: 7d
-  verify_timeout: 10s
-{extra}"""
-    )
-    return path
+def config_file(tmp_path: Path, aws: LocalAws, vault: VaultTarget, **sections: Any) -> Path:
+    """The test servers with a 24h overlap and a 7d retirement: containment must not
+    wait for either."""
+    policy = {"overlap": "24h", "delete_after": "7d", **sections.pop("policy", {})}
+    return write_config(aws, vault, tmp_path, policy=policy, **sections)
 
 
 def assert_replaced(aws: LocalAws, vault: VaultTarget, user: str, leaked: str) -> str:
@@ -280,17 +266,10 @@ def daemon(
         tmp_path,
         aws,
         vault,
-        f"""schedule:
-  scan: 1h
-  tick: 1s
-http:
-  listen: 127.0.0.1:{port}
-  trigger_token_file: {token_file}
-leaks:
-  sqs_queue_url: {queue_url}
-notify:
-  webhook_url: {webhook[0]}
-""",
+        schedule={"scan": "1h", "tick": "1s"},
+        http={"listen": f"127.0.0.1:{port}", "trigger_token_file": str(token_file)},
+        leaks={"sqs_queue_url": queue_url},
+        notify={"webhook_url": webhook[0]},
     )
     proc = spawn_daemon(config)
     running = Daemon(proc, port)

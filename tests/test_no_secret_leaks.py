@@ -25,7 +25,7 @@ from rotator import log
 from rotator.errors import RotatorError
 from rotator.machine import State
 from rotator.model import ForcedRotation, NewKey
-from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey
+from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.vault import TokenAuth, VaultStore
 from tests.conftest import VaultTarget
 from tests.rig import FakeClock, make_app, rotator, settings_for
@@ -123,22 +123,6 @@ def debug_log() -> Iterator[io.StringIO]:
     root.setLevel(level)
     moto.setLevel(moto_level)
     structlog.configure(**saved)
-
-
-@pytest.fixture
-def own_vault() -> Iterator[Callable[[], VaultTarget]]:
-    """Starts dedicated OpenBao dev servers (a test may stop them); stops them all."""
-    started: list[LocalVault] = []
-
-    def start_one() -> VaultTarget:
-        server = LocalVault().start()
-        started.append(server)
-        server.enable_kv2("kv")
-        return VaultTarget(server.addr, server.token, "kv", server)
-
-    yield start_one
-    for server in started:
-        server.stop()
 
 
 def exception_texts(exc: BaseException) -> str:

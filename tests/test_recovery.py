@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +36,7 @@ from rotator.errors import Transient
 from rotator.machine import TERMINAL, TRANSITIONS, State
 from rotator.model import ForcedRotation, KeyStatus, NewKey, Rotation
 from rotator.ports import IamPort, SecretStore
-from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey
+from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
 from tests.rig import FakeClock, settings_for, vault_secret
@@ -402,22 +402,6 @@ def test_crash_during_recovery_itself_is_recovered_too(
 
 
 # --- Vault unreachable during STORE ------------------------------------------------------
-
-
-@pytest.fixture
-def own_vault() -> Iterator[Callable[[], VaultTarget]]:
-    """Starts dedicated OpenBao dev servers (a test may stop them); stops them all."""
-    started: list[LocalVault] = []
-
-    def start_one() -> VaultTarget:
-        server = LocalVault().start()
-        started.append(server)
-        server.enable_kv2("kv")
-        return VaultTarget(server.addr, server.token, "kv", server)
-
-    yield start_one
-    for server in started:
-        server.stop()
 
 
 def test_vault_down_during_store_deletes_the_new_key_and_retries_later(
