@@ -92,7 +92,7 @@ class CountedSecrets:
         try:
             return call()
         except RotatorError as exc:
-            self._metrics.vault_errors.labels(kind=type(exc).__name__).inc()
+            self._metrics.vault_error(type(exc).__name__)
             raise
 
     def path_for(self, account_id: str, user_name: str) -> str:
@@ -428,7 +428,7 @@ class App:
         result.inventories = scanned.inventories
         result.failures = scanned.failures
         if self.metrics is not None:
-            self.metrics.scan_duration.observe((self.now() - started).total_seconds())
+            self.metrics.observe_scan_duration((self.now() - started).total_seconds())
             self.metrics.observe_scan(result.inventories, self.now())
         for inventory in result.inventories:
             result.proposals.extend(propose(inventory.decisions))

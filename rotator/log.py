@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -78,13 +78,27 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-def configure(fmt: str | None = None, level: str = "INFO", stream: TextIO | None = None) -> None:
+def configure(
+    fmt: str | None = None,
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    fields: Mapping[str, str] | None = None,
+) -> None:
     """Set up structlog and the standard library. `fmt` is "json", "console", or None
-    (console on a TTY, JSON otherwise)."""
+    (console on a TTY, JSON otherwise). `fields` go into every line of this process
+    (a worker names its job)."""
     out = stream or sys.stderr
     if fmt is None:
         fmt = "console" if out.isatty() else "json"
+    constant = dict(fields or {})
+
+    def add_fields(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
+        for name, value in constant.items():
+            event_dict.setdefault(name, value)
+        return event_dict
+
     shared: list[Processor] = [
+        add_fields,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

@@ -1,13 +1,21 @@
 """Prometheus metrics, in a registry of their own. Names start with `rotator_`.
 
 Never a secret in a label: labels carry account ids, decisions, states, reasons and
-operation names only."""
+operation names only.
+
+Every update goes through `Metrics` methods. A worker process (`rotator.worker`) builds
+its `Metrics` with a journal: each update is also recorded as a plain, JSON-able entry
+`[operation, metric, labels, value]`, which the daemon replays into the registry it
+serves. Counters, gauges and histograms thus come out exactly as if the work had run in
+the daemon itself."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter as TallyCounter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -18,9 +26,16 @@ from rotator.model import Decision, Rotation
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+# What a journal entry may do to a metric, by the metric's kind.
+_OPERATIONS = {Counter: "inc", Gauge: "set", Histogram: "observe"}
+
+JournalEntry = list[Any]  # [operation, metric attribute, {label: value}, number]
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, journal: bool = False) -> None:
+        self._journal: list[JournalEntry] | None = [] if journal else None
+        self._journal_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.keys = Gauge(
@@ -74,42 +89,96 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("rotator_ready", "1 when the daemon is ready.", registry=r)
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {
+            name: value
+            for name, value in vars(self).items()
+            if isinstance(value, Counter | Gauge | Histogram)
+        }
         for state in sorted(OPEN):
             self.open_rotations.labels(state=state.value).set(0)
+
+    # --- the one place a value changes ----------------------------------------------------
+
+    def _apply(self, operation: str, name: str, labels: Mapping[str, str], value: float) -> None:
+        metric = self._metrics.get(name)
+        if metric is None or _OPERATIONS[type(metric)] != operation:
+            raise ValueError(f"no metric {name!r} that takes {operation!r}")
+        target = metric.labels(**labels) if labels else metric
+        getattr(target, operation)(value)
+        if self._journal is not None:
+            with self._journal_lock:
+                self._journal.append([operation, name, dict(labels), value])
+
+    def drain(self) -> list[JournalEntry]:
+        """The journal entries recorded since the last call (a worker sends these)."""
+        if self._journal is None:
+            return []
+        with self._journal_lock:
+            entries, self._journal[:] = list(self._journal), []
+        return entries
+
+    def replay(self, entries: Sequence[Any]) -> int:
+        """Apply a worker's journal. Malformed entries are skipped; returns how many."""
+        skipped = 0
+        for entry in entries:
+            try:
+                operation, name, labels, value = entry
+                if not isinstance(labels, dict) or not isinstance(value, int | float):
+                    raise ValueError("malformed entry")
+                self._apply(str(operation), str(name), labels, float(value))
+            except (TypeError, ValueError):
+                skipped += 1
+        return skipped
+
+    # --- what the rotator observes --------------------------------------------------------
 
     def observe_scan(self, inventories: Iterable[Inventory], now: datetime) -> None:
         for inv in inventories:
             counts = TallyCounter(d.decision for d in inv.decisions)
             for decision in Decision:
-                self.keys.labels(account=inv.account_id, decision=decision.value).set(
-                    counts[decision]
-                )
+                labels = {"account": inv.account_id, "decision": decision.value}
+                self._apply("set", "keys", labels, counts[decision])
             ages = [
                 (now - d.key.created_at).total_seconds()
                 for d in inv.decisions
                 if d.key.active and d.decision is not Decision.EXEMPT
             ]
-            self.oldest_active_key_age.labels(account=inv.account_id).set(max(ages, default=0))
-        self.last_scan_success.set(now.timestamp())
+            labels = {"account": inv.account_id}
+            self._apply("set", "oldest_active_key_age", labels, max(ages, default=0))
+        self._apply("set", "last_scan_success", {}, now.timestamp())
+
+    def observe_scan_duration(self, seconds: float) -> None:
+        self._apply("observe", "scan_duration", {}, seconds)
+
+    def scan_failed(self) -> None:
+        self._apply("inc", "scan_failures", {}, 1)
+
+    def vault_error(self, kind: str) -> None:
+        self._apply("inc", "vault_errors", {"kind": kind}, 1)
+
+    def ready(self, ready: bool) -> None:
+        self._apply("set", "up", {}, 1 if ready else 0)
 
     def observe_open(self, rotations: Iterable[Rotation]) -> None:
         counts: Mapping[State, int] = TallyCounter(r.state for r in rotations)
         for state in sorted(OPEN):
-            self.open_rotations.labels(state=state.value).set(counts.get(state, 0))
+            self._apply("set", "open_rotations", {"state": state.value}, counts.get(state, 0))
 
     def observe_transition(self, rotation: Rotation, from_state: State) -> None:
         if rotation.state in TERMINAL and from_state not in TERMINAL:
-            self.finished.labels(
-                account=rotation.account_id,
-                reason=rotation.reason.value,
-                result=rotation.state.value,
-            ).inc()
+            labels = {
+                "account": rotation.account_id,
+                "reason": rotation.reason.value,
+                "result": rotation.state.value,
+            }
+            self._apply("inc", "finished", labels, 1)
 
     def observe_opened(self, rotation: Rotation) -> None:
-        self.opened.labels(account=rotation.account_id, reason=rotation.reason.value).inc()
+        labels = {"account": rotation.account_id, "reason": rotation.reason.value}
+        self._apply("inc", "opened", labels, 1)
 
     def aws_call(self, operation: str) -> None:
-        self.aws_calls.labels(operation=operation).inc()
+        self._apply("inc", "aws_calls", {"operation": operation}, 1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from rotator.machine import State
 
@@ -100,6 +101,25 @@ class ForcedRotation:
     leaked: bool = False
     reason: str | None = None
     overlap: timedelta | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields (`overlap` in seconds), e.g. for a worker process."""
+        data = asdict(self)
+        data["overlap"] = self.overlap.total_seconds() if self.overlap is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ForcedRotation:
+        """The inverse of `as_dict`."""
+        overlap = data.get("overlap")
+        return cls(
+            user_name=str(data["user_name"]),
+            account_id=data.get("account_id"),
+            key_id=data.get("key_id"),
+            leaked=bool(data.get("leaked", False)),
+            reason=data.get("reason"),
+            overlap=timedelta(seconds=float(overlap)) if overlap is not None else None,
+        )
 
 
 @dataclass(frozen=True)
