@@ -1,14 +1,15 @@
-"""Where the daemon's resident memory goes: RSS after each import/build step.
+"""Where the daemon's and a worker's resident memory goes: RSS after each step.
 
 Run by `benchmarks/run.py` as a child process (one fresh interpreter per mode):
 
     python benchmarks/memprobe.py steps        # cumulative VmRSS after each step
     python benchmarks/memprobe.py only MODULE  # VmRSS after importing MODULE alone
-    python benchmarks/memprobe.py tracemalloc  # Python heap after the daemon's imports,
-                                               # grouped by top-level package
+    python benchmarks/memprobe.py tracemalloc  # Python heap of a worker's imports and
+                                               # clients, grouped by top-level package
 
-Prints one JSON document. The steps follow the order the daemon pays them in: its
-imports, then the boto3 clients an `AwsIam` builds (iam, iam without retries, sts; each
+Prints one JSON document. The steps first follow what the daemon loads (its imports:
+no AWS SDK, no Vault client), then what a worker adds on top: boto3, hvac, the rest of
+rotator, the boto3 clients an `AwsIam` builds (iam, iam without retries, sts; each
 client loads and parses its service model), then the Vault client.
 """
 
@@ -39,38 +40,41 @@ def steps() -> list[dict[str, Any]]:
     import structlog  # noqa: F401
     import yaml  # noqa: F401
 
-    mark("click, structlog, yaml")
+    mark("daemon: click, structlog, yaml")
     import pydantic  # noqa: F401
 
     import rotator.config
 
-    mark("pydantic + rotator.config")
-    import boto3  # noqa: F401
-    import botocore.session  # noqa: F401
-
-    mark("boto3/botocore")
-    import hvac  # noqa: F401
-
-    mark("hvac (requests)")
+    mark("daemon: pydantic + rotator.config")
     import apscheduler.schedulers.background  # noqa: F401
     import prometheus_client  # noqa: F401
 
-    mark("apscheduler + prometheus_client")
+    mark("daemon: apscheduler + prometheus_client")
     import sqlite3  # noqa: F401
 
     import rotator.cli
-    import rotator.daemon  # noqa: F401
+    import rotator.daemon
 
-    mark("rest of rotator (cli, daemon, app, engine, ...)")
+    mark("daemon: the rest (cli, daemon, http, state) = the daemon's imports")
+    import boto3  # noqa: F401
+    import botocore.session  # noqa: F401
+
+    mark("worker: + boto3/botocore")
+    import hvac  # noqa: F401
+
+    mark("worker: + hvac (requests)")
+    import rotator.worker  # noqa: F401
+
+    mark("worker: + rotator.worker, app, engine, adapters")
     from rotator.aws import AwsIam
 
     AwsIam(region="us-east-1", endpoint_url="http://127.0.0.1:9", account_id="123456789012")
-    mark("AwsIam: 3 boto3 clients (iam, iam-once, sts)")
+    mark("worker: + AwsIam: 3 boto3 clients (iam, iam-once, sts)")
     from rotator.vault import VaultStore, build_auth
 
     auth = build_auth("token", token="x", token_file=None, role_id=None, secret_id_file=None)
     VaultStore("http://127.0.0.1:9", "secret", "aws/{account_id}/{user_name}", auth)
-    mark("VaultStore (hvac client)")
+    mark("worker: + VaultStore (hvac client)")
     return out
 
 

@@ -14,12 +14,11 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from rotator import __version__, log
-from rotator.app import App
 from rotator.config import Settings, config_path, load_settings, parse_duration, parse_settings
 from rotator.errors import (
     BackendUnavailable,
@@ -34,6 +33,9 @@ from rotator.leaks import MAX_EVENT_BYTES, parse_event
 from rotator.machine import State
 from rotator.model import ForcedRotation, Rotation
 from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
+
+if TYPE_CHECKING:
+    from rotator.app import App
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,6 +99,9 @@ class Context:
         return load
 
     def app(self, *, need_vault: bool = True) -> App:
+        # Imported here: `rotator daemon` never loads the AWS and Vault adapters.
+        from rotator.app import App
+
         return App(self.settings(need_vault=need_vault))
 
 
@@ -481,7 +486,8 @@ def daemon(obj: Context) -> None:
     """
     from rotator.daemon import Daemon
 
-    sys.exit(Daemon(obj.settings_loader()).run())
+    options = {"format": obj.log_format, "level": obj.log_level}
+    sys.exit(Daemon(obj.settings_loader(), log_options=options).run())
 
 
 @cli.command()

@@ -1,24 +1,29 @@
 """`rotator daemon`: scheduled scans and ticks, HTTP, systemd integration, signals.
 
 The only module that imports APScheduler. Two jobs: `scan` on `schedule.scan` (cron or
-interval, with jitter) opens rotations; `tick` on `schedule.tick` advances open ones.
-Both run with max_instances=1 and coalescing, so a slow pass never piles up.
+interval, with jitter) opens rotations and advances what is due; `tick` on
+`schedule.tick` advances open rotations whose next step is due. Both run with
+max_instances=1 and coalescing, so a slow pass never piles up.
 
-Signals: SIGTERM/SIGINT stop taking new steps, let running steps finish, exit 0.
-SIGHUP re-reads the configuration; an invalid file is reported and the old settings
-stay. A failing scan is logged and retried at the next slot: an outage of AWS or Vault
-never kills the process.
+The daemon itself never talks to AWS or Vault: each job runs in a worker process
+(`rotator.worker`) that exits when its job is done, so the idle daemon holds no AWS SDK,
+no Vault client and nothing a scan of many users allocated. The daemon keeps the
+schedule, the HTTP endpoint, the metrics (workers report theirs back) and a read view
+of the state store, from which it decides whether a tick has anything to do. With
+`leaks.sqs_queue_url` set, one worker long-polls the queue for as long as the daemon runs.
+
+Signals: SIGTERM/SIGINT reach the workers too; each lets its running step finish, then
+the daemon exits 0. SIGHUP re-reads the configuration; an invalid file is reported and
+the old settings stay. A failing scan is logged and retried at the next slot: an outage
+of AWS or Vault never kills the process.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,31 +36,21 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log
-from rotator.app import App
 from rotator.config import Schedule, Settings
 from rotator.errors import ConfigError, RotatorError
 from rotator.http import Server, read_token
+from rotator.machine import State
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
-from rotator.model import Decision, ForcedRotation
+from rotator.model import Decision, ForcedRotation, Rotation
+from rotator.probe import vault_health
 from rotator.report import rotation_json
+from rotator.state import SqliteStateStore
 from rotator.systemd import Notifier as SystemdNotifier
+from rotator.workers import Worker, WorkerFailed, Workers, error_from
 
 _log = log.get_logger("rotator.daemon")
 
 STOP_TIMEOUT = 8.0  # seconds a running step may take to finish after SIGTERM
-
-
-def release_memory() -> None:
-    """Hand memory freed after a scan back to the operating system.
-
-    A scan of many users allocates tens of MB that are all freed when it ends, but glibc
-    keeps freed heap pages mapped; an idle daemon would then sit at its peak size."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def scan_trigger(schedule: Schedule) -> Any:
@@ -80,12 +75,23 @@ def scan_period(schedule: Schedule, now: datetime) -> timedelta:
     return period
 
 
+def is_due(rotation: Rotation, now: datetime) -> bool:
+    """Whether a tick should advance `rotation` now. A BLOCKED rotation always is: it
+    resumes as soon as an operator frees a slot."""
+    return (
+        rotation.state is State.BLOCKED
+        or rotation.next_action_at is None
+        or rotation.next_action_at <= now
+    )
+
+
 class Daemon:
     def __init__(
         self,
         load: Callable[[], Settings],
         *,
         systemd: SystemdNotifier | None = None,
+        log_options: Mapping[str, str | None] | None = None,
     ) -> None:
         self._load = load
         self._systemd = systemd or SystemdNotifier()
@@ -97,17 +103,17 @@ class Daemon:
         self._last_scan_ok: datetime | None = None
         self._last_scan_error: str | None = None
         self._vault_checked: tuple[float, str | None] = (0.0, None)
-        self._token: str | None = None
         self.settings = load()
-        self.app = self._build(self.settings)
+        self._token = self._read_token(self.settings)
+        self._store: SqliteStateStore | None = None
+        self._workers = Workers(
+            settings=lambda: self.settings.model_dump(mode="json"),
+            log_options=log_options or {},
+            on_metrics=self._replay,
+        )
+        self._leaks_worker: Worker | None = None
         self._scheduler: Any = None
         self._server: Server | None = None
-
-    # --- wiring -----------------------------------------------------------------------
-
-    def _build(self, settings: Settings) -> App:
-        self._token = self._read_token(settings)
-        return App(settings, metrics=self.metrics, stopping=self._stopping)
 
     @staticmethod
     def _read_token(settings: Settings) -> str | None:
@@ -123,6 +129,19 @@ class Daemon:
         except RotatorError as exc:
             raise ConfigError([f"http.trigger_token_file: {exc}"]) from exc
 
+    @property
+    def store(self) -> SqliteStateStore:
+        """The state store, opened on first use (a failure is retried by the caller)."""
+        with self._lock:
+            if self._store is None:
+                self._store = SqliteStateStore(self.settings.state.path)
+            return self._store
+
+    def _replay(self, journal: list[Any]) -> None:
+        skipped = self.metrics.replay(journal)
+        if skipped:
+            _log.warning("daemon.metrics_skipped", entries=skipped)
+
     # --- main loop ----------------------------------------------------------------------
 
     def run(self) -> int:
@@ -137,7 +156,7 @@ class Daemon:
                 return 0
             self._start_scheduler()
             self._systemd.ready("ready; first scan running")
-            self.metrics.up.set(1)
+            self.metrics.ready(True)
             _log.info("daemon.ready", scan=self.settings.schedule.scan)
             self._loop()
         finally:
@@ -147,6 +166,13 @@ class Daemon:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def close(self) -> None:
+        """Release what the daemon holds without running (the state store)."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -176,17 +202,18 @@ class Daemon:
                 self._systemd.watchdog()
 
     def _wait_for_backends(self) -> bool:
-        """READY only once the state store, Vault and AWS answered. Retries (with a
-        growing pause) until they do or a stop signal arrives."""
+        """READY only once the state store, Vault and AWS answered (a `check` worker).
+        Retries (with a growing pause) until they do or a stop signal arrives."""
         pause = 1.0
         while not self._stopping.is_set():
             try:
-                self.app.store.check()
-                self.app.secrets.check()
-                accounts = self.app.accounts()
-                _log.info("daemon.backends_ok", accounts=accounts)
+                self.store.check()
+                checked = self._workers.run("check")
+                _log.info("daemon.backends_ok", accounts=checked.get("accounts"))
                 return True
             except RotatorError as exc:
+                if self._stopping.is_set():
+                    break
                 _log.warning("daemon.backend_unavailable", error=str(exc), retry_in=pause)
                 self._systemd.status(f"waiting for backends: {exc}")
                 self._stopping.wait(pause)
@@ -218,103 +245,116 @@ class Daemon:
             misfire_grace_time=max(1, int(tick)),
         )
         if settings.leaks.sqs_queue_url is not None:
-            # One long poll after another: the job returns after at most a few seconds
-            # so that a stop signal is never kept waiting.
-            scheduler.add_job(
-                self.leaks_job,
-                IntervalTrigger(seconds=1, timezone=UTC),
-                id="leaks",
-                name="leaks",
-                misfire_grace_time=5,
-            )
+            self._add_leaks_job(scheduler)
         scheduler.start()
         self._scheduler = scheduler
+
+    def _add_leaks_job(self, scheduler: Any) -> None:
+        # The job lasts as long as its worker; if the worker ends, the next second
+        # starts another.
+        scheduler.add_job(
+            self.leaks_job,
+            IntervalTrigger(seconds=1, timezone=UTC),
+            id="leaks",
+            name="leaks",
+            misfire_grace_time=5,
+        )
 
     def _shutdown(self) -> None:
         self._stopping.set()
         self._systemd.stopping()
-        self.metrics.up.set(0)
+        self.metrics.ready(False)
         _log.info("daemon.stopping")
+        # Workers got SIGTERM with us from a terminal or systemd; tell them anyway, so
+        # that a `kill <daemon pid>` stops them too. Each ends after its running step.
+        if not self._workers.stop(STOP_TIMEOUT):
+            _log.error("daemon.stop_timeout", waited=STOP_TIMEOUT)
         if self._scheduler is not None and self._scheduler.running:
-            # No new job starts; running ones see `stopping` and end after their step.
-            done = threading.Event()
-
-            def finish() -> None:
-                self._scheduler.shutdown(wait=True)
-                done.set()
-
-            threading.Thread(target=finish, name="rotator-shutdown", daemon=True).start()
-            if not done.wait(STOP_TIMEOUT):
-                _log.error("daemon.stop_timeout", waited=STOP_TIMEOUT)
+            self._scheduler.shutdown(wait=True)
         if self._server is not None:
             self._server.stop()
-        self.app.close()
+        self.close()
         _log.info("daemon.stopped")
 
     # --- jobs ---------------------------------------------------------------------------
 
     def scan_job(self) -> None:
-        try:
-            self._scan()
-        finally:
-            release_memory()
-
-    def _scan(self) -> None:
-        app = self.app
         started = time.monotonic()
         try:
-            result = app.scan_and_open()
+            result = self._workers.run("scan")
         except RotatorError as exc:
-            self._scan_failed(str(exc))
-            return
-        except Exception as exc:  # an unexpected bug must not kill the scheduler
-            _log.exception("daemon.scan_crashed")
-            self._scan_failed(type(exc).__name__)
+            if not self._stopping.is_set():
+                self._scan_failed(str(exc))
             return
         self._last_scan_ok = datetime.now(UTC)
         self._last_scan_error = None
-        decisions = [d.decision for inv in result.inventories for d in inv.decisions]
+        decisions: Mapping[str, int] = result.get("decisions") or {}
         summary = ", ".join(
-            f"{decisions.count(k)} {k.value}"
+            f"{decisions.get(k.value, 0)} {k.value}"
             for k in (Decision.LEAKED, Decision.BLOCKED, Decision.ROTATE, Decision.WARN)
         )
         text = (
-            f"last scan {self._last_scan_ok.isoformat(timespec='seconds')}: {len(decisions)} keys "
-            f"({summary}); opened {len(result.opened)}"
+            f"last scan {self._last_scan_ok.isoformat(timespec='seconds')}: "
+            f"{result.get('keys', 0)} keys ({summary}); opened {result.get('opened', 0)}"
         )
+        failures: Mapping[str, str] = result.get("failures") or {}
+        if failures:
+            text += f"; failed accounts: {', '.join(sorted(failures))}"
+            for account, why in sorted(failures.items()):
+                _log.error("daemon.account_failed", account=account, error=why)
         _log.info(
             "daemon.scan_done",
-            keys=len(decisions),
-            opened=len(result.opened),
+            keys=result.get("keys", 0),
+            opened=result.get("opened", 0),
+            advanced=result.get("advanced", 0),
+            failed_accounts=sorted(failures),
             seconds=round(time.monotonic() - started, 3),
         )
         self._systemd.status(text)
-        self.tick_job()
 
     def _scan_failed(self, error: str) -> None:
         self._last_scan_error = error
-        self.metrics.scan_failures.inc()
+        self.metrics.scan_failed()
         _log.error("daemon.scan_failed", error=error)
         self._systemd.status(f"last scan failed: {error}")
 
     def tick_job(self) -> None:
+        """Start a worker only when a rotation is due: most ticks cost one SQLite read."""
         try:
-            self.app.tick()
+            rotations = self.store.list_open()
         except RotatorError as exc:
             _log.error("daemon.tick_failed", error=str(exc))
-        except Exception:
-            _log.exception("daemon.tick_crashed")
-
-    def leaks_job(self) -> None:
-        if self._stopping.is_set():
+            return
+        self.metrics.observe_open(rotations)
+        if not self._any_due(rotations):
             return
         try:
-            self.app.poll_leak_queue(wait_seconds=5)
+            self._workers.run("tick")
         except RotatorError as exc:
-            _log.error("daemon.leak_queue_failed", error=str(exc))
-            self._stopping.wait(5)
-        except Exception:
-            _log.exception("daemon.leak_queue_crashed")
+            if not self._stopping.is_set():
+                _log.error("daemon.tick_failed", error=str(exc))
+
+    @staticmethod
+    def _any_due(rotations: Iterable[Rotation]) -> bool:
+        now = datetime.now(UTC)
+        return any(is_due(r, now) for r in rotations)
+
+    def leaks_job(self) -> None:
+        if self._stopping.is_set() or self.settings.leaks.sqs_queue_url is None:
+            return
+        try:
+            worker = self._workers.start("leaks")
+        except RotatorError:
+            return
+        self._leaks_worker = worker
+        try:
+            worker.finish()
+        except RotatorError as exc:
+            if not self._stopping.is_set():
+                _log.error("daemon.leak_queue_failed", error=str(exc))
+                self._stopping.wait(5)
+        finally:
+            self._leaks_worker = None
 
     # --- reload -------------------------------------------------------------------------
 
@@ -322,7 +362,7 @@ class Daemon:
         """Re-read and validate the configuration; keep the old one on error."""
         try:
             settings = self._load()
-            app = self._build(settings)
+            token = self._read_token(settings)
         except ConfigError as exc:
             _log.error("daemon.reload_rejected", problems=exc.problems)
             self._systemd.status("reload rejected: invalid configuration, old settings kept")
@@ -330,13 +370,15 @@ class Daemon:
         if settings.http.listen != self.settings.http.listen:
             _log.warning("daemon.reload_listen_unchanged", detail="http.listen applies at restart")
         with self._lock:
-            self.settings, self.app = settings, app
+            old = self.settings
+            self.settings, self._token = settings, token
+            if settings.state.path != old.state.path and self._store is not None:
+                self._store.close()
+                self._store = None  # reopened at the new path on next use
         if self._scheduler is not None:
             has_leaks = self._scheduler.get_job("leaks") is not None
             if settings.leaks.sqs_queue_url is not None and not has_leaks:
-                self._scheduler.add_job(
-                    self.leaks_job, IntervalTrigger(seconds=1, timezone=UTC), id="leaks"
-                )
+                self._add_leaks_job(self._scheduler)
             elif settings.leaks.sqs_queue_url is None and has_leaks:
                 self._scheduler.remove_job("leaks")
             self._scheduler.reschedule_job(
@@ -348,6 +390,9 @@ class Daemon:
                     seconds=settings.schedule.tick.total_seconds(), timezone=UTC
                 ),
             )
+        leaks = self._leaks_worker
+        if leaks is not None and settings != old:
+            leaks.terminate()  # the next one starts with the new settings
         _log.info("daemon.reloaded", scan=settings.schedule.scan)
         return True
 
@@ -358,13 +403,12 @@ class Daemon:
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         checks: dict[str, str] = {}
-        app = self.app
         try:
-            app.store.check()
+            self.store.check()
             checks["state_store"] = "ok"
         except RotatorError as exc:
             checks["state_store"] = str(exc)
-        checks["vault"] = self._vault_status(app)
+        checks["vault"] = self._vault_status()
         period = scan_period(self.settings.schedule.scan_schedule, datetime.now(UTC))
         if self._last_scan_ok is None:
             checks["scan"] = self._last_scan_error or "no scan has completed yet"
@@ -375,16 +419,12 @@ class Daemon:
         ready = all(v == "ok" for v in checks.values())
         return (200 if ready else 503), {"ready": ready, "checks": checks}
 
-    def _vault_status(self, app: App) -> str:
+    def _vault_status(self) -> str:
         # Probes may come every second; ask Vault at most every five.
         checked_at, status = self._vault_checked
         if status is not None and time.monotonic() - checked_at < 5:
             return status
-        try:
-            app.secrets.check()
-            status = "ok"
-        except RotatorError as exc:  # counted in rotator_vault_errors_total by the app
-            status = str(exc)
+        status = vault_health(str(self.settings.vault.url))
         self._vault_checked = (time.monotonic(), status)
         return status
 
@@ -392,21 +432,36 @@ class Daemon:
         return self.metrics.render(), CONTENT_TYPE_LATEST
 
     def trigger(self, request: ForcedRotation) -> dict[str, Any]:
-        app = self.app
+        """Open the rotation in a worker and answer as soon as it is recorded; the
+        worker goes on advancing it."""
         if request.reason is None:
             request = replace(request, reason="HTTP trigger")
-        rotation = app.open_forced(request)
-        threading.Thread(
-            target=self._advance_now, args=(app, rotation.id), name="rotator-trigger", daemon=True
-        ).start()
-        return {"id": rotation.id, "state": rotation.state.value}
+        worker = self._workers.start("trigger", request.as_dict())
+        for message in worker.messages():
+            if message.get("type") == "opened":
+                threading.Thread(
+                    target=self._finish_trigger, args=(worker,), name="rotator-trigger"
+                ).start()
+                opened: dict[str, Any] = message.get("rotation") or {}
+                return {"id": opened.get("id"), "state": opened.get("state")}
+            if message.get("type") == "error":
+                worker.wait()
+                raise error_from(message)
+        code = worker.wait()
+        raise WorkerFailed(f"the trigger worker exited with code {code} before opening")
 
-    def _advance_now(self, app: App, rotation_id: str) -> None:
+    @staticmethod
+    def _finish_trigger(worker: Worker) -> None:
         try:
-            app.advance_all([rotation_id])
-        except Exception:
-            _log.exception("daemon.trigger_advance_failed", rotation_id=rotation_id)
+            result = worker.finish()
+        except RotatorError as exc:
+            _log.error("daemon.trigger_advance_failed", error=str(exc))
+            return
+        rotation = result.get("rotation") or {}
+        _log.info(
+            "daemon.trigger_done", rotation_id=rotation.get("id"), state=rotation.get("state")
+        )
 
     def rotation(self, rotation_id: str) -> dict[str, Any] | None:
-        found = self.app.store.get(rotation_id)
+        found = self.store.get(rotation_id)
         return rotation_json(found) if found is not None else None

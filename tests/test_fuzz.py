@@ -109,7 +109,7 @@ def served(aws: LocalAws, vault: VaultTarget, tmp_path: Path) -> Iterator[tuple[
     host, port = server.address
     yield f"http://{host}:{port}", aws
     server.stop()
-    daemon.app.close()
+    daemon.close()
 
 
 def post(url: str, body: bytes, token: str | None = TOKEN) -> int:

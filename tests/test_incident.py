@@ -19,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 
 from rotator.machine import State
 from rotator.model import ForcedRotation, KeyStatus
@@ -323,6 +324,33 @@ def test_sqs_health_event_is_contained_by_the_daemon(
     assert secret["data"]["aws_secret_access_key"] not in text
     assert leaked.secret_access_key not in text
     assert new_id
+
+
+def test_sighup_moves_the_leak_poller_to_a_new_queue(
+    aws: LocalAws, sqs: Any, daemon: Daemon, tmp_path: Path
+) -> None:
+    """After the config names another queue and SIGHUP, events on the new queue are
+    contained and the old queue is no longer read."""
+    old_url = sqs.get_queue_url(QueueName="health-events")["QueueUrl"]
+    new_url = sqs.create_queue(QueueName="health-events-2")["QueueUrl"]
+    config = tmp_path / "rotator.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["leaks"]["sqs_queue_url"] = new_url
+    config.write_text(yaml.safe_dump(data))
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(7)  # the poller in flight finishes its long poll and is replaced
+    [stale] = aws.add_user("gina", keys=[SeedKey(30 * D)])
+    sqs.send_message(QueueUrl=old_url, MessageBody=json.dumps(health_event(stale.access_key_id)))
+    [leaked] = aws.add_user("hugo", keys=[SeedKey(30 * D)])
+    sqs.send_message(QueueUrl=new_url, MessageBody=json.dumps(health_event(leaked.access_key_id)))
+    wait_until(
+        lambda: aws.keys("hugo").get(leaked.access_key_id) is not KeyStatus.ACTIVE,
+        20,
+        "containment from the new queue",
+    )
+    assert aws.keys("gina") == {stale.access_key_id: KeyStatus.ACTIVE}
+    attrs = sqs.get_queue_attributes(QueueUrl=old_url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "1"
 
 
 def test_unparseable_sqs_message_is_kept_aside_and_the_daemon_goes_on(
