@@ -37,7 +37,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log
 from rotator.config import Schedule, Settings
-from rotator.errors import ConfigError, RotatorError
+from rotator.errors import ConfigError, RotatorError, Transient
 from rotator.http import Server, read_token
 from rotator.machine import State
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -51,6 +51,10 @@ from rotator.workers import Worker, WorkerFailed, Workers, error_from
 _log = log.get_logger("rotator.daemon")
 
 STOP_TIMEOUT = 8.0  # seconds a running step may take to finish after SIGTERM
+# At most this many trigger workers at once; a further request waits for a slot up to
+# TRIGGER_WAIT seconds, then gets 503. A burst of triggers cannot exhaust memory.
+TRIGGER_WORKERS = 4
+TRIGGER_WAIT = 30.0
 
 
 def scan_trigger(schedule: Schedule) -> Any:
@@ -112,6 +116,7 @@ class Daemon:
             on_metrics=self._replay,
         )
         self._leaks_worker: Worker | None = None
+        self._trigger_slots = threading.BoundedSemaphore(TRIGGER_WORKERS)
         self._scheduler: Any = None
         self._server: Server | None = None
 
@@ -436,27 +441,41 @@ class Daemon:
         worker goes on advancing it."""
         if request.reason is None:
             request = replace(request, reason="HTTP trigger")
-        worker = self._workers.start("trigger", request.as_dict())
-        for message in worker.messages():
-            if message.get("type") == "opened":
-                threading.Thread(
-                    target=self._finish_trigger, args=(worker,), name="rotator-trigger"
-                ).start()
-                opened: dict[str, Any] = message.get("rotation") or {}
-                return {"id": opened.get("id"), "state": opened.get("state")}
-            if message.get("type") == "error":
-                worker.wait()
-                raise error_from(message)
-        code = worker.wait()
-        raise WorkerFailed(f"the trigger worker exited with code {code} before opening")
+        if not self._trigger_slots.acquire(timeout=TRIGGER_WAIT):
+            raise Transient(f"{TRIGGER_WORKERS} triggered rotations are running; retry shortly")
+        try:
+            worker = self._workers.start("trigger", request.as_dict())
+        except BaseException:
+            self._trigger_slots.release()
+            raise
+        opened: dict[str, Any] | None = None
+        try:
+            for message in worker.messages():
+                if message.get("type") == "opened":
+                    opened = message.get("rotation") or {}
+                    break
+                if message.get("type") == "error":
+                    worker.wait()
+                    raise error_from(message)
+            else:
+                code = worker.wait()
+                raise WorkerFailed(f"the trigger worker exited with code {code} before opening")
+        finally:
+            if opened is None:
+                self._trigger_slots.release()
+        threading.Thread(
+            target=self._finish_trigger, args=(worker,), name="rotator-trigger"
+        ).start()
+        return {"id": opened.get("id"), "state": opened.get("state")}
 
-    @staticmethod
-    def _finish_trigger(worker: Worker) -> None:
+    def _finish_trigger(self, worker: Worker) -> None:
         try:
             result = worker.finish()
         except RotatorError as exc:
             _log.error("daemon.trigger_advance_failed", error=str(exc))
             return
+        finally:
+            self._trigger_slots.release()
         rotation = result.get("rotation") or {}
         _log.info(
             "daemon.trigger_done", rotation_id=rotation.get("id"), state=rotation.get("state")

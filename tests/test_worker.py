@@ -12,16 +12,18 @@ from typing import Any
 
 import pytest
 
+from rotator import daemon as daemon_module
+from rotator.config import parse_settings
 from rotator.daemon import is_due
-from rotator.errors import NotFound, RotatorError
+from rotator.errors import NotFound, RotatorError, Transient
 from rotator.machine import State
 from rotator.metrics import Metrics
-from rotator.model import Rotation, RotationReason
+from rotator.model import ForcedRotation, Rotation, RotationReason
 from rotator.probe import vault_health
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey, free_port
 from rotator.workers import WorkerFailed, Workers
 from tests.conftest import VaultTarget
-from tests.rig import settings_for, vault_secret
+from tests.rig import settings_for, vault_secret, wait_until
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -210,3 +212,40 @@ def test_vault_health_probe_tells_ok_sealed_and_unreachable(
     assert vault_health(target.addr) == "sealed"
     nowhere = f"http://127.0.0.1:{free_port()}"
     assert vault_health(nowhere).startswith(f"vault unreachable at {nowhere}")
+
+
+def test_triggers_beyond_the_worker_cap_wait_then_get_a_retry_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every trigger slot busy, a further trigger waits and then fails as
+    Transient (HTTP 503); once a worker ends, its slot serves the next trigger."""
+    monkeypatch.setattr(daemon_module, "TRIGGER_WORKERS", 1)
+    monkeypatch.setattr(daemon_module, "TRIGGER_WAIT", 0.5)
+    release = tmp_path / "release"
+    script = (
+        "import json, os, sys, time; sys.stdin.read();"
+        "print(json.dumps({'type': 'opened', 'rotation': {'id': 'r1', 'state': 'CONTAIN'}}),"
+        " flush=True);"
+        f"[time.sleep(0.05) for _ in range(400) if not os.path.exists({str(release)!r})];"
+        "print(json.dumps({'type': 'result', 'rotation': {'id': 'r1'}}), flush=True)"
+    )
+    settings = parse_settings({"state": {"path": str(tmp_path / "state.db")}}, {}, need_vault=False)
+    daemon = daemon_module.Daemon(lambda: settings)
+    daemon._workers = Workers(
+        settings=dict,
+        log_options={},
+        on_metrics=Metrics().replay,
+        command=[sys.executable, "-c", script],
+    )
+    try:
+        request = ForcedRotation(user_name="alice", leaked=True)
+        assert daemon.trigger(request) == {"id": "r1", "state": "CONTAIN"}
+        with pytest.raises(Transient, match="retry"):
+            daemon.trigger(request)
+        release.touch()
+        wait_until(lambda: daemon._workers.live() == 0, 20, "the first worker to end")
+        assert daemon.trigger(request)["id"] == "r1"
+    finally:
+        release.touch()
+        daemon._workers.stop(timeout=5)
+        daemon.close()
