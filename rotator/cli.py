@@ -483,6 +483,10 @@ def daemon(obj: Context) -> None:
 
     Speaks systemd's notify protocol (READY, WATCHDOG, STATUS, STOPPING) when run as a
     Type=notify unit. SIGHUP re-reads the configuration; an invalid file keeps the old one.
+
+    Every job that talks to AWS or Vault (a scan, a tick with a rotation due, a trigger,
+    the leak-queue poller) runs in a worker process that exits when it is done, so the
+    idle daemon stays small; workers log to the same stderr, with a "job" field.
     """
     from rotator.daemon import Daemon
 
