@@ -441,11 +441,7 @@ class App:
         """Advance every open rotation that is due now (and every BLOCKED one, which
         resumes as soon as an operator frees a slot)."""
         now = self.now()
-        due = [
-            r.id
-            for r in self.store.list_open()
-            if r.state is State.BLOCKED or r.next_action_at is None or r.next_action_at <= now
-        ]
+        due = [r.id for r in self.store.list_open() if r.is_due(now)]
         advanced = self.advance_all(due)
         if self.metrics is not None:
             self.metrics.observe_open(self.store.list_open())

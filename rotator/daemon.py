@@ -39,7 +39,6 @@ from rotator import log
 from rotator.config import Schedule, Settings
 from rotator.errors import ConfigError, RotatorError, Transient
 from rotator.http import Server, read_token
-from rotator.machine import State
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
 from rotator.model import Decision, ForcedRotation, Rotation
 from rotator.probe import vault_health
@@ -77,16 +76,6 @@ def scan_period(schedule: Schedule, now: datetime) -> timedelta:
         return timedelta(days=1)
     period: timedelta = second - first
     return period
-
-
-def is_due(rotation: Rotation, now: datetime) -> bool:
-    """Whether a tick should advance `rotation` now. A BLOCKED rotation always is: it
-    resumes as soon as an operator frees a slot."""
-    return (
-        rotation.state is State.BLOCKED
-        or rotation.next_action_at is None
-        or rotation.next_action_at <= now
-    )
 
 
 class Daemon:
@@ -342,7 +331,7 @@ class Daemon:
     @staticmethod
     def _any_due(rotations: Iterable[Rotation]) -> bool:
         now = datetime.now(UTC)
-        return any(is_due(r, now) for r in rotations)
+        return any(r.is_due(now) for r in rotations)
 
     def leaks_job(self) -> None:
         if self._stopping.is_set() or self.settings.leaks.sqs_queue_url is None:

@@ -150,6 +150,13 @@ class Rotation:
     last_error: str | None = None
     waiting_on: str | None = None
 
+    def is_due(self, now: datetime) -> bool:
+        """Whether a tick should advance this rotation at `now`. A BLOCKED one always
+        is: it resumes as soon as an operator frees a slot."""
+        return (
+            self.state is State.BLOCKED or self.next_action_at is None or self.next_action_at <= now
+        )
+
 
 @dataclass(frozen=True)
 class Event:

@@ -68,8 +68,8 @@ class Channel:
 
 
 def check(app: App, channel: Channel, request: dict[str, Any]) -> dict[str, Any]:
-    """The backends answer: the state store, Vault and every configured account."""
-    app.store.check()
+    """The backends the daemon cannot check itself answer: Vault (with this token, on
+    this mount) and every configured account."""
     app.secrets.check()
     return {"accounts": app.accounts()}
 

@@ -14,7 +14,6 @@ import pytest
 
 from rotator import daemon as daemon_module
 from rotator.config import parse_settings
-from rotator.daemon import is_due
 from rotator.errors import NotFound, RotatorError, Transient
 from rotator.machine import State
 from rotator.metrics import Metrics
@@ -195,10 +194,10 @@ def test_a_tick_starts_a_worker_only_for_a_due_or_blocked_rotation() -> None:
     """Due: no next action time, one in the past, or BLOCKED; a rotation waiting out
     its overlap is not."""
     later = NOW + timedelta(hours=1)
-    assert is_due(rotation(State.CREATE, None), NOW)
-    assert is_due(rotation(State.VERIFY, NOW - timedelta(seconds=1)), NOW)
-    assert is_due(rotation(State.BLOCKED, later), NOW)
-    assert not is_due(rotation(State.OVERLAP, later), NOW)
+    assert rotation(State.CREATE, None).is_due(NOW)
+    assert rotation(State.VERIFY, NOW - timedelta(seconds=1)).is_due(NOW)
+    assert rotation(State.BLOCKED, later).is_due(NOW)
+    assert not rotation(State.OVERLAP, later).is_due(NOW)
 
 
 def test_vault_health_probe_tells_ok_sealed_and_unreachable(
