@@ -940,9 +940,14 @@ def test_run_once_killed_at_random_moments_still_rotates_everyone(
     interrupted = 0
     for n in range(6):
         if n % 2 == 0:
-            # A random wall-clock moment: often start-up, the scan or opening rotations.
+            # A random wall-clock moment: often start-up, the scan or opening rotations;
+            # on a machine fast enough to finish the work before it, a moment in the
+            # work instead (8 rotations write about 80 events; at most 40 pass).
             deadline = time.monotonic() + rng.uniform(0.2, 2.0)
-            moment = functools.partial(lambda d: time.monotonic() >= d, deadline)
+            limit = trail_length(db) + rng.randint(1, 40)
+            moment = functools.partial(
+                lambda d, t: time.monotonic() >= d or trail_length(db) >= t, deadline, limit
+            )
         else:
             # A random moment of the work itself, whatever the machine's speed: once the
             # trail has grown by 1 to 20 events.
