@@ -75,7 +75,7 @@ def parse_event(raw: bytes | str) -> LeakEvent:
     if service != "RISK":
         raise BadInput(f'detail.service must be "RISK", not {json.dumps(service)[:60]}')
     code = detail.get("eventTypeCode")
-    if code not in RISK_CODES:
+    if not isinstance(code, str) or code not in RISK_CODES:
         raise BadInput(
             f"detail.eventTypeCode {json.dumps(code)[:80]} is not a key exposure code "
             f"({', '.join(sorted(RISK_CODES))})"

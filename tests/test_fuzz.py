@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rotator.daemon import Daemon
@@ -67,6 +67,13 @@ def test_event_parser_rejects_arbitrary_bytes_cleanly(raw: bytes | str) -> None:
 
 
 @given(event_like())
+@example(  # an unhashable event code once raised TypeError instead of BadInput
+    {
+        "source": "aws.health",
+        "detail": {"service": "RISK", "eventTypeCode": [], "affectedEntities": []},
+        "account": "123456789012",
+    }
+)
 def test_event_parser_accepts_only_well_formed_events(data: dict[str, Any]) -> None:
     """Near-miss events are rejected with a message; accepted ones name only key ids."""
     try:
