@@ -444,6 +444,8 @@ class Daemon:
                     opened = message.get("rotation") or {}
                     break
                 if message.get("type") == "error":
+                    for _ in worker.messages():  # read to the end: the pipe gets closed
+                        pass
                     worker.wait()
                     raise error_from(message)
             else:

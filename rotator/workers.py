@@ -75,7 +75,13 @@ class Worker:
         return self._proc.pid
 
     def messages(self) -> Iterator[dict[str, Any]]:
-        """The worker's reports in order, metrics already applied; ends at its exit."""
+        """The worker's reports in order, metrics already applied; ends at its exit,
+        when the pipe is closed (by the reading thread, never under another reader)."""
+        yield from self._reports()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def _reports(self) -> Iterator[dict[str, Any]]:
         for line in self._lines:
             try:
                 message = json.loads(line)
