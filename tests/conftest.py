@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
 
 from rotator.sandbox import FAKE_AWS_ENV, LocalAws, LocalVault
+from tests.faultproxy import FaultProxy
 
 # No test may ever reach a real AWS account: fake credentials for the whole session,
 # and no profile or config file that could point elsewhere.
@@ -78,3 +80,10 @@ def own_vault() -> Iterator[Callable[[], VaultTarget]]:
     yield start_one
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
+    """Starts fault-injecting proxies in front of test servers; closes them all."""
+    with ExitStack() as stack:
+        yield lambda upstream_url: stack.enter_context(FaultProxy(upstream_url))

@@ -12,8 +12,8 @@ import boto3
 from rotator.machine import State
 from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
-from tests.awsproxy import refusing
 from tests.conftest import VaultTarget
+from tests.faultproxy import FaultProxy, aws_error
 from tests.rig import FakeClock, identity_of, make_app, rotator, settings_for, vault_secret
 
 D = timedelta(days=1)
@@ -79,8 +79,14 @@ def test_one_account_failing_does_not_stop_the_other(
         )
     )
     broken_role = f"arn:aws:iam::{BROKEN}:role/missing"
-    with refusing(aws.endpoint_url, lambda p: p.get("RoleArn") == broken_role) as proxy:
-        text = config.read_text().replace(aws.endpoint_url, proxy)
+    # moto accepts any AssumeRole (the role need not exist); real AWS refuses a role that
+    # is missing or does not trust the caller, and that is the case worth testing.
+    with FaultProxy(aws.endpoint_url) as proxy:
+        proxy.add(
+            lambda request: request.form.get("RoleArn") == broken_role,
+            aws_error("AccessDenied", 403, "User is not authorized to perform: sts:AssumeRole"),
+        )
+        text = config.read_text().replace(aws.endpoint_url, proxy.url)
         config.write_text(text)
         done = rotator("--config", str(config), "run", "--once", "--json")
     assert done.returncode == 1, done.stderr
