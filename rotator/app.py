@@ -78,6 +78,7 @@ def build_secrets(settings: Settings) -> VaultStore:
             secret_id_file=str(auth.secret_id_file) if auth.secret_id_file else None,
         ),
         connections=settings.aws.concurrency,
+        timeout=settings.vault.timeout.total_seconds(),
     )
 
 
@@ -103,6 +104,9 @@ class CountedSecrets:
 
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
         return self._counted(lambda: self._inner.write(path, key, metadata, cas))
+
+    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
+        self._counted(lambda: self._inner.set_metadata(path, metadata))
 
     def check(self) -> None:
         self._counted(self._inner.check)
@@ -166,6 +170,7 @@ class App:
                 endpoint_url=self._endpoint(),
                 before_call=self._before_call,
                 connections=self.settings.aws.concurrency,
+                call_timeout=self.settings.aws.call_timeout.total_seconds(),
             )
         return self._default
 
@@ -242,6 +247,7 @@ class App:
                 account_id=account_id,
                 before_call=lambda op: self._before_call(op, account_id),
                 connections=self.settings.aws.concurrency,
+                call_timeout=self.settings.aws.call_timeout.total_seconds(),
             )
         with self._iam_lock:
             return self._iams.setdefault(account_id, built)

@@ -21,6 +21,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
+from rotator.deadlines import IAM_CONNECT_TIMEOUT, IAM_WRITE_ATTEMPTS
 from rotator.errors import (
     BackendUnavailable,
     CapConflict,
@@ -128,6 +129,7 @@ class AwsIam:
         max_attempts: int = 5,
         before_call: Callable[[str], None] | None = None,
         connections: int = 10,
+        call_timeout: float = 15.0,
     ) -> None:
         self._session = session or boto3.session.Session()
         self._region = region
@@ -144,10 +146,20 @@ class AwsIam:
             # One pooled connection per concurrent rotation (botocore's default is 10).
             max_pool_connections=max(10, connections),
         )
+        # Writes run under a rotation's lease, which must outlast them: a bounded number
+        # of attempts with short timeouts (rotator.deadlines derives the total).
+        writing = retrying.merge(
+            botocore.config.Config(
+                retries={"mode": "standard", "total_max_attempts": IAM_WRITE_ATTEMPTS},
+                connect_timeout=IAM_CONNECT_TIMEOUT,
+                read_timeout=call_timeout,
+            )
+        )
         # CreateAccessKey is not idempotent: a retry after a lost response can mint a
         # second key whose secret nobody ever sees. This client sends each call once.
-        once = retrying.merge(botocore.config.Config(retries={"total_max_attempts": 1}))
+        once = writing.merge(botocore.config.Config(retries={"total_max_attempts": 1}))
         self._iam = self._client("iam", retrying)
+        self._iam_write = self._client("iam", writing)
         self._iam_once = self._client("iam", once)
         self._sts = self._client("sts", retrying)
 
@@ -307,7 +319,7 @@ class AwsIam:
     def set_key_status(self, user_name: str, access_key_id: str, status: KeyStatus) -> None:
         self._do(
             "UpdateAccessKey",
-            lambda: self._iam.update_access_key(
+            lambda: self._iam_write.update_access_key(
                 UserName=user_name, AccessKeyId=access_key_id, Status=status.value
             ),
             f"{user_name}/{access_key_id}",
@@ -316,7 +328,9 @@ class AwsIam:
     def delete_access_key(self, user_name: str, access_key_id: str) -> None:
         self._do(
             "DeleteAccessKey",
-            lambda: self._iam.delete_access_key(UserName=user_name, AccessKeyId=access_key_id),
+            lambda: self._iam_write.delete_access_key(
+                UserName=user_name, AccessKeyId=access_key_id
+            ),
             f"{user_name}/{access_key_id}",
         )
 

@@ -49,7 +49,9 @@ from pydantic import (
     model_validator,
 )
 
+from rotator.deadlines import lease_problem
 from rotator.errors import ConfigError
+from rotator.paths import secret_path
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -677,6 +679,9 @@ class AwsSettings(_Section):
     concurrency: StrictInt = Field(default=8, ge=1, le=64)
     # A client-side cap per account: IAM publishes no rate limit, it just starts throttling.
     iam_calls_per_second: StrictFloat = Field(default=20.0, gt=0, allow_inf_nan=False)
+    # Read timeout of one IAM call attempt; with the connect timeout and the retries it
+    # bounds a call's total deadline (rotator.deadlines), which the lease must cover.
+    call_timeout: PositiveDuration = timedelta(seconds=15)
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Self:
@@ -706,10 +711,12 @@ class VaultSettings(_Section):
     auth: VaultAuthSettings = Field(default_factory=VaultAuthSettings)
     mount: Annotated[str, AfterValidator(_kv_mount)] = "secret"
     path_template: Annotated[str, AfterValidator(_path_template)] = "aws/{account_id}/{user_name}"
+    # Connect and read timeout of one Vault request (rotator.deadlines).
+    timeout: PositiveDuration = timedelta(seconds=10)
 
     def secret_path(self, account_id: str, user_name: str) -> str:
         """The KV path (inside `mount`) that holds this user's key."""
-        return self.path_template.format(account_id=account_id, user_name=user_name)
+        return secret_path(self.path_template, account_id, user_name)
 
 
 class StateSettings(_Section):
@@ -1162,6 +1169,19 @@ def _cross_field_problems(raw: Mapping[str, Any], *, need_vault: bool = True) ->
         problems += [f"vault.{p}" for p in _auth_problems(method, present)]
 
     aws = _mapping(raw, "aws")
+    state = _mapping(raw, "state")
+    lease_ttl = _resolve(StateSettings, state or {}, "lease_ttl")
+    call_timeout = _resolve(AwsSettings, aws or {}, "call_timeout")
+    vault_timeout = _resolve(VaultSettings, vault or {}, "timeout")
+    if (
+        isinstance(lease_ttl, timedelta)
+        and isinstance(call_timeout, timedelta)
+        and isinstance(vault_timeout, timedelta)
+    ):
+        problem = lease_problem(lease_ttl, call_timeout, vault_timeout)
+        if problem:
+            problems.append(f"state.lease_ttl: {problem}")
+
     accounts = aws.get("accounts") if aws is not None else None
     if isinstance(accounts, list):
         ids: list[object] = []

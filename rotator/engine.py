@@ -8,10 +8,25 @@ not hold and deletes it (its secret is lost for good; an unused key must not lin
 
 Invariants this module keeps (DESIGN.md):
   1. never a third key: CREATE runs only with a free slot, re-read just before;
-  2. a non-leaked old key is deactivated only after its replacement is stored and verified;
-  4. after recovery every key the rotator created is in Vault or deleted;
-  5. one rotation per user in flight (the state store's index, plus a lease per rotation);
+  2. a non-leaked old key is deactivated (and deleted) only after a fresh look shows its
+     replacement exists, is Active, and is what Vault serves;
+  4. after recovery every key the rotator created is in Vault or deleted, and a key is
+     deleted only after a successful read shows that Vault does not hold it;
+  5. one rotation per user in flight (the state store's index, plus a fenced lease per
+     rotation: a process that lost its lease makes no further side effect or write);
   6. every transition is recorded with a reason and logged as one event.
+
+Fencing: the lease is taken for `lease_ttl` on a clock that keeps counting while the
+process is stopped (CLOCK_BOOTTIME), measured from before the request that took it. No
+IAM or Vault side effect starts unless at least one call deadline (`rotator.deadlines`)
+is left; otherwise the lease is renewed first, and a renewal that finds another holder
+ends the work (`LeaseLost`). Every state-store write carries the lease and is refused
+once it is no longer current.
+
+Attribution: a key is this rotation's own only when it is absent from the intent list
+*and* was created inside the window of the rotation's own CreateAccessKey call. Any
+other key that appears is never deleted or deactivated: the rotation goes BLOCKED and
+names it.
 """
 
 from __future__ import annotations
@@ -27,17 +42,27 @@ from typing import Any
 
 from rotator import log
 from rotator.config import format_duration
+from rotator.deadlines import call_deadline
 from rotator.errors import (
     BadInput,
     CapConflict,
     CasConflict,
+    LeaseLost,
     NotFound,
-    PermissionDenied,
+    RotatorError,
     StaleRotation,
     Transient,
 )
 from rotator.machine import TERMINAL, State, check_transition
-from rotator.model import AccessKey, KeyStatus, NewKey, Rotation, RotationReason, StoredSecret
+from rotator.model import (
+    AccessKey,
+    KeyStatus,
+    Lease,
+    NewKey,
+    Rotation,
+    RotationReason,
+    StoredSecret,
+)
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore, key_ids
 
 _log = log.get_logger("rotator.engine")
@@ -65,6 +90,12 @@ class Timing:
     store_pause: float = 0.5
     # While consumers still use the old key, how often OVERLAP looks again.
     recheck: timedelta = timedelta(minutes=15)
+    # The longest one backend call may take (rotator.deadlines): a side effect starts
+    # only while the lease has at least this much left.
+    call_deadline: timedelta = timedelta(seconds=80)
+    # How far the clocks of this host and of IAM (which stamps CreateDate, in whole
+    # seconds) may disagree when a new key is matched to the call that created it.
+    clock_tolerance: timedelta = timedelta(seconds=5)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Timing:
@@ -74,7 +105,42 @@ class Timing:
             delete_after=settings.policy.delete_after,
             verify_timeout=settings.policy.verify_timeout,
             lease_ttl=settings.state.lease_ttl,
+            call_deadline=call_deadline(settings.aws.call_timeout, settings.vault.timeout),
         )
+
+    def backoff(self, attempts: int) -> timedelta:
+        """The pause before retry number `attempts` (1, 2, …): doubling, capped."""
+        delay: timedelta = self.retry_base * (2 ** (attempts - 1))
+        return min(delay, self.retry_cap)
+
+
+# Moves that prove progress (a key is stored, or the rotation ended): only they reset the
+# failure count, so a cycle of create -> cannot store -> delete -> create keeps backing off.
+_PROGRESS: frozenset[State] = (
+    frozenset({State.VERIFY, State.OVERLAP, State.DEACTIVATE, State.RETIRE, State.DELETE})
+    | TERMINAL
+)
+
+
+def _boottime() -> float:
+    """Seconds on a clock that keeps counting while this process is stopped (SIGSTOP) or
+    the machine is suspended, so a lease is never believed longer than it lasts."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # not Linux
+        return time.monotonic()
+
+
+@dataclass
+class _Held:
+    """A lease this engine holds, and until when by its own clock (`_boottime`)."""
+
+    lease: Lease
+    until: float
+
+
+class _VaultTaken(RotatorError):
+    """Vault holds a newer key written by someone else: it is not overwritten."""
 
 
 class NullNotifier:
@@ -138,6 +204,7 @@ class Engine:
         fault: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_transition: Callable[[Rotation, State], None] | None = None,
+        monotonic: Callable[[], float] = _boottime,
     ) -> None:
         self._iam = iam
         self._secrets = secrets
@@ -151,11 +218,12 @@ class Engine:
         # Shutdown: no new step starts once this says so; a running step finishes.
         self._should_stop = should_stop
         self._on_transition = on_transition
+        self._monotonic = monotonic
         # IAM calls are the cost that matters at scale: within one `advance` call the
         # user's keys are listed once, and our own writes keep that picture current.
         self._seen: dict[str, list[AccessKey]] = {}
-        # When this process first tried to verify a rotation's new key.
-        self._verify_started: dict[str, datetime] = {}
+        # The leases this engine holds, by rotation id.
+        self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
 
     # --- public -------------------------------------------------------------------
@@ -182,18 +250,16 @@ class Engine:
         """Step the rotation until it is terminal or has to wait (`next_action_at` in the
         future: an overlap, a retirement, a retry, a key not accepted yet).
 
-        Returns the rotation as it stands. When another live process holds the lease,
-        returns it unchanged."""
+        Returns the rotation as it stands. When another live process (or another thread
+        of this one) holds the lease, returns it unchanged."""
         current = self._store.get(rotation_id)
         if current is None:
             raise NotFound(f"rotation {rotation_id} not found")
         if current.state in TERMINAL:
             return current
-        if not self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl):
+        if not self._take(rotation_id):
             _log.info("rotation.lease_held", rotation_id=rotation_id, user=current.user_name)
             return current
-        self._forget(rotation_id)
-        renewed = self.now()
         try:
             stepped = False
             while True:
@@ -208,26 +274,26 @@ class Engine:
                 if (current.state is State.BLOCKED and stepped) or self._should_stop():
                     return current
                 stepped = True
-                if self.now() - renewed > self._timing.lease_ttl / 3:
-                    # Renew well before expiry; every renewal is a write to the store.
-                    if not self._store.acquire_lease(
-                        rotation_id, self._owner, self._timing.lease_ttl
-                    ):
-                        return current
-                    renewed = self.now()
                 try:
+                    self._ensure_lease(current)
                     self._guarded_step(current)
                 except StaleRotation as exc:
+                    # LeaseLost among them: another process owns the rotation now.
                     _log.warning("rotation.stale", rotation_id=rotation_id, error=str(exc))
                     fresh = self._store.get(rotation_id)
                     assert fresh is not None
                     return fresh
         finally:
-            self._forget(rotation_id)
-            self._store.release_lease(rotation_id, self._owner)
+            self._give_back(rotation_id)
 
     def rollback(self, rotation: Rotation, reason: str) -> Rotation:
         """Reactivate the old key of `rotation` while it still exists; ROLLED_BACK."""
+        if rotation.leaked:
+            raise BadInput(
+                f"rotation {rotation.id} replaced a leaked key: a rollback would turn the "
+                f"leaked key {rotation.old_key_id} back on. To replace the new key, run "
+                f"`rotator rotate {rotation.user_name}`"
+            )
         if rotation.state not in (State.DEACTIVATE, State.RETIRE, State.DELETE):
             raise BadInput(
                 f"rotation {rotation.id} is {rotation.state}: only a rotation whose old key "
@@ -235,35 +301,35 @@ class Engine:
             )
         if rotation.old_key_id is None:
             raise BadInput(f"rotation {rotation.id} has no old key")
-        if not self._store.acquire_lease(rotation.id, self._owner, self._timing.lease_ttl):
+        if not self._take(rotation.id):
             raise Transient(f"rotation {rotation.id} is being advanced by another process")
         try:
-            iam = self._iam(rotation.account_id)
-            keys = {k.access_key_id: k for k in iam.list_access_keys(rotation.user_name)}
-            if rotation.old_key_id not in keys:
-                raise BadInput(f"old key {rotation.old_key_id} no longer exists")
-            if not keys[rotation.old_key_id].active:
-                iam.set_key_status(rotation.user_name, rotation.old_key_id, KeyStatus.ACTIVE)
+            current = self._store.get(rotation.id) or rotation
+            assert current.old_key_id is not None
+            keys = {k.access_key_id: k for k in self._keys(current, fresh=True)}
+            if current.old_key_id not in keys:
+                raise BadInput(f"old key {current.old_key_id} no longer exists")
+            if not keys[current.old_key_id].active:
+                self._set_status(current, current.old_key_id, KeyStatus.ACTIVE)
             return self._move(
-                rotation, State.ROLLED_BACK, f"rollback: old key reactivated ({reason})"
+                current, State.ROLLED_BACK, f"rollback: old key reactivated ({reason})"
             )
         finally:
-            self._store.release_lease(rotation.id, self._owner)
+            self._give_back(rotation.id)
 
     def escalate(self, rotation: Rotation, key_id: str, reason: str) -> Rotation:
         """A key of a user with an open rotation leaked: contain it now, whatever the
         rotation was waiting for. When it is the rotation's old key the rotation turns
         into a leak rotation (no overlap, no retirement); when it is the rotation's new
         key the rotation is cancelled and the caller opens a containment rotation."""
-        if not self._store.acquire_lease(rotation.id, self._owner, self._timing.lease_ttl):
+        if not self._take(rotation.id):
             raise Transient(f"rotation {rotation.id} is being advanced by another process")
         try:
             current = self._store.get(rotation.id) or rotation
-            iam = self._iam(current.account_id)
-            keys = {k.access_key_id: k for k in iam.list_access_keys(current.user_name)}
+            keys = {k.access_key_id: k for k in self._keys(current, fresh=True)}
             key = keys.get(key_id)
             if key is not None and key.active:
-                iam.set_key_status(current.user_name, key_id, KeyStatus.INACTIVE)
+                self._set_status(current, key_id, KeyStatus.INACTIVE)
             text = f"leaked key {key_id} deactivated ({reason})"
             self._note(current, text)
             self._notifier.notify("leaked_contained", current, f"{current.user_name}: {text}")
@@ -283,23 +349,92 @@ class Engine:
                 )
             return current
         finally:
-            self._store.release_lease(rotation.id, self._owner)
+            self._give_back(rotation.id)
+
+    # --- the lease ------------------------------------------------------------------
+
+    def _take(self, rotation_id: str) -> bool:
+        """Acquire the rotation's lease; False when another process or thread holds it."""
+        with self._lock:
+            if rotation_id in self._held:
+                return False  # another thread of this engine is advancing it
+            # Reserve the slot before the store round trip, so two threads cannot both
+            # pass the check above; the placeholder never authorises a write.
+            self._held[rotation_id] = _Held(Lease(rotation_id, self._owner, -1), 0.0)
+        started = self._monotonic()
+        try:
+            lease = self._store.acquire_lease(rotation_id, self._owner, self._timing.lease_ttl)
+        except BaseException:
+            self._drop(rotation_id)
+            raise
+        if lease is None:
+            self._drop(rotation_id)
+            return False
+        with self._lock:
+            self._held[rotation_id] = _Held(lease, started + self._timing.lease_ttl.total_seconds())
+        self._forget(rotation_id)
+        return True
+
+    def _give_back(self, rotation_id: str) -> None:
+        self._forget(rotation_id)
+        self._drop(rotation_id)
+        self._store.release_lease(rotation_id, self._owner)
+
+    def _drop(self, rotation_id: str) -> None:
+        with self._lock:
+            self._held.pop(rotation_id, None)
+
+    def _lease(self, r: Rotation) -> Lease:
+        with self._lock:
+            held = self._held.get(r.id)
+        if held is None or held.lease.token < 0:
+            raise LeaseLost(f"rotation {r.id}: this process holds no lease on it")
+        return held.lease
+
+    def _ensure_lease(self, r: Rotation, *, renew: bool = False) -> Lease:
+        """Before a side effect: the lease must have one call deadline left; renew it
+        otherwise (or when `renew`: to prove, with a store round trip, that it is still
+        ours). Raises `LeaseLost` when another holder has taken it meanwhile."""
+        lease = self._lease(r)
+        need = self._timing.call_deadline.total_seconds()
+        with self._lock:
+            until = self._held[r.id].until
+        if not renew and until - self._monotonic() >= need:
+            return lease
+        started = self._monotonic()
+        renewed = self._store.acquire_lease(r.id, self._owner, self._timing.lease_ttl)
+        if renewed is None or renewed.token != lease.token:
+            raise LeaseLost(
+                f"rotation {r.id}: lease {lease.token} was lost (stalled past it, or taken "
+                "over); this process stops here"
+            )
+        until = started + self._timing.lease_ttl.total_seconds()
+        if until - self._monotonic() < need:
+            raise LeaseLost(f"rotation {r.id}: the lease cannot cover one backend call")
+        with self._lock:
+            self._held[r.id] = _Held(renewed, until)
+        return renewed
 
     # --- the loop around a step ----------------------------------------------------
 
     def _guarded_step(self, r: Rotation) -> Rotation:
+        """One step; whatever it raises is recorded on the rotation under the recovery
+        rules (no exception leaves a step, and no orphan key survives one)."""
         try:
             return self._step(r)
         except StaleRotation:
             raise
-        except PermissionDenied as exc:
-            return self._fail(self._stored(r), str(exc))
         except NotFound as exc:
             return self._not_found(self._stored(r), exc)
         except (Transient, CasConflict) as exc:
             return self._retry_later(self._stored(r), str(exc))
-        except BadInput as exc:
-            return self._fail(self._stored(r), str(exc))
+        except RotatorError as exc:
+            # A refusal (permissions, configuration, bad input, an unknown 4xx):
+            # retrying will not help. Stop and say so, unless a key may be dangling.
+            return self._refused(self._stored(r), str(exc))
+        except Exception as exc:
+            _log.exception("rotation.unexpected_error", rotation_id=r.id, user=r.user_name)
+            return self._retry_later(self._stored(r), f"unexpected {type(exc).__name__}: {exc}")
 
     def _stored(self, r: Rotation) -> Rotation:
         """`r` as the store holds it now. A step may have saved progress before it
@@ -307,15 +442,19 @@ class Engine:
         the copy the step started from would write that progress away."""
         return self._store.get(r.id) or r
 
+    @staticmethod
+    def _dangling(r: Rotation) -> bool:
+        """Whether `r` may hold a key that Vault does not: then it must stay open until
+        recovery has dealt with that key."""
+        return r.state is State.STORE or (r.state is State.CREATE and r.intent_key_ids is not None)
+
     def _retry_later(self, r: Rotation, error: str) -> Rotation:
         attempts = r.attempts + 1
-        # A rotation in CREATE or STORE may hold a key Vault does not have: it must
-        # stay open until recovery has dealt with that key, so it never gives up there.
-        if attempts >= self._timing.max_attempts and r.state not in (State.CREATE, State.STORE):
+        if attempts >= self._timing.max_attempts and not self._dangling(r):
             return self._fail(
                 replace(r, attempts=attempts), f"gave up after {attempts} attempts: {error}"
             )
-        delay = min(self._timing.retry_base * (2 ** (attempts - 1)), self._timing.retry_cap)
+        delay = self._timing.backoff(attempts)
         _log.warning(
             "rotation.retry",
             rotation_id=r.id,
@@ -332,6 +471,11 @@ class Engine:
             next_action_at=self.now() + delay,
         )
 
+    def _refused(self, r: Rotation, error: str) -> Rotation:
+        if self._dangling(r):
+            return self._retry_later(r, error)
+        return self._fail(r, error)
+
     def _not_found(self, r: Rotation, exc: NotFound) -> Rotation:
         iam = self._iam(r.account_id)
         try:
@@ -346,21 +490,29 @@ class Engine:
         self._notifier.notify("failed", failed, f"rotation of {r.user_name} failed: {error}")
         return failed
 
+    def _block(self, r: Rotation, reason: str) -> Rotation:
+        """BLOCKED (notified once), or stay BLOCKED with the current reason."""
+        if r.state is State.BLOCKED:
+            return self._save(r, next_action_at=None, last_error=reason)
+        blocked = self._move(r, State.BLOCKED, reason, last_error=reason)
+        self._notifier.notify("blocked", blocked, f"rotation of {r.user_name} blocked: {reason}")
+        return blocked
+
     # --- persistence helpers --------------------------------------------------------
 
     def _save(self, r: Rotation, **changes: Any) -> Rotation:
         updated = replace(r, updated_at=self.now(), **changes)
-        self._store.save(updated, "update", from_state=r.state)
+        self._store.save(updated, "update", from_state=r.state, lease=self._lease(r))
         return updated
 
     def _move(self, r: Rotation, to: State, reason: str, **changes: Any) -> Rotation:
         check_transition(r.state, to)
         changes.setdefault("next_action_at", None)
-        if to is not r.state and "attempts" not in changes:
+        if to is not r.state and to in _PROGRESS and "attempts" not in changes:
             changes["attempts"] = 0
             changes.setdefault("last_error", None)
         moved = replace(r, state=to, updated_at=self.now(), **changes)
-        self._store.save(moved, reason, from_state=r.state)
+        self._store.save(moved, reason, from_state=r.state, lease=self._lease(r))
         _log.info(
             "rotation.transition",
             rotation_id=r.id,
@@ -377,7 +529,7 @@ class Engine:
         return moved
 
     def _note(self, r: Rotation, reason: str) -> None:
-        self._store.record(r.id, r.state, reason)
+        self._store.record(r.id, r.state, reason, lease=self._lease(r))
         _log.info(
             "rotation.note", rotation_id=r.id, user=r.user_name, state=r.state.value, reason=reason
         )
@@ -411,11 +563,6 @@ class Engine:
             self._seen[r.id] = list(keys)
         return keys
 
-    def _known_keys(self, r: Rotation) -> list[AccessKey] | None:
-        with self._lock:
-            seen = self._seen.get(r.id)
-        return None if seen is None else list(seen)
-
     def _wrote(self, r: Rotation, key_id: str, status: KeyStatus | None) -> None:
         """Keep the listed picture current after our own write (None: deleted)."""
         with self._lock:
@@ -434,12 +581,17 @@ class Engine:
             self._seen.pop(rotation_id, None)
 
     def _set_status(self, r: Rotation, key_id: str, status: KeyStatus) -> None:
+        self._ensure_lease(r)
         self._iam(r.account_id).set_key_status(r.user_name, key_id, status)
         self._wrote(r, key_id, status)
 
     def _delete_key(self, r: Rotation, key_id: str) -> None:
+        self._ensure_lease(r)
         self._iam(r.account_id).delete_access_key(r.user_name, key_id)
         self._wrote(r, key_id, None)
+
+    def _path(self, r: Rotation) -> str:
+        return self._secrets.path_for(r.account_id, r.user_name)
 
     def _planned(self, r: Rotation) -> Rotation:
         if r.leaked:
@@ -462,28 +614,39 @@ class Engine:
         return moved
 
     def _make_room(self, r: Rotation) -> Rotation:
+        try:
+            self._path(r)
+        except BadInput as exc:
+            return self._block(r, str(exc))
         keys = self._keys(r)
         if len(keys) < 2:
             return self._move(r, State.CREATE, f"{2 - len(keys)} free slot(s)")
         inactive = [k for k in keys if not k.active]
+        # Only a key that was there before this rotation began may be deleted to make
+        # room (or the rotation's own contained key): one that appeared since was put
+        # there by someone, for a reason the rotator cannot know.
+        deletable = [
+            k for k in inactive if k.access_key_id == r.old_key_id or k.created_at < r.created_at
+        ]
         if not inactive:
-            reason = (
+            return self._block(
+                r,
                 f"cap_blocked: both keys are active ({', '.join(key_ids(keys))}); "
-                "deactivate the one no consumer uses, then the rotation continues"
+                "deactivate the one no consumer uses, then the rotation continues",
             )
-            if r.state is State.BLOCKED:
-                return self._save(r, next_action_at=None)
-            blocked = self._move(r, State.BLOCKED, reason, last_error=reason)
-            self._notifier.notify(
-                "blocked", blocked, f"rotation of {r.user_name} blocked: {reason}"
+        if not deletable:
+            return self._block(
+                r,
+                f"inactive key(s) {', '.join(key_ids(inactive))} appeared after this rotation "
+                "began and were not created by it: the rotator does not delete them. Delete "
+                "one yourself to free a slot, then the rotation continues",
             )
-            return blocked
         if r.state is State.BLOCKED:
             return self._move(r, State.MAKE_ROOM, "a key is inactive now: a slot can be freed")
         # Prefer this rotation's own old key (a contained leak); else the oldest inactive.
         victim = next(
-            (k for k in inactive if k.access_key_id == r.old_key_id),
-            min(inactive, key=lambda k: k.created_at),
+            (k for k in deletable if k.access_key_id == r.old_key_id),
+            min(deletable, key=lambda k: k.created_at),
         )
         assert victim.access_key_id is not None
         self._delete_key(r, victim.access_key_id)
@@ -500,59 +663,75 @@ class Engine:
         keys = self._keys(r)
         if len(keys) >= 2:
             return self._move(r, State.MAKE_ROOM, "no free slot any more: a key appeared")
+        # The secret exists only until it is stored: Vault must answer for this path
+        # before a key is minted (an outage, a missing mount or a refusal shows here,
+        # and no key is created and then lost).
+        self._secrets.read(self._path(r))
         # The journal entry comes first: if we die after CreateAccessKey, recovery knows
-        # which key is ours by comparing with this list.
-        r = self._save(r, intent_key_ids=key_ids(keys), intent_at=self.now(), new_key_id=None)
+        # which key is ours by comparing with this list and this moment.
+        r = self._save(
+            r,
+            intent_key_ids=key_ids(keys),
+            intent_at=self.now(),
+            intent_until=None,
+            new_key_id=None,
+        )
         self._fault("create:intent_recorded")
+        self._ensure_lease(r)
         try:
             new = iam.create_access_key(r.user_name)
         except CapConflict:
             return self._move(
                 r, State.MAKE_ROOM, "IAM refused a new key: two keys exist", intent_key_ids=None
             )
+        except Exception:
+            # The call has ended, so any key it minted is older than this moment; look
+            # now, while no person had time to add one, and leave the retry to the caller.
+            r = self._save(r, intent_until=self.now())
+            recovered = self._reconcile(r)
+            if recovered.state is State.BLOCKED:
+                return recovered
+            raise
         log.register_secret(new.secret_access_key)
         self._wrote(r, new.access_key_id, KeyStatus.ACTIVE)
         self._fault("create:created")
-        r = self._save(r, new_key_id=new.access_key_id)
+        r = self._save(r, new_key_id=new.access_key_id, intent_until=self.now())
         self._fault("create:recorded")
         r = self._move(r, State.STORE, f"created key {new.access_key_id}")
         return self._store_new(r, new)
 
     def _store_new(self, r: Rotation, new: NewKey) -> Rotation:
-        path = self._secrets.path_for(r.account_id, r.user_name)
+        path = self._path(r)
         pause = self._timing.store_pause
         error = ""
+        refusal: RotatorError | None = None
         for attempt in range(1, self._timing.store_tries + 1):
             try:
                 version = self._write_secret(r, path, new)
                 break
-            except (PermissionDenied, BadInput) as exc:
-                # Retrying will not help (Vault refuses us, or the path holds something
-                # that is not a key pair); the secret would be lost, so the key goes.
-                self._discard_new_key(r, new.access_key_id)
-                return self._fail(r, f"{exc}; new key deleted")
+            except StaleRotation:
+                raise
             except (Transient, CasConflict) as exc:
                 error = str(exc)
                 _log.warning("vault.write_failed", rotation_id=r.id, attempt=attempt, error=error)
                 if attempt < self._timing.store_tries:
                     self._sleep(pause)
                     pause *= 2
+            except RotatorError as exc:
+                # Vault refuses us, the path holds something that is not a key pair, or
+                # someone else's newer key is there: retrying will not help.
+                error, refusal = str(exc), exc
+                break
         else:
-            self._discard_new_key(r, new.access_key_id)
-            attempts = r.attempts + 1
-            delay = min(self._timing.retry_base * (2 ** (attempts - 1)), self._timing.retry_cap)
-            return self._move(
-                r,
-                State.MAKE_ROOM,
-                f"Vault unavailable ({error}): new key {new.access_key_id} deleted, retry later",
-                new_key_id=None,
-                intent_key_ids=None,
-                intent_at=None,
-                attempts=attempts,
-                last_error=error,
-                next_action_at=self.now() + delay,
-            )
+            return self._unstored(r, new, error, refusal)
+        if refusal is not None:
+            return self._unstored(r, new, error, refusal)
         self._fault("store:written")
+        return self._stored_in_vault(r, path, version)
+
+    def _stored_in_vault(self, r: Rotation, path: str, version: int) -> Rotation:
+        # The overlap clock starts now, when this process saw the key stored; never
+        # from Vault's metadata, which may describe an earlier rotation.
         return self._move(
             r,
             State.VERIFY,
@@ -560,6 +739,59 @@ class Engine:
             stored_at=self.now(),
             vault_version=version,
         )
+
+    def _unstored(
+        self, r: Rotation, new: NewKey, error: str, refusal: RotatorError | None
+    ) -> Rotation:
+        """STORE could not confirm its write. The new key is deleted only once a read
+        that succeeds shows Vault does not hold it; until then the key is kept and
+        recovery looks again after a pause."""
+        path = self._path(r)
+        try:
+            held = self._read_key_pair(path)
+        except StaleRotation:
+            raise
+        except Exception as exc:
+            attempts = r.attempts + 1
+            why = (
+                f"{error}; Vault could not be read to tell whether new key "
+                f"{new.access_key_id} is stored ({exc}): the key is kept, retry later"
+            )
+            _log.warning("rotation.store_unconfirmed", rotation_id=r.id, error=why)
+            return self._save(
+                r,
+                attempts=attempts,
+                last_error=why,
+                next_action_at=self.now() + self._timing.backoff(attempts),
+            )
+        if held is not None and held.access_key_id == new.access_key_id:
+            return self._stored_in_vault(r, path, held.version)
+        self._discard_new_key(r, new.access_key_id)
+        if isinstance(refusal, _VaultTaken):
+            return self._block(r, f"{error}; new key {new.access_key_id} deleted")
+        if refusal is not None:
+            return self._fail(r, f"{error}; new key {new.access_key_id} deleted")
+        attempts = r.attempts + 1
+        return self._move(
+            r,
+            State.MAKE_ROOM,
+            f"Vault unavailable ({error}): new key {new.access_key_id} deleted, retry later",
+            new_key_id=None,
+            intent_key_ids=None,
+            intent_at=None,
+            intent_until=None,
+            attempts=attempts,
+            last_error=error,
+            next_action_at=self.now() + self._timing.backoff(attempts),
+        )
+
+    def _read_key_pair(self, path: str) -> StoredSecret | None:
+        """What Vault holds at `path`; None also when it holds something that is not a
+        key pair (then it certainly does not hold ours)."""
+        try:
+            return self._secrets.read(path)
+        except BadInput:
+            return None
 
     def _write_secret(self, r: Rotation, path: str, new: NewKey) -> int:
         current = self._secrets.read(path)
@@ -570,7 +802,35 @@ class Engine:
             "rotation_id": r.id,
             "rotated_at": self.now().astimezone(UTC).isoformat(timespec="seconds"),
         }
-        return self._secrets.write(path, new, metadata, cas=current.version if current else 0)
+        self._ensure_lease(r)
+        try:
+            return self._secrets.write(path, new, metadata, cas=current.version if current else 0)
+        except CasConflict:
+            # Someone wrote since we read. Never write again blindly: only while this
+            # rotation still holds its lease (proved by a round trip to the store), and
+            # only over its own earlier attempt or the key it replaces.
+            self._ensure_lease(r, renew=True)
+            latest = self._secrets.read(path)
+            if latest is not None and latest.access_key_id == new.access_key_id:
+                return latest.version
+            if latest is not None and self._someone_elses(r, latest):
+                writer = latest.metadata.get("rotation_id")
+                raise _VaultTaken(
+                    f"Vault at {path} now holds key {latest.access_key_id}, active in IAM and "
+                    f"written {f'by rotation {writer}' if writer else 'outside the rotator'} "
+                    "while this rotation was storing its own; it is not overwritten. Check "
+                    "which key consumers should use; the old key stays active"
+                ) from None
+            raise
+
+    def _someone_elses(self, r: Rotation, held: StoredSecret) -> bool:
+        """Whether `held` is a working key someone else put in Vault: not this rotation's
+        (an earlier attempt, or a stalled copy of it), not the key it replaces, and
+        Active in IAM. A key that works is never overwritten behind its writer's back."""
+        if held.metadata.get("rotation_id") == r.id or held.access_key_id == r.old_key_id:
+            return False
+        keys = self._keys(r, fresh=True)
+        return any(k.access_key_id == held.access_key_id and k.active for k in keys)
 
     def _discard_new_key(self, r: Rotation, key_id: str) -> None:
         with contextlib.suppress(NotFound):
@@ -582,25 +842,41 @@ class Engine:
         # In STORE on entry means the call that held the secret is gone.
         return self._reconcile(r)
 
+    def _attribute(self, r: Rotation, keys: list[AccessKey]) -> tuple[list[str], list[str]]:
+        """Split the keys that appeared since the intent into this rotation's own (created
+        inside the window of its CreateAccessKey call, or recorded as its new key) and
+        strangers (anyone else's: never deleted or deactivated)."""
+        before = set(r.intent_key_ids or ())
+        appeared = [k for k in keys if k.access_key_id and k.access_key_id not in before]
+        assert r.intent_at is not None
+        tolerance = self._timing.clock_tolerance
+        start = r.intent_at - tolerance
+        end = (r.intent_until or r.intent_at + self._timing.call_deadline) + tolerance
+        ours: list[str] = []
+        strangers: list[str] = []
+        for k in appeared:
+            assert k.access_key_id is not None
+            mine = k.access_key_id == r.new_key_id or (
+                r.new_key_id is None and start <= k.created_at <= end
+            )
+            (ours if mine else strangers).append(k.access_key_id)
+        return ours, strangers
+
     def _reconcile(self, r: Rotation) -> Rotation:
         """Recovery for CREATE (intent recorded) and STORE: every key created by this
-        rotation is either held by Vault (go on to VERIFY) or deleted (back to MAKE_ROOM)."""
+        rotation is either held by Vault (go on to VERIFY) or deleted (back to MAKE_ROOM);
+        a key anyone else created is left alone and named (BLOCKED)."""
         keys = self._keys(r, fresh=True)
-        before = set(r.intent_key_ids or ())
-        ours = [k.access_key_id for k in keys if k.access_key_id and k.access_key_id not in before]
-        if (
-            r.new_key_id
-            and r.new_key_id not in ours
-            and any(k.access_key_id == r.new_key_id for k in keys)
-        ):
-            ours.append(r.new_key_id)
-        path = self._secrets.path_for(r.account_id, r.user_name)
-        try:
-            held = self._secrets.read(path)
-        except BadInput:
-            # Not a key pair at the path, so not our key either: ours are orphans. (STORE
-            # will then fail on the same path and call an operator.)
-            held = None
+        ours, strangers = self._attribute(r, keys)
+        # Nothing is deleted unless this read succeeds: while Vault cannot be read, the
+        # error leaves the rotation here, to look again after a pause.
+        held = self._read_key_pair(self._path(r))
+        if len(ours) > 1:
+            # One CreateAccessKey mints one key: someone else created another within the
+            # call's window, and which is which cannot be told apart.
+            kept_one = [k for k in ours if held is not None and held.access_key_id == k]
+            strangers += [k for k in ours if k not in kept_one]
+            ours = kept_one
         kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
         for key_id in ours:
             if key_id != kept:
@@ -615,13 +891,21 @@ class Engine:
                 State.VERIFY,
                 f"recovered: Vault holds key {kept}",
                 new_key_id=kept,
-                stored_at=_rotated_at(held) or self.now(),
+                stored_at=self.now(),
                 vault_version=held.version,
+            )
+        if strangers:
+            return self._block(
+                r,
+                f"key(s) {', '.join(sorted(strangers))} appeared while this rotation was "
+                "creating its key and were not created by it: the rotator leaves them alone. "
+                "Delete or deactivate the one no consumer needs, then the rotation continues",
             )
         if r.state is State.CREATE and not ours:
             # CreateAccessKey never took effect: clear the intent and create now.
-            r = self._save(r, intent_key_ids=None, intent_at=None, new_key_id=None)
-            return r
+            return self._save(
+                r, intent_key_ids=None, intent_at=None, intent_until=None, new_key_id=None
+            )
         return self._move(
             r,
             State.MAKE_ROOM,
@@ -629,25 +913,25 @@ class Engine:
             new_key_id=None,
             intent_key_ids=None,
             intent_at=None,
+            intent_until=None,
         )
 
     def _verify(self, r: Rotation) -> Rotation:
-        path = self._secrets.path_for(r.account_id, r.user_name)
+        path = self._path(r)
         held = self._secrets.read(path)
         if held is None or held.access_key_id != r.new_key_id:
             found = held.access_key_id if held else "nothing"
             return self._fail(r, f"Vault at {path} holds {found}, not the new key {r.new_key_id}")
+        self._repair_metadata(r, path, held)
         started = r.stored_at or self.now()
         try:
             arn = self._iam(r.account_id).caller_arn(held.as_new_key())
         except Transient as exc:
             # A new key is eventually consistent. Come back shortly instead of holding
-            # a worker idle: other rotations can progress meanwhile.
+            # a worker idle: other rotations can progress meanwhile. The deadline counts
+            # from when the key was stored, so it holds across processes and restarts.
             now = self.now()
-            with self._lock:
-                first = self._verify_started.setdefault(r.id, now)
-            if now - first >= self._timing.verify_timeout:
-                self._verify_done(r.id)
+            if now - started >= self._timing.verify_timeout:
                 return self._verify_failed(r, f"new key did not work within verify_timeout: {exc}")
             attempts = r.attempts + 1
             return self._save(
@@ -656,7 +940,6 @@ class Engine:
                 last_error=f"new key not accepted yet: {exc}",
                 next_action_at=now + timedelta(seconds=min(2 ** (attempts - 1), 8)),
             )
-        self._verify_done(r.id)
         if not arn_is_user(arn, r.account_id, r.user_name):
             return self._verify_failed(
                 r, f"new key authenticates as {arn}, not as user {r.user_name}"
@@ -677,9 +960,25 @@ class Engine:
             next_action_at=started + overlap,
         )
 
-    def _verify_done(self, rotation_id: str) -> None:
-        with self._lock:
-            self._verify_started.pop(rotation_id, None)
+    def _repair_metadata(self, r: Rotation, path: str, held: StoredSecret) -> None:
+        """Custom metadata is a second call after the data write, so a lost response or
+        a crash can leave it naming the previous key: make it name the key Vault holds."""
+        if (
+            held.metadata.get("access_key_id") == held.access_key_id
+            and held.metadata.get("rotation_id") == r.id
+        ):
+            return
+        stored = r.stored_at or self.now()
+        self._ensure_lease(r)
+        self._secrets.set_metadata(
+            path,
+            {
+                "access_key_id": held.access_key_id,
+                "rotation_id": r.id,
+                "rotated_at": stored.astimezone(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        self._note(r, f"custom metadata at {path} repaired to name key {held.access_key_id}")
 
     def _verify_failed(self, r: Rotation, error: str) -> Rotation:
         """A new key that does not work may belong to a user deleted meanwhile (its keys
@@ -690,6 +989,47 @@ class Engine:
         except NotFound:
             return self._move(r, State.CANCELLED, f"user {r.user_name} no longer exists")
         return self._fail(r, error)
+
+    def _replacement_problem(self, r: Rotation) -> str | None:
+        """Before the old key is touched: what is wrong with its replacement (None: it
+        exists, is Active, and is what Vault serves). The listing is this `advance`
+        call's, so it was taken after the last wait (an overlap, a retirement)."""
+        keys = {k.access_key_id: k for k in self._keys(r)}
+        new = keys.get(r.new_key_id) if r.new_key_id else None
+        if new is None:
+            return f"its new key {r.new_key_id} no longer exists in IAM"
+        if not new.active:
+            return f"its new key {r.new_key_id} is {new.status.value} in IAM"
+        path = self._path(r)
+        held = self._secrets.read(path)
+        if held is None or held.access_key_id != r.new_key_id:
+            serves = held.access_key_id if held else "nothing"
+            return f"Vault at {path} serves {serves}, not its new key {r.new_key_id}"
+        return None
+
+    def _halt(self, r: Rotation, problem: str) -> Rotation:
+        """The replacement cannot be relied on: end without touching the old key."""
+        return self._fail(
+            r,
+            f"{problem}: old key {r.old_key_id} left as it is (nothing deactivated or "
+            "deleted). Check which key consumers use; the next scan opens a new rotation "
+            "while the old key is due",
+        )
+
+    def _old_key_gone(self, r: Rotation) -> Rotation:
+        """The old key no longer exists: the goal is reached, if its replacement is sound."""
+        problem = None if r.leaked else self._replacement_problem(r)
+        if problem is not None:
+            return self._fail(
+                r, f"old key {r.old_key_id} was deleted outside the rotator and {problem}"
+            )
+        done = self._move(
+            r, State.DONE, f"old key {r.old_key_id} already gone; new key {r.new_key_id} in use"
+        )
+        self._notifier.notify(
+            "done", done, f"{r.user_name}: key rotated, new key {r.new_key_id} in Vault"
+        )
+        return done
 
     def _overlap(self, r: Rotation) -> Rotation:
         assert r.stored_at is not None
@@ -704,7 +1044,12 @@ class Engine:
             # No overlap was asked for: there is no window for consumers to switch in,
             # so whether they still use the old key changes nothing.
             return self._move(r, State.DEACTIVATE, "no overlap")
-        last = self._iam(r.account_id).key_last_used(r.old_key_id).last_used_at
+        try:
+            last = self._iam(r.account_id).key_last_used(r.old_key_id).last_used_at
+        except NotFound:
+            if not any(k.access_key_id == r.old_key_id for k in self._keys(r, fresh=True)):
+                return self._old_key_gone(r)
+            raise
         still_used = last is not None and last > r.stored_at
         limit = r.stored_at + max(overlap, self._timing.overlap_limit)
         if still_used and now < limit:
@@ -730,22 +1075,24 @@ class Engine:
         return timedelta(0) if r.leaked else self._timing.delete_after
 
     def _deactivate(self, r: Rotation) -> Rotation:
-        # Invariant 2: never before the replacement is stored and verified.
+        # Invariant 2: never before the replacement is stored, verified, and still sound.
         assert r.stored_at is not None
         assert r.verified_at is not None
         assert r.old_key_id is not None
-        known = self._known_keys(r)
-        old = next((k for k in known or () if k.access_key_id == r.old_key_id), None)
-        if known is not None and old is None:
-            return self._move(r, State.DELETE, f"old key {r.old_key_id} already gone")
-        if old is None or old.active:
-            # Setting Inactive is idempotent, so without a fresh listing the update
-            # itself is the read: NoSuchEntity says the key (or the user) is gone.
+        # A leaked key goes whatever became of its replacement: containment comes first.
+        problem = None if r.leaked else self._replacement_problem(r)
+        keys = {k.access_key_id: k for k in self._keys(r)}
+        old = keys.get(r.old_key_id)
+        if old is None:
+            return self._old_key_gone(r)
+        if problem is not None:
+            return self._halt(r, problem)
+        if old.active:
             try:
                 self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
             except NotFound:
                 self._keys(r, fresh=True)  # raises NotFound again when the user is gone
-                return self._move(r, State.DELETE, f"old key {r.old_key_id} already gone")
+                return self._old_key_gone(r)
             self._fault("deactivate:done")
         now = self.now()
         keep = self._retention(r)
@@ -767,34 +1114,40 @@ class Engine:
     def _delete(self, r: Rotation) -> Rotation:
         keys = {k.access_key_id: k for k in self._keys(r)}
         old = keys.get(r.old_key_id) if r.old_key_id else None
-        if old is not None:
-            assert r.old_key_id is not None
-            if old.active and not r.leaked:
-                # Someone turned it back on while it was retired: that is a rollback.
-                return self._move(
+        if old is None:
+            if r.leaked or r.old_key_id is None:
+                return self._done(r, f"old key {r.old_key_id} deleted")
+            return self._old_key_gone(r)
+        assert r.old_key_id is not None
+        if old.active and not r.leaked:
+            # Someone turned it back on while it was retired: that is a rollback.
+            return self._move(
+                r,
+                State.ROLLED_BACK,
+                f"old key {r.old_key_id} was reactivated outside the rotator",
+            )
+        if not r.leaked:
+            problem = self._replacement_problem(r)
+            if problem is not None:
+                # The old key is the user's last sound key: turn it back on, keep it.
+                self._set_status(r, r.old_key_id, KeyStatus.ACTIVE)
+                return self._fail(
                     r,
-                    State.ROLLED_BACK,
-                    f"old key {r.old_key_id} was reactivated outside the rotator",
+                    f"{problem}: old key {r.old_key_id} reactivated so that the user keeps "
+                    "a working key, and not deleted. Check which key consumers use",
                 )
-            if old.active:
-                self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
-            self._delete_key(r, r.old_key_id)
-            self._fault("delete:done")
-        done = self._move(r, State.DONE, f"old key {r.old_key_id} deleted")
+        if old.active:
+            self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
+        self._delete_key(r, r.old_key_id)
+        self._fault("delete:done")
+        return self._done(r, f"old key {r.old_key_id} deleted")
+
+    def _done(self, r: Rotation, reason: str) -> Rotation:
+        done = self._move(r, State.DONE, reason)
         self._notifier.notify(
             "done", done, f"{r.user_name}: key rotated, new key {r.new_key_id} in Vault"
         )
         return done
-
-
-def _rotated_at(held: StoredSecret) -> datetime | None:
-    text = held.metadata.get("rotated_at")
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text).astimezone(UTC)
-    except ValueError:
-        return None
 
 
 __all__ = ["Engine", "SimulatedCrash", "Timing", "arn_is_user", "new_rotation"]

@@ -65,6 +65,11 @@ class StaleRotation(RotatorError):
     """A rotation was saved from a state it is no longer in: another process moved it."""
 
 
+class LeaseLost(StaleRotation):
+    """This process no longer holds the rotation's lease (it expired, or another process
+    took it over): it must make no further side effect and no further write."""
+
+
 class LeaseHeld(RotatorError):
     """Another live process is advancing this rotation right now."""
 

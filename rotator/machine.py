@@ -10,7 +10,10 @@
                 ROLLED_BACK (old key reactivated), CANCELLED (user gone, or withdrawn)
 
 CREATE and STORE lead back to MAKE_ROOM when a new key had to be deleted (its secret
-could not be stored). BLOCKED leads back to MAKE_ROOM when a later pass finds a free slot.
+could not be stored), and to BLOCKED when a key nobody can attribute to the rotation
+appeared, or Vault holds someone else's newer key. BLOCKED leads back to MAKE_ROOM when a
+later pass finds a free slot. OVERLAP and DEACTIVATE end DONE when the old key is already
+gone (the goal is reached).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.PLANNED: frozenset({S.CONTAIN, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
     S.CONTAIN: frozenset({S.MAKE_ROOM} | _EXITS),
     S.MAKE_ROOM: frozenset({S.CREATE, S.BLOCKED} | _EXITS),
-    S.CREATE: frozenset({S.STORE, S.MAKE_ROOM} | _EXITS),
-    S.STORE: frozenset({S.VERIFY, S.MAKE_ROOM} | _EXITS),
+    S.CREATE: frozenset({S.STORE, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
+    S.STORE: frozenset({S.VERIFY, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
     S.VERIFY: frozenset({S.OVERLAP, S.DELETE, S.DONE} | _EXITS),
-    S.OVERLAP: frozenset({S.DEACTIVATE} | _EXITS),
-    S.DEACTIVATE: frozenset({S.RETIRE, S.DELETE, S.ROLLED_BACK} | _EXITS),
+    S.OVERLAP: frozenset({S.DEACTIVATE, S.DONE} | _EXITS),
+    S.DEACTIVATE: frozenset({S.RETIRE, S.DONE, S.ROLLED_BACK} | _EXITS),
     S.RETIRE: frozenset({S.DELETE, S.ROLLED_BACK} | _EXITS),
     S.DELETE: frozenset({S.DONE, S.ROLLED_BACK} | _EXITS),
     S.BLOCKED: frozenset({S.MAKE_ROOM} | _EXITS),

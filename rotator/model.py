@@ -140,6 +140,9 @@ class Rotation:
     # CREATE's journal: the key ids that existed before CreateAccessKey, and when.
     intent_key_ids: tuple[str, ...] | None = None
     intent_at: datetime | None = None
+    # When CreateAccessKey had certainly ended (returned, failed, or its deadline
+    # passed): a key created after this moment is not this rotation's.
+    intent_until: datetime | None = None
     stored_at: datetime | None = None
     vault_version: int | None = None
     verified_at: datetime | None = None
@@ -156,6 +159,18 @@ class Rotation:
         return (
             self.state is State.BLOCKED or self.next_action_at is None or self.next_action_at <= now
         )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to advance one rotation. `token` (the fencing token) grows with every
+    acquisition by a new holder; the state store refuses a write whose lease is no
+    longer the current one, so a process that stalled past its lease cannot write
+    over the progress of the one that took over."""
+
+    rotation_id: str
+    owner: str
+    token: int
 
 
 @dataclass(frozen=True)

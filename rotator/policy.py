@@ -7,8 +7,9 @@ Order of the rules, first match wins per user:
             replacement of a contained leak is leaked;
   then per active key by age: rotate (> max_age), warn (> warn_age), ok.
   A due key whose user holds two active keys is `blocked`: no slot can be freed without
-  guessing which key a consumer uses. An inactive key never blocks: it is the slot
-  MAKE_ROOM will free.
+  guessing which key a consumer uses; so is one whose user name cannot be a Vault path
+  (`rotator.paths`), since its new secret could not be stored. An inactive key never
+  blocks: it is the slot MAKE_ROOM will free.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from rotator.model import AccessKey, Decision, IamUser, KeyDecision
+from rotator.paths import path_problem
 
 _DAY = 86400.0
 
@@ -106,7 +108,10 @@ def decide_user(
         age = now - key.created_at
         if age > rules.max_age:
             reason = f"age {days}d > max_age {format_days(rules.max_age)}"
-            if len(active) >= 2:
+            unstorable = path_problem(user.user_name)
+            if unstorable is not None:
+                out.append(KeyDecision(user, key, Decision.BLOCKED, f"{reason}, but {unstorable}"))
+            elif len(active) >= 2:
                 out.append(
                     KeyDecision(
                         user,

@@ -12,7 +12,16 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from rotator.machine import State
-from rotator.model import AccessKey, Event, IamUser, KeyStatus, NewKey, Rotation, StoredSecret
+from rotator.model import (
+    AccessKey,
+    Event,
+    IamUser,
+    KeyStatus,
+    Lease,
+    NewKey,
+    Rotation,
+    StoredSecret,
+)
 
 
 class Clock(Protocol):
@@ -75,15 +84,24 @@ class IamPort(Protocol):
 class SecretStore(Protocol):
     """Where new keys live (Vault KV v2)."""
 
-    def path_for(self, account_id: str, user_name: str) -> str: ...
+    def path_for(self, account_id: str, user_name: str) -> str:
+        """The user's secret path; raises `BadInput` when the user name cannot be one."""
+        ...
 
     def read(self, path: str) -> StoredSecret | None:
-        """The latest version at `path`, or None when nothing (or a deleted version) is there."""
+        """The latest version at `path`, or None when nothing (or a deleted version) is
+        there. Raises `BadInput` when the path holds something that is not a key pair,
+        `ConfigError` when the mount does not exist."""
         ...
 
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
         """Write a new version with check-and-set `cas` (0: must not exist yet) and set
         custom metadata; return the new version. Raises `CasConflict`."""
+        ...
+
+    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
+        """Replace the custom metadata at `path` (repairs a write whose second call,
+        the metadata, was lost)."""
         ...
 
     def check(self) -> None:
@@ -111,10 +129,19 @@ class StateStore(Protocol):
         """Every open rotation and at most `limit` of the newest closed ones, newest first."""
         ...
 
-    def save(self, rotation: Rotation, reason: str, from_state: State | None = None) -> None:
+    def save(
+        self,
+        rotation: Rotation,
+        reason: str,
+        from_state: State | None = None,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
         """Persist `rotation`. When `from_state` is given, the stored row must still be in
         `from_state` (else `StaleRotation`), and when it differs from `rotation.state` an
-        event (from, to, reason) is appended in the same transaction."""
+        event (from, to, reason) is appended in the same transaction. When `lease` is
+        given, the write happens only while that lease is the rotation's current,
+        unexpired one by the store's own clock (else `LeaseLost`, nothing written)."""
         ...
 
     def add_dead_letter(self, source: str, message_id: str, error: str, body: str) -> None:
@@ -127,15 +154,20 @@ class StateStore(Protocol):
         """Key ids issued to replace a contained leak (by rotations that did not fail)."""
         ...
 
-    def record(self, rotation_id: str, state: State, reason: str) -> None:
-        """Append a note to the trail of a rotation that stays in `state`."""
+    def record(
+        self, rotation_id: str, state: State, reason: str, *, lease: Lease | None = None
+    ) -> None:
+        """Append a note to the trail of a rotation that stays in `state`; fenced by
+        `lease` as `save` is."""
         ...
 
     def events(self, rotation_id: str) -> list[Event]: ...
 
-    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> bool:
-        """Take or renew the lease on a rotation; False when another live owner holds it.
-        Raises `NotFound` for an unknown rotation."""
+    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> Lease | None:
+        """Take or renew the lease on a rotation for `ttl` from now by the store's clock;
+        None when another live owner holds it. A renewal by the holder of an unexpired
+        lease keeps its token; any other acquisition gets a greater token than every
+        earlier one of that rotation. Raises `NotFound` for an unknown rotation."""
         ...
 
     def release_lease(self, rotation_id: str, owner: str) -> None: ...

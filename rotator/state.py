@@ -13,6 +13,9 @@ sqlite3. What it guarantees, and how:
 - Leases: the owner string is opaque, but the row also records the holder's host and pid,
   so a lease left by a process that died on this host is taken over at once instead of
   delaying recovery until it expires.
+- Fencing: each lease carries a token that grows with every new holder; `save` and
+  `record` given a lease check, in the same transaction as the write, that it is still
+  the current one and unexpired by this store's clock, and raise `LeaseLost` otherwise.
 - The schema is versioned with `PRAGMA user_version`; migrations run in order inside one
   write transaction, and a file written by a newer rotator is refused.
 - Files are private: missing parent directories are created 0700, the database and its
@@ -41,6 +44,7 @@ from typing import Final
 
 from rotator.errors import (
     BackendUnavailable,
+    LeaseLost,
     NotFound,
     RotationExists,
     RotatorError,
@@ -48,7 +52,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.machine import TERMINAL, State
-from rotator.model import Event, Rotation, RotationReason
+from rotator.model import Event, Lease, Rotation, RotationReason
 from rotator.ports import Clock
 
 # The state values below are our own enum's values (no user input), so building SQL
@@ -141,6 +145,13 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    (
+        # Fencing: every acquisition of a rotation's lease by a new holder gets a greater
+        # token; rows are kept on release so that the count never starts over.
+        "ALTER TABLE leases ADD COLUMN token INTEGER NOT NULL DEFAULT 0",
+        # The end of the window in which CreateAccessKey may have minted a key.
+        "ALTER TABLE rotations ADD COLUMN intent_until TEXT",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -160,6 +171,7 @@ _COLUMNS: Final = (
     "note",
     "intent_key_ids",
     "intent_at",
+    "intent_until",
     "stored_at",
     "vault_version",
     "verified_at",
@@ -334,9 +346,18 @@ class SqliteStateStore:
             rows = conn.execute(sql, (account_id,)).fetchall()
         return {str(r[0]) for r in rows}
 
-    def save(self, rotation: Rotation, reason: str, from_state: State | None = None) -> None:
+    def save(
+        self,
+        rotation: Rotation,
+        reason: str,
+        from_state: State | None = None,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
         row = _encode(rotation)
         with self._write("save") as conn:
+            if lease is not None:
+                self._fence(conn, rotation.id, lease)
             if from_state is not None:
                 current = conn.execute(
                     "SELECT state FROM rotations WHERE id = ?", (rotation.id,)
@@ -357,11 +378,15 @@ class SqliteStateStore:
             if from_state is not None and from_state != rotation.state:
                 self._append_event(conn, rotation.id, from_state, rotation.state, reason)
 
-    def record(self, rotation_id: str, state: State, reason: str) -> None:
+    def record(
+        self, rotation_id: str, state: State, reason: str, *, lease: Lease | None = None
+    ) -> None:
         """Append a note to the trail of a rotation that stays in `state` (e.g. "consumers
         still use the old key"): an event whose from and to states are both `state`."""
         with self._write("record") as conn:
             self._require(conn, rotation_id)
+            if lease is not None:
+                self._fence(conn, rotation_id, lease)
             self._append_event(conn, rotation_id, state, state, reason)
 
     def events(self, rotation_id: str) -> list[Event]:
@@ -383,26 +408,32 @@ class SqliteStateStore:
             for r in rows
         ]
 
-    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> bool:
+    def acquire_lease(self, rotation_id: str, owner: str, ttl: timedelta) -> Lease | None:
         """Take the lease when it is free, expired, already `owner`'s (renewal), or held by
-        a process on this host that no longer exists; False otherwise."""
+        a process on this host that no longer exists; None otherwise. Only a renewal of
+        an unexpired lease keeps the token: anything else fences off earlier holders."""
         if ttl <= timedelta(0):
             raise ValueError(f"lease ttl must be positive, not {ttl}")
         now = self._clock()
         with self._write("acquire_lease") as conn:
             self._require(conn, rotation_id)
             held = conn.execute(
-                "SELECT owner, host, pid_ns, pid, expires_at FROM leases WHERE rotation_id = ?",
+                "SELECT owner, host, pid_ns, pid, expires_at, token FROM leases "
+                "WHERE rotation_id = ?",
                 (rotation_id,),
             ).fetchone()
-            if held is not None and not self._may_take(held, owner, now):
-                return False
+            token = 1
+            if held is not None:
+                if not self._may_take(held[:5], owner, now):
+                    return None
+                renewal = held[0] == owner and _parse_ts(held[4]) > now
+                token = _int(held[5]) if renewal else _int(held[5]) + 1
             conn.execute(
-                "INSERT INTO leases (rotation_id, owner, host, pid_ns, pid, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO leases (rotation_id, owner, host, pid_ns, pid, expires_at, token) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (rotation_id) DO UPDATE SET owner = excluded.owner, "
                 "host = excluded.host, pid_ns = excluded.pid_ns, pid = excluded.pid, "
-                "expires_at = excluded.expires_at",
+                "expires_at = excluded.expires_at, token = excluded.token",
                 (
                     rotation_id,
                     owner,
@@ -410,15 +441,18 @@ class SqliteStateStore:
                     self._pid_ns,
                     os.getpid(),
                     _encode_ts(now + ttl),
+                    token,
                 ),
             )
-        return True
+        return Lease(rotation_id, owner, token)
 
     def release_lease(self, rotation_id: str, owner: str) -> None:
-        """Drop the lease if `owner` holds it; a no-op otherwise."""
+        """End the lease now if `owner` holds it; a no-op otherwise. The row stays, with
+        its token, so that the next holder's token is greater still."""
         with self._write("release_lease") as conn:
             conn.execute(
-                "DELETE FROM leases WHERE rotation_id = ? AND owner = ?", (rotation_id, owner)
+                "UPDATE leases SET expires_at = ? WHERE rotation_id = ? AND owner = ?",
+                (_encode_ts(self._clock()), rotation_id, owner),
             )
 
     def check(self) -> None:
@@ -599,6 +633,19 @@ class SqliteStateStore:
         same_machine = host == self._host and pid_ns == self._pid_ns
         return same_machine and isinstance(pid, int) and not _pid_alive(pid)
 
+    def _fence(self, conn: sqlite3.Connection, rotation_id: str, lease: Lease) -> None:
+        """Raise `LeaseLost` unless `lease` is the rotation's current, unexpired lease.
+        Runs inside the write transaction, so the check and the write are one."""
+        if lease.rotation_id != rotation_id:
+            raise ValueError(f"lease of {lease.rotation_id} used to write {rotation_id}")
+        row = conn.execute(
+            "SELECT owner, token, expires_at FROM leases WHERE rotation_id = ?", (rotation_id,)
+        ).fetchone()
+        if row is None or row[0] != lease.owner or _int(row[1]) != lease.token:
+            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} was taken over")
+        if _parse_ts(row[2]) <= self._clock():
+            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} has expired")
+
     @staticmethod
     def _require(conn: sqlite3.Connection, rotation_id: str) -> None:
         if conn.execute("SELECT 1 FROM rotations WHERE id = ?", (rotation_id,)).fetchone() is None:
@@ -753,6 +800,7 @@ def _encode(r: Rotation) -> dict[str, object]:
         "note": r.note,
         "intent_key_ids": None if r.intent_key_ids is None else json.dumps(r.intent_key_ids),
         "intent_at": _encode_opt_ts(r.intent_at),
+        "intent_until": _encode_opt_ts(r.intent_until),
         "stored_at": _encode_opt_ts(r.stored_at),
         "vault_version": r.vault_version,
         "verified_at": _encode_opt_ts(r.verified_at),
@@ -786,6 +834,7 @@ def _decode(values: Sequence[object]) -> Rotation:
         note=_opt_str(row["note"]),
         intent_key_ids=None if intent is None else tuple(str(k) for k in json.loads(str(intent))),
         intent_at=_parse_opt_ts(row["intent_at"]),
+        intent_until=_parse_opt_ts(row["intent_until"]),
         stored_at=_parse_opt_ts(row["stored_at"]),
         vault_version=_opt_int(row["vault_version"]),
         verified_at=_parse_opt_ts(row["verified_at"]),

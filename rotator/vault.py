@@ -41,6 +41,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.model import NewKey, StoredSecret
+from rotator.paths import secret_path
 from rotator.ports import Clock
 
 __all__ = [
@@ -365,7 +366,7 @@ class VaultStore:
     # ---- SecretStore
 
     def path_for(self, account_id: str, user_name: str) -> str:
-        return self.path_template.format(account_id=account_id, user_name=user_name).strip("/")
+        return secret_path(self.path_template, account_id, user_name)
 
     def read(self, path: str) -> StoredSecret | None:
         resource = f"{self.mount}/data/{path}"
@@ -384,7 +385,11 @@ class VaultStore:
                     raise
                 return None
 
-        resp = self._call(op, action="vault:read", resource=resource)
+        try:
+            resp = self._call(op, action="vault:read", resource=resource)
+        except NotFound as exc:
+            # Only a 404 with an error gets here: no KV engine answers at the mount.
+            raise ConfigError([f"vault.mount: {self.mount!r}: {exc}"]) from exc
         if not isinstance(resp, dict):
             return None
         body = resp.get("data") or {}
@@ -479,21 +484,27 @@ class VaultStore:
 
     # ---- internals
 
+    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
+        """Replace the custom metadata at `path` (a repair when a write's second call was
+        lost). Raises like every other call."""
+        resource = f"{self.mount}/metadata/{path}"
+        custom = {str(k): str(v) for k, v in metadata.items()}
+        self._call(
+            lambda: self._client.secrets.kv.v2.update_metadata(
+                path=path, custom_metadata=custom, mount_point=self.mount
+            ),
+            action="vault:update",
+            resource=resource,
+        )
+
     def _set_custom_metadata(self, path: str, version: int, metadata: Mapping[str, str]) -> None:
         """Custom metadata lives on the path, not the version, so it can only be set
         after the CAS write. The data write is the commitment: if this second call
         fails, the key *is* stored, and raising would invite the caller to delete a
-        key that consumers may already be reading. It is logged instead."""
-        resource = f"{self.mount}/metadata/{path}"
-        custom = {str(k): str(v) for k, v in metadata.items()}
+        key that consumers may already be reading. It is logged instead, and the engine
+        repairs it when it verifies the key."""
         try:
-            self._call(
-                lambda: self._client.secrets.kv.v2.update_metadata(
-                    path=path, custom_metadata=custom, mount_point=self.mount
-                ),
-                action="vault:update",
-                resource=resource,
-            )
+            self.set_metadata(path, metadata)
         except RotatorError as exc:
             log.warning(
                 "vault.custom_metadata_failed",

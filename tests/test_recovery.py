@@ -39,6 +39,7 @@ from rotator.ports import IamPort, SecretStore
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
+from tests.faultproxy import FaultProxy, vault_error, vault_path
 from tests.rig import FakeClock, settings_for, vault_secret
 
 D = timedelta(days=1)
@@ -404,12 +405,13 @@ def test_crash_during_recovery_itself_is_recovered_too(
 # --- Vault unreachable during STORE ------------------------------------------------------
 
 
-def test_vault_down_during_store_deletes_the_new_key_and_retries_later(
+def test_vault_down_during_store_keeps_the_new_key_until_a_read_shows_vault_lacks_it(
     aws: LocalAws, own_vault: Callable[[], VaultTarget], tmp_path: Path
 ) -> None:
-    """When Vault dies between CreateAccessKey and the write, the new key is deleted,
-    the old one stays active, and the rotation waits in MAKE_ROOM with the error and
-    an attempt counted; once Vault is back a later pass completes."""
+    """When Vault dies between CreateAccessKey and the write, nothing proves the write
+    did not land: the new key is kept, the old one stays active, and the rotation waits
+    in STORE with the error and an attempt counted. Once Vault answers again, a read
+    shows it lacks the key, which is deleted then, and a later pass completes."""
     clock = FakeClock()
     fresh_report(aws)
     [old] = aws.add_user(USER, keys=[SeedKey(120 * D)], now=clock.now)
@@ -426,27 +428,26 @@ def test_vault_down_during_store_deletes_the_new_key_and_retries_later(
     app = build(settings, clock, fault=watch)
     watch.app = app
     run_pass(app)
-    assert "store:discarded" in watch.points
+    assert "store:discarded" not in watch.points
     r = latest(settings)
-    assert r.state is State.MAKE_ROOM
+    assert r.state is State.STORE
     assert r.attempts == 1
-    assert "unreachable" in (r.last_error or "")
+    assert "could not be read" in (r.last_error or "")
     assert r.next_action_at is not None
     assert r.next_action_at > clock.now
-    assert r.new_key_id is None
-    assert r.intent_key_ids is None
     assert len(doomed) == 1
-    assert aws.keys(USER) == {old.access_key_id: KeyStatus.ACTIVE}
-    [back] = [e for e in events_of(settings, r.id) if e.to_state is State.MAKE_ROOM][-1:]
-    assert back.from_state is State.STORE
-    assert next(iter(doomed)) in back.reason
+    assert r.new_key_id == next(iter(doomed))
+    assert aws.keys(USER) == {
+        old.access_key_id: KeyStatus.ACTIVE,
+        r.new_key_id: KeyStatus.ACTIVE,
+    }
 
     # Vault is back (a new server, so new settings); before the retry is due, nothing moves.
     second = own_vault()
     settings = settings_for(aws, second, tmp_path)
     run_pass(build(settings, clock))
-    assert latest(settings).state is State.MAKE_ROOM
-    assert aws.keys(USER) == {old.access_key_id: KeyStatus.ACTIVE}
+    assert latest(settings).state is State.STORE
+    assert set(aws.keys(USER)) == {old.access_key_id, *doomed}
 
     assert r.next_action_at is not None
     clock.now = r.next_action_at
@@ -458,33 +459,35 @@ def test_vault_down_during_store_deletes_the_new_key_and_retries_later(
     assert done.id == r.id
     assert_rotated(aws, second, done, watch)
     assert watch.violations == []
+    assert not doomed & set(aws.keys(USER)), "the unstored key was deleted once Vault answered"
     assert doomed.isdisjoint(aws.keys(USER))
 
 
 def test_crash_right_after_the_unstorable_key_was_deleted_recovers(
-    aws: LocalAws, own_vault: Callable[[], VaultTarget], tmp_path: Path
+    aws: LocalAws,
+    vault: VaultTarget,
+    fault_proxy: Callable[[str], FaultProxy],
+    tmp_path: Path,
 ) -> None:
-    """A process killed at `store:discarded` (Vault down, the new key already deleted,
-    the rotation still in STORE) is recovered: back to MAKE_ROOM, then DONE."""
+    """Vault refuses every write (503) but answers reads: a read shows it lacks the new
+    key, which is deleted; a process killed right then (`store:discarded`, the rotation
+    still in STORE) is recovered: back to MAKE_ROOM, then DONE."""
     clock = FakeClock()
     _, original = seed(aws, "normal", clock)
-    first = own_vault()
-    settings = settings_for(aws, first, tmp_path)
-
-    def kill_vault(point: str) -> None:
-        if point == "create:recorded":
-            first.server.stop()
-
-    watch = Watch(aws, first, original=original, crash_at="store:discarded", also=kill_vault)
+    proxy = fault_proxy(vault.addr)
+    settings = settings_for(aws, vault, tmp_path, vault={"url": proxy.url})
+    writes = vault_path("POST", rf"/v1/{vault.mount}/data/")
+    proxy.add(writes, vault_error(503, ["Vault is sealed"]))
+    watch = Watch(aws, vault, original=original, crash_at="store:discarded")
     app = build(settings, clock, fault=watch)
     watch.app = app
     with pytest.raises(SimulatedCrash):
         run_pass(app)
     assert latest(settings).state is State.STORE
-    second = own_vault()
-    watch.vault = second
-    r, _ = recover(settings_for(aws, second, tmp_path), clock, watch)
-    assert_rotated(aws, second, r, watch)
+    assert set(aws.keys(USER)) == original
+    proxy.clear()
+    r, _ = recover(settings, clock, watch)
+    assert_rotated(aws, vault, r, watch)
     assert watch.violations == []
 
 
@@ -759,8 +762,9 @@ def test_create_access_key_answer_lost_leaves_no_orphan(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path
 ) -> None:
     """CreateAccessKey mints a key but its answer is lost (a timeout, so the secret is
-    never seen): the rotation keeps its recorded intent, and the next pass finds the
-    key by it, deletes it, and rotates with a fresh key: the only one left, in Vault."""
+    never seen): the same step finds the key by its recorded intent and the call's
+    window, deletes it and backs off; the next pass rotates with a fresh key: the only
+    one left, in Vault."""
     clock = FakeClock()
     _, original = seed(aws, "normal", clock)
     settings = settings_for(aws, vault, tmp_path)
@@ -770,9 +774,14 @@ def test_create_access_key_answer_lost_leaves_no_orphan(
     watch.app = app
     run_pass(app)
     r = latest(settings)
-    assert r.state is State.CREATE
-    assert r.intent_key_ids == tuple(sorted(original))
-    [orphan] = set(aws.keys(USER)) - original
+    assert r.state is State.MAKE_ROOM
+    assert r.intent_key_ids is None
+    assert r.attempts == 1
+    assert set(aws.keys(USER)) == original, "the orphan is gone at once"
+    [orphan] = [
+        e.reason.split()[3] for e in events_of(settings, r.id) if "orphan" in e.reason
+    ]
+    assert orphan.startswith("AKIA")
     assert r.next_action_at is not None
     clock.now = r.next_action_at
     app = build(settings, clock, fault=watch, cls=cls)

@@ -217,11 +217,13 @@ def test_read_of_secret_without_key_fields_raises_bad_input_naming_path(
 
 
 def test_read_on_a_mount_that_does_not_exist_raises_instead_of_none(vault: VaultTarget) -> None:
-    """A missing mount is an error, never mistaken for "no secret here"."""
+    """A missing mount is a configuration error naming vault.mount, never mistaken for
+    "no secret here"."""
     store = VaultStore(vault.addr, "no-such-mount", TEMPLATE, TokenAuth(vault.token), timeout=5)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(ConfigError) as info:
         store.read("aws/1/alice")
     assert "no-such-mount/data/aws/1/alice" in str(info.value)
+    assert str(info.value).startswith("vault.mount:")
     assert_hidden(info.value, vault.token)
 
 
