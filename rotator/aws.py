@@ -13,7 +13,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import boto3
@@ -21,7 +21,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from rotator.deadlines import IAM_CONNECT_TIMEOUT, IAM_WRITE_ATTEMPTS
+from rotator.deadlines import IAM_WRITE_ATTEMPTS, iam_connect_timeout
 from rotator.errors import (
     BackendUnavailable,
     CapConflict,
@@ -151,7 +151,9 @@ class AwsIam:
         writing = retrying.merge(
             botocore.config.Config(
                 retries={"mode": "standard", "total_max_attempts": IAM_WRITE_ATTEMPTS},
-                connect_timeout=IAM_CONNECT_TIMEOUT,
+                connect_timeout=iam_connect_timeout(
+                    timedelta(seconds=call_timeout)
+                ).total_seconds(),
                 read_timeout=call_timeout,
             )
         )

@@ -19,17 +19,22 @@ IAM_WRITE_ATTEMPTS = 3
 # between attempts; the worst case for two retries is 2 + 4 seconds.
 _IAM_BACKOFF = timedelta(seconds=6)
 # A connection either opens within this or not at all on a healthy network.
-IAM_CONNECT_TIMEOUT = 5.0
+_IAM_CONNECT_TIMEOUT = timedelta(seconds=5)
 # One Vault write is at most: a token look-up or renewal, a second one after a refusal,
 # the data write and the custom-metadata write; each request has its own timeout (for
 # connecting and again for reading).
 _VAULT_REQUESTS_PER_WRITE = 4
 
 
+def iam_connect_timeout(call_timeout: timedelta) -> timedelta:
+    """The connect timeout of an IAM write: 5s, or the read timeout when that is shorter."""
+    return min(_IAM_CONNECT_TIMEOUT, call_timeout)
+
+
 def iam_call_deadline(call_timeout: timedelta) -> timedelta:
     """The longest an IAM write may take: every attempt's connect and read timeouts
     plus the retry pauses between them."""
-    per_attempt = timedelta(seconds=IAM_CONNECT_TIMEOUT) + call_timeout
+    per_attempt = iam_connect_timeout(call_timeout) + call_timeout
     return IAM_WRITE_ATTEMPTS * per_attempt + _IAM_BACKOFF
 
 

@@ -261,7 +261,8 @@ def _reason(exc: requests.RequestException) -> str:
 def _translate(exc: Exception, url: str, action: str, resource: str) -> RotatorError:
     """One hvac/requests error as the project's own. The caller chains it `from exc`."""
     if isinstance(exc, requests.ConnectionError):
-        # Includes ConnectTimeout: nothing reached Vault.
+        # Includes ConnectTimeout, but also a connection closed before the answer came:
+        # then Vault may have applied the request. Callers never read this as "not done".
         return BackendUnavailable(f"Vault at {url} is unreachable: {_reason(exc)}")
     if isinstance(exc, requests.Timeout):
         # A read timeout: Vault got the request and may have applied it.
