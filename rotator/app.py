@@ -130,8 +130,10 @@ class App:
         sleep: Callable[[float], None] | None = None,
         metrics: Metrics | None = None,
         stopping: threading.Event | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
+        self._monotonic = monotonic
         self._clock: Clock = clock or (lambda: datetime.now(UTC))
         self._notifier = notifier
         self._fault = fault
@@ -313,6 +315,7 @@ class App:
                 sleep=self._sleep,
                 should_stop=self.stopping.is_set,
                 on_transition=self.metrics.observe_transition if self.metrics else None,
+                **({"monotonic": self._monotonic} if self._monotonic else {}),
             )
         return self._engine
 

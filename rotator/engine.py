@@ -848,16 +848,17 @@ class Engine:
         strangers (anyone else's: never deleted or deactivated)."""
         before = set(r.intent_key_ids or ())
         appeared = [k for k in keys if k.access_key_id and k.access_key_id not in before]
-        assert r.intent_at is not None
         tolerance = self._timing.clock_tolerance
-        start = r.intent_at - tolerance
-        end = (r.intent_until or r.intent_at + self._timing.call_deadline) + tolerance
+        window = None
+        if r.intent_at is not None and r.new_key_id is None:
+            end = r.intent_until or r.intent_at + self._timing.call_deadline
+            window = (r.intent_at - tolerance, end + tolerance)
         ours: list[str] = []
         strangers: list[str] = []
         for k in appeared:
             assert k.access_key_id is not None
             mine = k.access_key_id == r.new_key_id or (
-                r.new_key_id is None and start <= k.created_at <= end
+                window is not None and window[0] <= k.created_at <= window[1]
             )
             (ours if mine else strangers).append(k.access_key_id)
         return ours, strangers

@@ -249,3 +249,49 @@ def test_a_rotation_costs_at_most_seven_iam_calls_and_one_sts_call(
     spent = {op: n - before.get(op, 0) for op, n in iam.calls.items() if n - before.get(op, 0)}
     assert sum(n for op, n in spent.items() if op.startswith("iam:")) <= 7, spent
     assert spent.get("sts:GetCallerIdentity") == 1, spent
+
+
+def test_a_process_stalled_past_its_lease_makes_no_side_effect_after_a_takeover(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Process A stalls after journalling its intent, past its lease; B takes the
+    rotation over and finishes it. When A resumes, its next side effect (the
+    CreateAccessKey it was about to send) is never sent: its lease is gone, and it
+    stops without writing. One key remains, the one Vault serves."""
+    clock = FakeClock()
+    aws.add_user("joe", keys=[SeedKey(120 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    stalled = {"seconds": 0.0}
+    finished: list[State] = []
+
+    def stall_then_let_b_finish(point: str) -> None:
+        if point != "create:intent_recorded" or finished:
+            return
+        # A stops here (a GC or VM pause) for longer than its lease, on every clock.
+        pause = settings.state.lease_ttl + timedelta(seconds=1)
+        stalled["seconds"] += pause.total_seconds()
+        clock.advance(pause)
+        b = make_app(settings, clock)
+        [done] = b.advance_all([rid])
+        finished.append(done.state)
+        b.close()
+
+    a = App(
+        settings,
+        clock=clock,
+        sleep=clock.sleep,
+        fault=stall_then_let_b_finish,
+        monotonic=lambda: stalled["seconds"],
+    )
+    [opened] = a.scan_and_open().opened
+    rid = opened.id
+    [after] = a.advance_all([rid])
+    assert finished == [State.DONE]
+    assert after.state is State.DONE
+    assert a.default_iam().calls["iam:CreateAccessKey"] == 0
+    keys = aws.keys("joe")
+    assert len(keys) == 1
+    secret = vault_secret(vault, f"aws/{ACCOUNT_ID}/joe")
+    assert secret is not None
+    assert set(keys) == {secret["data"]["aws_access_key_id"]}
+    a.close()

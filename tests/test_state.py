@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from rotator.errors import (
     BackendUnavailable,
+    LeaseLost,
     NotFound,
     RotationExists,
     RotatorError,
@@ -507,6 +509,62 @@ def test_same_owner_renewal_extends_the_lease(store: SqliteStateStore, clock: Fa
     assert not store.acquire_lease("r1", "B", timedelta(seconds=30))
 
 
+def test_fencing_token_grows_with_every_new_holder_and_survives_release(
+    store: SqliteStateStore, clock: FakeClock
+) -> None:
+    """A renewal of a live lease keeps its token; a takeover after expiry, and a new
+    acquisition after a release, each get a greater token than any before."""
+    store.create(rotation(), "planned")
+    first = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert first is not None
+    renewed = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert renewed is not None
+    assert renewed.token == first.token
+    clock.advance(timedelta(seconds=31))
+    taken = store.acquire_lease("r1", "B", timedelta(seconds=30))
+    assert taken is not None
+    assert taken.token > first.token
+    store.release_lease("r1", "B")
+    again = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert again is not None
+    assert again.token > taken.token
+
+
+def test_a_write_under_a_lost_lease_is_refused_and_changes_nothing(
+    store: SqliteStateStore, clock: FakeClock
+) -> None:
+    """Once another holder has taken the lease over, a save or a note carrying the old
+    lease raises LeaseLost and the row and the trail stay as the new holder left them."""
+    r = store.create(rotation(), "planned")
+    stale = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert stale is not None
+    clock.advance(timedelta(seconds=31))
+    current = store.acquire_lease("r1", "B", timedelta(seconds=30))
+    assert current is not None
+    moved = replace(r, state=State.MAKE_ROOM)
+    store.save(moved, "by B", from_state=State.PLANNED, lease=current)
+    with pytest.raises(LeaseLost):
+        store.save(replace(moved, state=State.CREATE), "by A", State.MAKE_ROOM, lease=stale)
+    with pytest.raises(LeaseLost):
+        store.record("r1", State.MAKE_ROOM, "note by A", lease=stale)
+    assert store.get("r1") == moved
+    assert [e.reason for e in store.events("r1")] == ["planned", "by B"]
+
+
+def test_a_write_under_an_expired_lease_is_refused_even_with_no_new_holder(
+    store: SqliteStateStore, clock: FakeClock
+) -> None:
+    """A lease past its ttl by the store's clock authorises nothing, although nobody has
+    taken it over yet: the holder may have stalled while another process read the row."""
+    r = store.create(rotation(), "planned")
+    lease = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert lease is not None
+    clock.advance(timedelta(seconds=30))
+    with pytest.raises(LeaseLost):
+        store.save(replace(r, state=State.MAKE_ROOM), "late", State.PLANNED, lease=lease)
+    assert store.get("r1") == r
+
+
 def test_lease_of_dead_process_on_this_host_is_taken_at_once(
     store: SqliteStateStore, db_path: Path
 ) -> None:
@@ -826,7 +884,8 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     row = state_module._encode(old)
     del row["intent_until"]  # a column of a later schema
     names = ", ".join(row)
-    conn.execute(f"INSERT INTO rotations ({names}) VALUES ({', '.join(':' + n for n in row)})", row)
+    values = ", ".join(":" + n for n in row)
+    conn.execute(f"INSERT INTO rotations ({names}) VALUES ({values})", row)  # noqa: S608
     conn.execute(
         "INSERT INTO events (rotation_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
         (old.id, "2026-01-01T00:00:00+00:00", None, "PLANNED", "planned before the upgrade"),
