@@ -1,8 +1,16 @@
-"""The `rotator` command line. Parses commands, loads settings, builds the app, maps
-errors to exit codes:
+"""The `rotator` command line. Parses commands, loads settings, builds the app, and exits
+with the code `rotator.outcome` derives from what the command did:
 
-  0 success; 1 the command ran but something is FAILED or BLOCKED;
-  2 bad configuration or usage; 3 a backend could not be reached (or refused us).
+  0  success; nothing needs attention
+  1  needs attention now: a rotation this command opened or advanced moved into FAILED or
+     BLOCKED (for `rotate` and `leak-event`: their rotation is FAILED or BLOCKED), or an
+     account could not be scanned
+  2  bad configuration or usage (a user name that cannot be one, a malformed event: both
+     checked before any backend is touched)
+  3  a backend could not be reached or refused the credentials; also when a rotation
+     this command advanced now waits to retry before its new key was stored
+  4  nothing new, but a rotation reported earlier is still unresolved: an open rotation
+     is BLOCKED, or a user's latest rotation is FAILED (`run --once`, `status`)
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -20,18 +28,17 @@ import click
 
 from rotator import __version__, log
 from rotator.config import Settings, config_path, load_settings, parse_duration, parse_settings
-from rotator.errors import (
-    BackendUnavailable,
-    BadInput,
-    ConfigError,
-    NotFound,
-    PermissionDenied,
-    RotatorError,
-    Transient,
-)
+from rotator.errors import BadInput, ConfigError, RotatorError
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
-from rotator.machine import State
-from rotator.model import ForcedRotation, Rotation
+from rotator.model import Event, ForcedRotation, Rotation, is_user_name
+from rotator.outcome import (
+    ExitCode,
+    exit_code,
+    for_error,
+    newly_troubled,
+    unresolved,
+    waiting,
+)
 from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
 
 if TYPE_CHECKING:
@@ -39,12 +46,20 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BACKEND = 0, 1, 2, 3
+
+def check_user_name(name: str, what: str = "USER") -> str:
+    """`name` when it can be an IAM user name; else `BadInput` (exit 2). Checked before
+    any backend is touched, so a mistyped name is a usage error, not a round trip."""
+    if not is_user_name(name):
+        raise BadInput(
+            f"{what} {name!r} is not an IAM user name (1 to 64 letters, digits and +=,.@_-)"
+        )
+    return name
 
 
-def _die(code: int, message: str) -> NoReturn:
+def _die(code: ExitCode, message: str) -> NoReturn:
     click.echo(f"rotator: {message}", err=True)
-    sys.exit(code)
+    sys.exit(int(code))
 
 
 def handle_errors(fn: F) -> F:
@@ -58,17 +73,15 @@ def handle_errors(fn: F) -> F:
             click.echo("rotator: invalid configuration:", err=True)
             for problem in exc.problems:
                 click.echo(f"  {problem}", err=True)
-            sys.exit(EXIT_USAGE)
-        except (BadInput, NotFound) as exc:
-            _die(EXIT_USAGE, str(exc))
-        except PermissionDenied as exc:
-            _die(EXIT_BACKEND, str(exc))
-        except (BackendUnavailable, Transient) as exc:
-            _die(EXIT_BACKEND, str(exc))
+            sys.exit(int(for_error(exc)))
         except RotatorError as exc:
-            _die(EXIT_PROBLEM, str(exc))
+            _die(for_error(exc), str(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _finish(code: ExitCode) -> NoReturn:
+    sys.exit(int(code))
 
 
 class Context:
@@ -145,8 +158,16 @@ def cli(ctx: click.Context, config: str | None, log_format: str | None, log_leve
       rotator rotate USER --key KEY_ID --leaked --reason INC-123
       rotator leak-event health-event.json
 
-    Exit codes: 0 ok, 1 something FAILED or BLOCKED, 2 bad configuration or usage,
-    3 a backend could not be reached.
+    \b
+    Exit codes (every command):
+      0  success; nothing needs attention
+      1  needs attention now: a rotation this command opened or advanced moved into
+         FAILED or BLOCKED, or an account could not be scanned
+      2  bad configuration or usage (a user name that cannot be one, a malformed event)
+      3  a backend could not be reached or refused the credentials (also: a rotation
+         now waits to retry before its new key was stored; the next pass continues it)
+      4  nothing new, but a rotation reported earlier is still unresolved (an open
+         rotation is BLOCKED, or a user's latest rotation is FAILED)
     """
     log.configure(log_format, log_level)
     ctx.obj = Context(config, log_format, log_level)
@@ -240,14 +261,82 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     else:
         click.echo(plan_text(decisions, as_of=moment, notes=notes))
     if scanned.failures:
-        _die(EXIT_PROBLEM, "could not scan account(s): " + ", ".join(scanned.failures))
+        click.echo("rotator: could not scan account(s): " + ", ".join(scanned.failures), err=True)
+    _finish(exit_code(started=now, now=app.now(), failed_accounts=scanned.failures))
 
 
 # --- run / status / rotate / rollback --------------------------------------------------
 
 
-def exit_for(rotations: Sequence[Rotation]) -> int:
-    return EXIT_PROBLEM if any(r.state in (State.FAILED, State.BLOCKED) for r in rotations) else 0
+def _trails(app: App, rotations: Iterable[Rotation]) -> dict[str, list[Event]]:
+    """The event trail of each rotation, by id."""
+    return {r.id: app.store.events(r.id) for r in rotations}
+
+
+def _report_waiting(rotations: Iterable[Rotation]) -> None:
+    """One line per rotation that must wait for a backend before its new key is stored."""
+    for r in rotations:
+        click.echo(
+            f"rotator: rotation {r.id} of {r.user_name} ({r.account_id}) waits in "
+            f"{r.state.value} until {iso(r.next_action_at)}: its new key is not stored yet; "
+            f"the next pass (or `rotator run --once`) continues it. "
+            f"Last error: {r.last_error}",
+            err=True,
+        )
+
+
+def _exit_for_handled(
+    rotations: Sequence[Rotation],
+    trails: dict[str, list[Event]],
+    started: datetime,
+    finished: datetime,
+) -> NoReturn:
+    """Exit for `rotate` and `leak-event`: they answer for their own rotations' state."""
+    code = exit_code(
+        started=started,
+        now=finished,
+        handled=rotations,
+        trails=trails,
+        own_state_counts=True,
+    )
+    if code is ExitCode.BACKEND:
+        _report_waiting(waiting(rotations, started, finished))
+    _finish(code)
+
+
+def _report_troubled(rotations: Iterable[Rotation]) -> None:
+    for r in rotations:
+        click.echo(
+            f"rotator: needs attention: rotation {r.id} of {r.user_name} ({r.account_id}) "
+            f"is {r.state.value}: {r.last_error}",
+            err=True,
+        )
+
+
+def _report_unresolved(rotations: Sequence[Rotation], limit: int = 10) -> None:
+    names = [f"{r.user_name} ({r.state.value})" for r in rotations[:limit]]
+    more = f" and {len(rotations) - limit} more" if len(rotations) > limit else ""
+    click.echo(
+        "rotator: nothing new; reported earlier and still unresolved: "
+        + ", ".join(names)
+        + more
+        + " (rotator status)",
+        err=True,
+    )
+
+
+def _standing(app: App, users: Iterable[tuple[str, str]]) -> list[Rotation]:
+    """What exit code 4 looks at: every open rotation, and the latest rotation of each
+    (account, user) in `users` that has none open."""
+    standing = app.store.list_open()
+    has_open = {(r.account_id, r.user_name) for r in standing}
+    for account_id, user_name in dict.fromkeys(users):
+        if (account_id, user_name) in has_open:
+            continue
+        latest = app.store.latest_for(account_id, user_name)
+        if latest is not None:
+            standing.append(latest)
+    return standing
 
 
 @cli.command()
@@ -261,11 +350,21 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
     rotation as far as it can go now, print a summary.
 
     Rotations that must wait (the overlap, the retirement of an old key) are picked up
-    by the next pass. Exit 1 when a rotation is FAILED or BLOCKED.
+    by the next pass. Exit 1 when a rotation moved into FAILED or BLOCKED during this
+    pass or an account could not be scanned; 3 when a rotation waits for a backend
+    before its new key is stored; 4 when nothing is new but a rotation is still BLOCKED
+    or a user's latest rotation is FAILED (reported by an earlier pass).
     """
     app = obj.app(need_vault=not dry_run)
     try:
+        started = app.now()
         result = app.run_once(dry_run=dry_run)
+        # A dry run changes nothing: it handles no rotation, only looks at what stands.
+        handled = {} if dry_run else {r.id: r for r in [*result.opened, *result.rotations]}
+        trails = _trails(app, handled.values())
+        scanned = ((u.account_id, u.user_name) for inv in result.inventories for u in inv.users)
+        standing = _standing(app, scanned)
+        finished = app.now()
     finally:
         app.close()
     counts: dict[str, int] = {}
@@ -306,9 +405,21 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
             click.echo("states: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for account, error in result.failures.items():
         click.echo(f"rotator: account {account} failed: {error}", err=True)
-    if result.failures:
-        sys.exit(EXIT_PROBLEM)
-    sys.exit(0 if dry_run else exit_for(result.rotations))
+    code = exit_code(
+        started=started,
+        now=finished,
+        handled=list(handled.values()),
+        trails=trails,
+        failed_accounts=result.failures,
+        standing=standing,
+    )
+    if code is ExitCode.ATTENTION:
+        _report_troubled(newly_troubled(handled.values(), trails, started))
+    elif code is ExitCode.BACKEND:
+        _report_waiting(waiting(handled.values(), started, finished))
+    elif code is ExitCode.UNRESOLVED:
+        _report_unresolved(unresolved(standing))
+    _finish(code)
 
 
 @cli.command()
@@ -318,14 +429,22 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
 @pass_ctx
 @handle_errors
 def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> None:
-    """Open and recent rotations with their state. Reads only the state store."""
+    """Open and recent rotations with their state. Reads only the state store.
+
+    Exit 4 when a rotation it shows is BLOCKED or is a user's latest and FAILED, else 0
+    (status changes nothing, so it never exits 1).
+    """
+    if user_name is not None:
+        check_user_name(user_name, "--user")
     app = obj.app(need_vault=False)
     try:
+        started = app.now()
         rotations = app.store.list_recent(limit=limit, user_name=user_name)
         events = {r.id: app.store.events(r.id) for r in rotations} if user_name else {}
         dead = app.store.dead_letters()
     finally:
         app.close()
+    code = exit_code(started=started, now=started, standing=rotations)
     if as_json:
         docs = [rotation_json(r) for r in rotations]
         if user_name:
@@ -344,7 +463,7 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
             for src, mid, at, err in dead
         ]
         click.echo(json.dumps({"rotations": docs, "dead_letters": kept}, indent=2))
-        return
+        _finish(code)
     click.echo(rotations_text(rotations))
     if dead:
         click.echo(
@@ -361,6 +480,7 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
         for e in trail:
             origin = e.from_state.value if e.from_state else "-"
             click.echo(f"  {iso(e.at)}  {origin} -> {e.to_state.value}  {e.reason}")
+    _finish(code)
 
 
 @cli.command()
@@ -392,8 +512,12 @@ def rotate(
     """Force a rotation of USER's key now and advance it at once (incident response).
 
     A user with no key gets a first key, stored in Vault. With --leaked the key is
-    deactivated first, whatever the overlap. Exit 1 if the rotation ends FAILED or BLOCKED.
+    deactivated first, whatever the overlap. Exit 1 if the rotation ends FAILED or
+    BLOCKED; 2 for a USER that is not an IAM user name (checked before anything is
+    touched) or that IAM does not know; 3 when a backend is down, also when the rotation
+    now waits to retry before its new key was stored (the next pass continues it).
     """
+    check_user_name(user)
     overlap_td: timedelta | None = None
     if overlap is not None:
         try:
@@ -402,14 +526,17 @@ def rotate(
             raise BadInput(f"--overlap: {exc}") from exc
     app = obj.app()
     try:
+        started = app.now()
         rotation = app.force(ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td))
+        trails = _trails(app, [rotation])
+        finished = app.now()
     finally:
         app.close()
     if as_json:
         click.echo(json.dumps(rotation_json(rotation), indent=2))
     else:
         click.echo(rotations_text([rotation]))
-    sys.exit(exit_for([rotation]))
+    _exit_for_handled([rotation], trails, started, finished)
 
 
 @cli.command()
@@ -420,7 +547,9 @@ def rotate(
 @handle_errors
 def rollback(obj: Context, user: str, account_id: str | None, reason: str) -> None:
     """Reactivate the old key of USER's latest rotation while it still exists, and
-    mark the rotation ROLLED_BACK. The new key stays in Vault and active."""
+    mark the rotation ROLLED_BACK. The new key stays in Vault and active. Exit 2 when
+    there is nothing to roll back."""
+    check_user_name(user)
     app = obj.app()
     try:
         account = account_id or app.accounts()[0]
@@ -446,7 +575,9 @@ def leak_event(obj: Context, source: str, as_json: bool) -> None:
     SOURCE is a file holding the event as EventBridge delivers it (source aws.health,
     service RISK, e.g. AWS_RISK_CREDENTIALS_EXPOSED), or - for stdin. Each key is
     deactivated at once, then replaced; the user is found with GetAccessKeyLastUsed.
-    Malformed input exits 2 with a one-line message.
+    Malformed input exits 2 with a one-line message, before any backend is touched.
+    Exit 1 if a rotation it handled is FAILED or BLOCKED; 3 when a backend is down, also
+    when a rotation now waits to retry before its new key was stored.
     """
     try:
         if source == "-":
@@ -459,14 +590,17 @@ def leak_event(obj: Context, source: str, as_json: bool) -> None:
     parse_event(raw)  # malformed input fails here, before any backend is touched
     app = obj.app()
     try:
+        started = app.now()
         rotations = app.handle_event(raw)
+        trails = _trails(app, rotations)
+        finished = app.now()
     finally:
         app.close()
     if as_json:
         click.echo(json.dumps({"rotations": [rotation_json(r) for r in rotations]}, indent=2))
     else:
         click.echo(rotations_text(rotations))
-    sys.exit(exit_for(rotations))
+    _exit_for_handled(rotations, trails, started, finished)
 
 
 @cli.command()
@@ -515,7 +649,7 @@ def demo(ctx: click.Context, keep: bool) -> None:
     try:
         code = run_demo(keep, click.echo)
     except RotatorError as exc:
-        _die(EXIT_BACKEND, str(exc))
+        _die(ExitCode.BACKEND, str(exc))
     sys.exit(code)
 
 

@@ -24,13 +24,12 @@ from typing import Any, Protocol
 
 from rotator import log
 from rotator.errors import BadInput, NotFound, RotationExists, RotatorError, Transient
-from rotator.model import ForcedRotation
+from rotator.model import ForcedRotation, is_user_name
 
 _log = log.get_logger("rotator.http")
 
 MAX_BODY = 16 * 1024
 _ROTATION_PATH = re.compile(r"^/v1/rotations/([0-9a-f]{32})$")
-_USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 _KEY_ID = re.compile(r"^[A-Z0-9]{16,128}$")
 _ACCOUNT = re.compile(r"^\d{12}$")
 
@@ -47,7 +46,7 @@ def parse_trigger(body: bytes) -> ForcedRotation:
     if unknown:
         raise BadInput(f"unknown field(s): {', '.join(sorted(unknown))}")
     user = data.get("user_name")
-    if not isinstance(user, str) or not _USER_NAME.match(user):
+    if not isinstance(user, str) or not is_user_name(user):
         raise BadInput("user_name must be an IAM user name (1-64 of letters, digits, +=,.@_-)")
     account = data.get("account_id")
     if account is not None and (not isinstance(account, str) or not _ACCOUNT.match(account)):

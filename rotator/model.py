@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -9,6 +10,15 @@ from enum import StrEnum
 from typing import Any
 
 from rotator.machine import State
+
+# IAM's rule for user names: 1 to 64 of these characters (ASCII only: `\w` would also let
+# other alphabets through). Used wherever a user name comes from a person or a request.
+IAM_USER_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+
+
+def is_user_name(name: object) -> bool:
+    """Whether `name` can be an IAM user name."""
+    return isinstance(name, str) and IAM_USER_NAME.fullmatch(name) is not None
 
 
 class KeyStatus(StrEnum):

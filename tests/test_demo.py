@@ -43,7 +43,8 @@ def test_demo_rotates_end_to_end_and_exits_0() -> None:
 
 def test_demo_keep_leaves_servers_usable_until_sigterm() -> None:
     """With --keep the demo prints how to reach both servers and a config file that the
-    other commands accept, and stops cleanly on SIGTERM."""
+    other commands accept (`status` lists DONE rotations and exits 4 for the seeded
+    BLOCKED one), and stops cleanly on SIGTERM."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "rotator", "demo", "--keep"],
         stdout=subprocess.PIPE,
@@ -70,8 +71,11 @@ def test_demo_keep_leaves_servers_usable_until_sigterm() -> None:
         text=True,
         timeout=60,
     )
-    assert status.returncode == 0, status.stderr
+    # The demo seeds a user with two active keys, whose rotation stays BLOCKED: status
+    # exits 4 (still unresolved, README "Exit codes") while it lists it.
+    assert status.returncode == 4, status.stderr
     assert '"state": "DONE"' in status.stdout
+    assert '"state": "BLOCKED"' in status.stdout
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 0

@@ -4,11 +4,14 @@ really calls, the systemd units, the Kubernetes manifests, the container file an
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -22,6 +25,7 @@ import yaml
 
 from rotator.config import DEFAULT_CONFIG_PATH, HttpSettings, StateSettings, parse_settings
 from rotator.model import NewKey
+from rotator.outcome import ExitCode
 from rotator.sandbox import LocalAws, LocalVault
 from rotator.vault import AppRoleAuth, VaultStore
 
@@ -489,15 +493,16 @@ def test_daemon_unit_is_a_hardened_notify_service_with_the_secret_id_as_a_creden
     assert StateSettings().path.parent == PurePosixPath("/var/lib/rotator")
 
 
-def test_once_unit_runs_one_pass_with_the_daemons_hardening_and_fails_on_exit_1() -> None:
-    """rotator-once.service is a oneshot `run --once` with the same sandbox as the daemon
-    and no SuccessExitStatus, so a FAILED/BLOCKED pass (exit 1) shows as a failed unit;
-    the timer fires hourly, persistently, for that service."""
+def test_once_unit_runs_one_hardened_pass_and_counts_exit_4_as_success() -> None:
+    """rotator-once.service is a oneshot `run --once` with the same sandbox as the daemon;
+    its only extra success status is 4 (still BLOCKED/FAILED, reported earlier), so a pass
+    that needs attention (1), bad configuration (2) or a backend outage (3) still shows
+    as a failed unit; the timer fires hourly, persistently, for that service."""
     daemon = _unit("rotator.service")["Service"]
     once = _unit("rotator-once.service")["Service"]
     assert _one(once, "Type") == "oneshot"
     assert _one(once, "ExecStart") == "/usr/local/bin/rotator --log-format json run --once"
-    assert not [k for k, _ in once if k == "SuccessExitStatus"]
+    assert _one(once, "SuccessExitStatus").split() == [str(int(ExitCode.UNRESOLVED))]
     for key in _HARDENING:
         assert [v for k, v in once if k == key] == [v for k, v in daemon if k == key], key
     timer = _unit("rotator-once.timer")
@@ -693,6 +698,53 @@ def test_cronjob_runs_one_pass_hourly_never_concurrently() -> None:
     assert container["args"][-2:] == ["run", "--once"]
 
 
+def _cronjob_wrapper(tmp_path: Path, rotator_body: str, **env: str) -> subprocess.Popen[str]:
+    """The CronJob container's command and args, run under /bin/sh with a stand-in
+    rotator on PATH."""
+    _stub(tmp_path, "rotator", rotator_body)
+    pod = _kind("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return subprocess.Popen(
+        [*container["command"], *container["args"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", "STUB_DIR": str(tmp_path), **env},
+    )
+
+
+@pytest.mark.parametrize(("status", "job_status"), [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0)])
+def test_cronjob_counts_exit_4_as_a_succeeded_job_and_passes_the_others_on(
+    tmp_path: Path, status: int, job_status: int
+) -> None:
+    """The CronJob's shell passes rotator's args and status on, except 4, which becomes 0."""
+    body = (
+        "import os, pathlib, sys\n"
+        "pathlib.Path(os.environ['STUB_DIR'], 'args').write_text(' '.join(sys.argv[1:]))\n"
+        "sys.exit(int(os.environ['STUB_STATUS']))\n"
+    )
+    job = _cronjob_wrapper(tmp_path, body, STUB_STATUS=str(status))
+    assert job.wait(timeout=60) == job_status
+    assert (tmp_path / "args").read_text() == "--log-format json run --once"
+
+
+def test_cronjob_shell_passes_sigterm_on_to_rotator(tmp_path: Path) -> None:
+    """SIGTERM to the CronJob's shell reaches rotator; the shell exits with its status."""
+    body = (
+        "import os, pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        "pathlib.Path(os.environ['STUB_DIR'], 'ready').touch()\n"
+        "time.sleep(60)\n"
+    )
+    job = _cronjob_wrapper(tmp_path, body)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline, "the stand-in rotator never started"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == 7
+
+
 def test_configmap_config_is_valid_and_listens_on_all_interfaces() -> None:
     """The ConfigMap's rotator.yaml passes parse_settings with an empty environment (no
     token: AppRole with a secret id file) and listens where probes can reach it."""
@@ -756,9 +808,8 @@ def test_containerfile_runs_as_non_root_from_a_pinned_tag() -> None:
     assert "/healthz" in values["HEALTHCHECK"][-1]
 
 
-def test_cron_entry_runs_one_pass_under_flock_as_a_system_user() -> None:
-    """The /etc/cron.d example runs `rotator run --once` inside `flock -n` as user
-    rotator, and says to install it without a dot in the file name."""
+def _cron_command() -> tuple[list[str], str]:
+    """The /etc/cron.d entry's five time fields and user, and its command."""
     text = (DEPLOY / "cron" / "rotator.cron").read_text(encoding="utf-8")
     entries = [
         line
@@ -767,11 +818,93 @@ def test_cron_entry_runs_one_pass_under_flock_as_a_system_user() -> None:
     ]
     (entry,) = entries
     fields = entry.split(None, 6)
+    return fields[:6], fields[6]
+
+
+def test_cron_entry_runs_one_pass_under_flock_as_a_system_user() -> None:
+    """The /etc/cron.d example runs `rotator run --once` inside `flock -n` as user
+    rotator, and says to install it without a dot in the file name."""
+    text = (DEPLOY / "cron" / "rotator.cron").read_text(encoding="utf-8")
+    fields, command = _cron_command()
     assert len(fields[:5]) == 5
     assert fields[5] == "rotator"
-    assert fields[6].startswith("flock -n /run/lock/rotator.lock rotator ")
-    assert "run --once" in fields[6]
+    locked = "flock -n -E 75 /run/lock/rotator.lock rotator --log-format json run --once"
+    assert locked in command
     assert "/etc/cron.d/rotator" in text
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    """An executable Python script `name` in `directory` (a stand-in on PATH)."""
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n{body}", encoding="utf-8")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("status", [0, 1, 2, 3, 4])
+def test_cron_entry_mails_a_line_for_every_exit_status_but_0_and_4(
+    tmp_path: Path, status: int
+) -> None:
+    """Under /bin/sh the cron entry logs to logger and prints a line only for 1, 2 and 3."""
+    _stub(
+        tmp_path,
+        "rotator",
+        "import os, sys\n"
+        'print(\'{"event": "pass"}\')\n'
+        "print('args', *sys.argv[1:], file=sys.stderr)\n"
+        "sys.exit(int(os.environ['STUB_STATUS']))\n",
+    )
+    _stub(
+        tmp_path,
+        "logger",
+        "import os, sys\n"
+        "with open(os.environ['STUB_LOG'], 'a') as f:\n"
+        "    f.write(' '.join(sys.argv[1:]) + ':' + sys.stdin.read())\n",
+    )
+    _, command = _cron_command()
+    command = command.replace("/run/lock/rotator.lock", str(tmp_path / "lock"))
+    done = subprocess.run(
+        ["/bin/sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            "PATH": f"{tmp_path}:/usr/bin:/bin",
+            "STUB_STATUS": str(status),
+            "STUB_LOG": str(tmp_path / "log"),
+        },
+    )
+    assert done.stderr == ""
+    logged = (tmp_path / "log").read_text(encoding="utf-8")
+    assert logged.startswith("-t rotator:")
+    assert '{"event": "pass"}' in logged
+    assert "args --log-format json run --once" in logged
+    if status in (0, 4):
+        assert done.stdout == ""
+    else:
+        assert done.stdout.splitlines() == [
+            f"rotator run --once exited {status}: see syslog (tag rotator) and rotator status"
+        ]
+
+
+def test_cron_entry_mails_a_line_when_the_previous_pass_still_runs(tmp_path: Path) -> None:
+    """While the lock is held, the cron entry prints that the pass exited 75."""
+    _stub(tmp_path, "rotator", "raise SystemExit('rotator must not run')\n")
+    _stub(tmp_path, "logger", "import sys\nsys.stdin.read()\n")
+    lock = tmp_path / "lock"
+    _, command = _cron_command()
+    command = command.replace("/run/lock/rotator.lock", str(lock))
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run(
+            ["/bin/sh", "-c", command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        )
+    assert done.stdout.startswith("rotator run --once exited 75:")
 
 
 def _mebibytes(quantity: str) -> int:

@@ -19,7 +19,6 @@ from rotator.errors import (
     BadInput,
     CasConflict,
     ConfigError,
-    NotFound,
     PermissionDenied,
     RotatorError,
     Transient,
