@@ -778,9 +778,7 @@ def test_create_access_key_answer_lost_leaves_no_orphan(
     assert r.intent_key_ids is None
     assert r.attempts == 1
     assert set(aws.keys(USER)) == original, "the orphan is gone at once"
-    [orphan] = [
-        e.reason.split()[3] for e in events_of(settings, r.id) if "orphan" in e.reason
-    ]
+    [orphan] = [e.reason.split()[3] for e in events_of(settings, r.id) if "orphan" in e.reason]
     assert orphan.startswith("AKIA")
     assert r.next_action_at is not None
     clock.now = r.next_action_at
