@@ -3,6 +3,7 @@ and the daemon share (scan, open rotations, advance them)."""
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -104,6 +105,9 @@ class CountedSecrets:
 
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
         return self._counted(lambda: self._inner.write(path, key, metadata, cas))
+
+    def current_version(self, path: str) -> int:
+        return self._counted(lambda: self._inner.current_version(path))
 
     def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
         self._counted(lambda: self._inner.set_metadata(path, metadata))
@@ -359,11 +363,23 @@ class App:
         return result
 
     def open_rotations(self, proposals: Iterable[Proposal]) -> list[Rotation]:
-        """Open a rotation for each proposal whose user has none open yet."""
+        """Open a rotation for each proposal whose user has none open yet. A user whose
+        last rotation FAILED gets no new one (leaks aside) until `retry_failed_after` has
+        passed: it failed for a reason an operator has been told about, and trying again
+        at once would repeat what failed (minting keys against a Vault that refuses them)."""
         opened = []
+        pause = self.settings.policy.retry_failed_after
         for p in proposals:
             if self.store.open_for(p.account_id, p.user_name) is not None:
                 continue
+            if not p.leaked:
+                last = self.store.latest_for(p.account_id, p.user_name)
+                if (
+                    last is not None
+                    and last.state is State.FAILED
+                    and self.now() < last.updated_at + pause
+                ):
+                    continue
             rotation = new_rotation(
                 p.account_id,
                 p.user_name,
@@ -399,9 +415,13 @@ class App:
                 return self.store.get(rid)
             try:
                 return self.engine.advance(rid)
-            except RotatorError as exc:
+            except Exception as exc:
+                # The engine records step errors on the rotation; what gets here is a
+                # store that cannot be read or written. One rotation never stops a pass.
                 _log.error("rotation.advance_failed", rotation_id=rid, error=str(exc))
-                return self.store.get(rid)
+                with contextlib.suppress(Exception):
+                    return self.store.get(rid)
+                return None
 
         waiting: list[tuple[datetime, str]] = []
         with ThreadPoolExecutor(max_workers=self.settings.aws.concurrency) as pool:

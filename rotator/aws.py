@@ -9,7 +9,9 @@ for a rotator an empty answer means "nothing is due", which would be a silent fa
 
 from __future__ import annotations
 
+import email.utils
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from rotator.errors import (
     CapConflict,
     NotFound,
     PermissionDenied,
+    RotatorError,
     Transient,
 )
 from rotator.model import AccessKey, IamUser, KeyStatus, NewKey
@@ -75,21 +78,12 @@ def translate(
     """Map a botocore exception to the project's error family."""
     action = f"{service}:{operation}"
     if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        message = str(error.get("Message", ""))
-        if code in _TRANSIENT_CODES:
-            return Transient(f"{action}: {code}: {message}")
-        if code in _DENIED_CODES:
-            return PermissionDenied(action, resource, code)
-        if code == "NoSuchEntity":
-            return NotFound(f"{action}: {message or 'no such entity'}")
-        if code == "LimitExceeded":
-            return CapConflict(f"{action}: {message}")
+        translated = _translate_answer(exc, action, resource)
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if isinstance(status, int) and status >= 500:
-            return Transient(f"{action}: {code}: {message}")
-        return Transient(f"{action}: unexpected error {code}: {message}")
+        # IAM answered with an error document: below 500 it refused, so nothing happened.
+        translated.answered = True
+        translated.not_applied = isinstance(status, int) and 400 <= status < 500
+        return translated
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BackendUnavailable(
             "no AWS credentials found (set AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -107,6 +101,27 @@ def translate(
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return Transient(f"{action}: {type(exc).__name__}")
     return exc
+
+
+def _translate_answer(
+    exc: botocore.exceptions.ClientError, action: str, resource: str | None
+) -> RotatorError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = str(error.get("Message", ""))
+    if code in _TRANSIENT_CODES:
+        return Transient(f"{action}: {code}: {message}")
+    if code in _DENIED_CODES:
+        return PermissionDenied(action, resource, code)
+    if code == "NoSuchEntity":
+        return NotFound(f"{action}: {message or 'no such entity'}")
+    if code == "LimitExceeded":
+        return CapConflict(f"{action}: {message}")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if isinstance(status, int) and status >= 500:
+        return Transient(f"{action}: {code}: {message}")
+    # An error this code does not know: a bug or a refusal. Stop and say so.
+    return RotatorError(f"{action}: refused: {code}: {message}")
 
 
 _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
@@ -138,6 +153,7 @@ class AwsIam:
         self._before_call = before_call
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._server_clock: tuple[datetime, float] | None = None
         retrying = botocore.config.Config(
             region_name=region,
             retries={"mode": "standard", "total_max_attempts": max_attempts},
@@ -169,7 +185,31 @@ class AwsIam:
         session: Any = self._session
         client = session.client(service, endpoint_url=self._endpoint_url, config=config, **creds)
         client.meta.events.register("before-send", self._count)
+        client.meta.events.register("after-call", self._observe_clock)
         return client
+
+    def _observe_clock(self, http_response: Any = None, **kwargs: Any) -> None:
+        # Every answer, errors included, carries the server's Date: remember it with the
+        # local monotonic time, so that `iam_time` can tell IAM's clock at any moment.
+        date = getattr(http_response, "headers", {}).get("Date") if http_response else None
+        if not date:
+            return
+        try:
+            seen = email.utils.parsedate_to_datetime(str(date)).astimezone(UTC)
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            self._server_clock = (seen, time.monotonic())
+
+    def iam_time(self) -> datetime | None:
+        """IAM's clock now (to the second), from the Date header of the latest answer
+        plus the time elapsed since; None before any answer. IAM stamps a key's
+        CreateDate with this clock, which may differ from this host's."""
+        with self._lock:
+            seen = self._server_clock
+        if seen is None:
+            return None
+        return seen[0] + timedelta(seconds=time.monotonic() - seen[1])
 
     def _count(self, request: Any = None, **kwargs: Any) -> None:
         name = str(kwargs.get("event_name", "")).split(".")

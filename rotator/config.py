@@ -746,6 +746,9 @@ class PolicySettings(_Section):
     overlap_limit: Duration = timedelta(days=7)
     delete_after: Duration = timedelta(days=7)
     verify_timeout: PositiveDuration = timedelta(seconds=60)
+    # After a rotation FAILED, how long before a scan opens the next one for that user
+    # (a leak is contained and replaced at once regardless).
+    retry_failed_after: Duration = timedelta(hours=24)
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Self:

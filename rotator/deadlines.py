@@ -38,6 +38,11 @@ def iam_call_deadline(call_timeout: timedelta) -> timedelta:
     return IAM_WRITE_ATTEMPTS * per_attempt + _IAM_BACKOFF
 
 
+def iam_create_deadline(call_timeout: timedelta) -> timedelta:
+    """The longest CreateAccessKey may take: it is sent once, never retried."""
+    return iam_connect_timeout(call_timeout) + call_timeout
+
+
 def vault_call_deadline(timeout: timedelta) -> timedelta:
     """The longest a Vault write (with its token bookkeeping) may take."""
     return _VAULT_REQUESTS_PER_WRITE * 2 * timeout

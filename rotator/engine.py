@@ -42,7 +42,7 @@ from typing import Any
 
 from rotator import log
 from rotator.config import format_duration
-from rotator.deadlines import call_deadline
+from rotator.deadlines import call_deadline, iam_create_deadline
 from rotator.errors import (
     BadInput,
     CapConflict,
@@ -93,9 +93,15 @@ class Timing:
     # The longest one backend call may take (rotator.deadlines): a side effect starts
     # only while the lease has at least this much left.
     call_deadline: timedelta = timedelta(seconds=80)
-    # How far the clocks of this host and of IAM (which stamps CreateDate, in whole
-    # seconds) may disagree when a new key is matched to the call that created it.
-    clock_tolerance: timedelta = timedelta(seconds=5)
+    # The longest CreateAccessKey may take (sent once): after a crash during it, a key
+    # created later than this past the intent cannot be the rotation's.
+    create_deadline: timedelta = timedelta(seconds=20)
+    # The attribution window is kept on IAM's own clock (read from its Date headers),
+    # in whole seconds, as CreateDate is: this covers the rounding of both.
+    clock_tolerance: timedelta = timedelta(seconds=2)
+    # While the deactivated old key is kept (RETIRE), how often the new key is looked at
+    # again: if a person deleted it, the old key is turned back on.
+    retire_recheck: timedelta = timedelta(minutes=15)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Timing:
@@ -106,6 +112,7 @@ class Timing:
             verify_timeout=settings.policy.verify_timeout,
             lease_ttl=settings.state.lease_ttl,
             call_deadline=call_deadline(settings.aws.call_timeout, settings.vault.timeout),
+            create_deadline=iam_create_deadline(settings.aws.call_timeout),
         )
 
     def backoff(self, attempts: int) -> timedelta:
@@ -402,8 +409,8 @@ class Engine:
         if not renew and until - self._monotonic() >= need:
             return lease
         started = self._monotonic()
-        renewed = self._store.acquire_lease(r.id, self._owner, self._timing.lease_ttl)
-        if renewed is None or renewed.token != lease.token:
+        renewed = self._store.renew_lease(lease, self._timing.lease_ttl)
+        if renewed is None:
             raise LeaseLost(
                 f"rotation {r.id}: lease {lease.token} was lost (stalled past it, or taken "
                 "over); this process stops here"
@@ -424,17 +431,29 @@ class Engine:
             return self._step(r)
         except StaleRotation:
             raise
-        except NotFound as exc:
-            return self._not_found(self._stored(r), exc)
-        except (Transient, CasConflict) as exc:
-            return self._retry_later(self._stored(r), str(exc))
-        except RotatorError as exc:
+        except Exception as exc:
+            try:
+                return self._handle(self._stored(r), exc)
+            except StaleRotation:
+                raise
+            except Exception as again:
+                # Handling the error needed a backend that failed too (a listing to
+                # tell a vanished key from a vanished user, say): record both, back off.
+                return self._retry_later(
+                    self._stored(r), f"{_describe(exc)}; then {_describe(again)}"
+                )
+
+    def _handle(self, r: Rotation, exc: Exception) -> Rotation:
+        if isinstance(exc, NotFound):
+            return self._not_found(r, exc)
+        if isinstance(exc, Transient | CasConflict):
+            return self._retry_later(r, str(exc))
+        if isinstance(exc, RotatorError):
             # A refusal (permissions, configuration, bad input, an unknown 4xx):
             # retrying will not help. Stop and say so, unless a key may be dangling.
-            return self._refused(self._stored(r), str(exc))
-        except Exception as exc:
-            _log.exception("rotation.unexpected_error", rotation_id=r.id, user=r.user_name)
-            return self._retry_later(self._stored(r), f"unexpected {type(exc).__name__}: {exc}")
+            return self._refused(r, str(exc))
+        _log.exception("rotation.unexpected_error", rotation_id=r.id, user=r.user_name)
+        return self._retry_later(r, _describe(exc))
 
     def _stored(self, r: Rotation) -> Rotation:
         """`r` as the store holds it now. A step may have saved progress before it
@@ -580,13 +599,19 @@ class Engine:
         with self._lock:
             self._seen.pop(rotation_id, None)
 
+    def _before_side_effect(self, r: Rotation) -> None:
+        """Renew the lease with a round trip to the store: its own clock then decides
+        whether the lease still holds (a host clock that stepped, a pause the local
+        clock did not see), and a full lease is left for the call."""
+        self._ensure_lease(r, renew=True)
+
     def _set_status(self, r: Rotation, key_id: str, status: KeyStatus) -> None:
-        self._ensure_lease(r)
+        self._before_side_effect(r)
         self._iam(r.account_id).set_key_status(r.user_name, key_id, status)
         self._wrote(r, key_id, status)
 
     def _delete_key(self, r: Rotation, key_id: str) -> None:
-        self._ensure_lease(r)
+        self._before_side_effect(r)
         self._iam(r.account_id).delete_access_key(r.user_name, key_id)
         self._wrote(r, key_id, None)
 
@@ -668,27 +693,36 @@ class Engine:
         # and no key is created and then lost).
         self._secrets.read(self._path(r))
         # The journal entry comes first: if we die after CreateAccessKey, recovery knows
-        # which key is ours by comparing with this list and this moment.
+        # which key is ours by comparing with this list and this moment, taken on IAM's
+        # clock (it stamps CreateDate), which this host's may not agree with.
         r = self._save(
             r,
             intent_key_ids=key_ids(keys),
-            intent_at=self.now(),
+            intent_at=iam.iam_time() or self.now(),
             intent_until=None,
             new_key_id=None,
         )
         self._fault("create:intent_recorded")
-        self._ensure_lease(r)
+        self._before_side_effect(r)
         try:
             new = iam.create_access_key(r.user_name)
         except CapConflict:
             return self._move(
                 r, State.MAKE_ROOM, "IAM refused a new key: two keys exist", intent_key_ids=None
             )
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, RotatorError) and exc.not_applied:
+                # IAM answered with a refusal: no key was minted, and any key that
+                # appears now is someone else's.
+                self._save(r, intent_key_ids=None, intent_at=None, new_key_id=None)
+                raise
             # The call has ended, so any key it minted is older than this moment; look
             # now, while no person had time to add one, and leave the retry to the caller.
-            r = self._save(r, intent_until=self.now())
-            recovered = self._reconcile(r)
+            # An answered call is settled; one that timed out may still land, so its
+            # window stays open a little longer (`_window_left`).
+            settled = isinstance(exc, RotatorError) and exc.answered
+            r = self._save(r, intent_until=iam.iam_time() or self.now())
+            recovered = self._reconcile(r, settled=settled)
             if recovered.state is State.BLOCKED:
                 return recovered
             raise
@@ -772,6 +806,13 @@ class Engine:
         if refusal is not None:
             return self._fail(r, f"{error}; new key {new.access_key_id} deleted")
         attempts = r.attempts + 1
+        if attempts >= self._timing.max_attempts:
+            # Nothing dangles any more (the key is gone): stop trying and tell people.
+            return self._fail(
+                replace(r, attempts=attempts),
+                f"gave up after {attempts} attempts: Vault would not store a new key "
+                f"({error}); new key {new.access_key_id} deleted, old key untouched",
+            )
         return self._move(
             r,
             State.MAKE_ROOM,
@@ -802,9 +843,11 @@ class Engine:
             "rotation_id": r.id,
             "rotated_at": self.now().astimezone(UTC).isoformat(timespec="seconds"),
         }
-        self._ensure_lease(r)
+        # A deleted latest version reads as nothing, yet still counts for check-and-set.
+        cas = current.version if current else self._secrets.current_version(path)
+        self._before_side_effect(r)
         try:
-            return self._secrets.write(path, new, metadata, cas=current.version if current else 0)
+            return self._secrets.write(path, new, metadata, cas=cas)
         except CasConflict:
             # Someone wrote since we read. Never write again blindly: only while this
             # rotation still holds its lease (proved by a round trip to the store), and
@@ -851,19 +894,43 @@ class Engine:
         tolerance = self._timing.clock_tolerance
         window = None
         if r.intent_at is not None and r.new_key_id is None:
-            end = r.intent_until or r.intent_at + self._timing.call_deadline
-            window = (r.intent_at - tolerance, end + tolerance)
+            window = (r.intent_at - tolerance, self._window_end(r))
         ours: list[str] = []
         strangers: list[str] = []
         for k in appeared:
             assert k.access_key_id is not None
             mine = k.access_key_id == r.new_key_id or (
-                window is not None and window[0] <= k.created_at <= window[1]
+                window is not None
+                and window[0] <= k.created_at <= window[1]
+                and not self._ever_used(r, k.access_key_id)
             )
             (ours if mine else strangers).append(k.access_key_id)
         return ours, strangers
 
-    def _reconcile(self, r: Rotation) -> Rotation:
+    def _window_end(self, r: Rotation) -> datetime:
+        """When, on IAM's clock, the rotation's CreateAccessKey can no longer mint a key:
+        its deadline from the intent, or later when the call was seen ending later."""
+        assert r.intent_at is not None
+        end = r.intent_at + self._timing.create_deadline
+        if r.intent_until is not None:
+            end = max(end, r.intent_until)
+        return end + self._timing.clock_tolerance
+
+    def _window_left(self, r: Rotation) -> timedelta:
+        """How long, on IAM's clock, a key of this rotation's CreateAccessKey call may
+        still appear (zero once the window has closed)."""
+        if r.intent_at is None or r.new_key_id is not None:
+            return timedelta(0)  # no call, or the key it made is known
+        end = self._window_end(r)
+        iam_now = self._iam(r.account_id).iam_time() or self.now()
+        return max(end - iam_now, timedelta(0))
+
+    def _ever_used(self, r: Rotation, key_id: str) -> bool:
+        """A key that was ever used is not an orphan of ours: its secret left somebody's
+        hands, while ours never left the memory of the call that lost it."""
+        return self._iam(r.account_id).key_last_used(key_id).last_used_at is not None
+
+    def _reconcile(self, r: Rotation, *, settled: bool = False) -> Rotation:
         """Recovery for CREATE (intent recorded) and STORE: every key created by this
         rotation is either held by Vault (go on to VERIFY) or deleted (back to MAKE_ROOM);
         a key anyone else created is left alone and named (BLOCKED)."""
@@ -881,6 +948,10 @@ class Engine:
         kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
         for key_id in ours:
             if key_id != kept:
+                if r.new_key_id is None:
+                    # Journal which key the call made before deleting it: a recovery of
+                    # this recovery then knows the call's key and needs no window.
+                    r = self._save(r, new_key_id=key_id)
                 self._delete_key(r, key_id)
                 self._fault("recover:deleted")
                 self._note(r, f"deleted orphan key {key_id}: its secret never reached Vault")
@@ -903,6 +974,11 @@ class Engine:
                 "Delete or deactivate the one no consumer needs, then the rotation continues",
             )
         if r.state is State.CREATE and not ours:
+            # A request that outlived its client's timeout may still be applied a moment
+            # later: the intent stays until the call's window has closed on IAM's clock.
+            open_for = timedelta(0) if settled else self._window_left(r)
+            if open_for > timedelta(0):
+                return self._save(r, next_action_at=self.now() + open_for)
             # CreateAccessKey never took effect: clear the intent and create now.
             return self._save(
                 r, intent_key_ids=None, intent_at=None, intent_until=None, new_key_id=None
@@ -970,7 +1046,7 @@ class Engine:
         ):
             return
         stored = r.stored_at or self.now()
-        self._ensure_lease(r)
+        self._before_side_effect(r)
         self._secrets.set_metadata(
             path,
             {
@@ -1102,15 +1178,31 @@ class Engine:
             State.RETIRE,
             f"old key {r.old_key_id} deactivated; deleted after {format_duration(keep)}",
             deactivated_at=now,
-            next_action_at=now + keep,
+            next_action_at=now + min(keep, self._timing.retire_recheck),
         )
 
     def _retire(self, r: Rotation) -> Rotation:
         assert r.deactivated_at is not None
         due = r.deactivated_at + self._retention(r)
-        if self.now() < due:
-            return self._save(r, next_action_at=due)
-        return self._move(r, State.DELETE, "retirement over")
+        now = self.now()
+        if now >= due:
+            return self._move(r, State.DELETE, "retirement over")
+        # The old key is off: if the new one is gone or off too, the user has no working
+        # key. Look again now and then, and turn the old key back on at once if so.
+        problem = self._replacement_problem(r)
+        if problem is not None:
+            return self._restore_old_key(r, problem)
+        return self._save(r, next_action_at=min(due, now + self._timing.retire_recheck))
+
+    def _restore_old_key(self, r: Rotation, problem: str) -> Rotation:
+        """The old key is the user's last sound key: turn it back on, end FAILED."""
+        assert r.old_key_id is not None
+        self._set_status(r, r.old_key_id, KeyStatus.ACTIVE)
+        return self._fail(
+            r,
+            f"{problem}: old key {r.old_key_id} reactivated so that the user keeps a "
+            "working key, and not deleted. Check which key consumers use",
+        )
 
     def _delete(self, r: Rotation) -> Rotation:
         keys = {k.access_key_id: k for k in self._keys(r)}
@@ -1130,13 +1222,7 @@ class Engine:
         if not r.leaked:
             problem = self._replacement_problem(r)
             if problem is not None:
-                # The old key is the user's last sound key: turn it back on, keep it.
-                self._set_status(r, r.old_key_id, KeyStatus.ACTIVE)
-                return self._fail(
-                    r,
-                    f"{problem}: old key {r.old_key_id} reactivated so that the user keeps "
-                    "a working key, and not deleted. Check which key consumers use",
-                )
+                return self._restore_old_key(r, problem)
         if old.active:
             self._set_status(r, r.old_key_id, KeyStatus.INACTIVE)
         self._delete_key(r, r.old_key_id)
@@ -1149,6 +1235,10 @@ class Engine:
             "done", done, f"{r.user_name}: key rotated, new key {r.new_key_id} in Vault"
         )
         return done
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, RotatorError) else f"unexpected {type(exc).__name__}: {exc}"
 
 
 __all__ = ["Engine", "SimulatedCrash", "Timing", "arn_is_user", "new_rotation"]

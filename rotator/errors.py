@@ -8,7 +8,16 @@ from __future__ import annotations
 
 
 class RotatorError(Exception):
-    """Base of every error this project raises on purpose."""
+    """Base of every error this project raises on purpose.
+
+    `answered` is True when the backend answered the call (with an error document):
+    whatever the call did, it did before that answer, and it cannot take effect later.
+    `not_applied` is True when that answer was a refusal (a 4xx status): the call
+    certainly had no effect. A 5xx may have been applied; a timeout or a dropped
+    connection may even be applied after the caller gave up."""
+
+    answered: bool = False
+    not_applied: bool = False
 
 
 class ConfigError(RotatorError):

@@ -76,6 +76,10 @@ class IamPort(Protocol):
 
     def delete_access_key(self, user_name: str, access_key_id: str) -> None: ...
 
+    def iam_time(self) -> datetime | None:
+        """IAM's clock now, as its latest answer showed it (None before any answer)."""
+        ...
+
     def caller_arn(self, key: NewKey) -> str:
         """`sts:GetCallerIdentity` signed with `key`: the ARN it authenticates as."""
         ...
@@ -97,6 +101,11 @@ class SecretStore(Protocol):
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
         """Write a new version with check-and-set `cas` (0: must not exist yet) and set
         custom metadata; return the new version. Raises `CasConflict`."""
+        ...
+
+    def current_version(self, path: str) -> int:
+        """The path's current version number, also when its latest version is deleted
+        (0: no secret was ever written there); the check-and-set value for a write."""
         ...
 
     def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
@@ -168,6 +177,11 @@ class StateStore(Protocol):
         None when another live owner holds it. A renewal by the holder of an unexpired
         lease keeps its token; any other acquisition gets a greater token than every
         earlier one of that rotation. Raises `NotFound` for an unknown rotation."""
+        ...
+
+    def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease | None:
+        """Extend `lease` for `ttl` from now by the store's clock while it is still the
+        rotation's current, unexpired lease; None otherwise, changing nothing."""
         ...
 
     def release_lease(self, rotation_id: str, owner: str) -> None: ...

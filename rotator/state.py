@@ -446,6 +446,27 @@ class SqliteStateStore:
             )
         return Lease(rotation_id, owner, token)
 
+    def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease | None:
+        """Extend `lease` by `ttl` from now while it is still the current, unexpired one;
+        None otherwise (and nothing changes: a holder that lost its lease never takes
+        the rotation back this way)."""
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        now = self._clock()
+        with self._write("renew_lease") as conn:
+            cursor = conn.execute(
+                "UPDATE leases SET expires_at = ? "
+                "WHERE rotation_id = ? AND owner = ? AND token = ? AND expires_at > ?",
+                (
+                    _encode_ts(now + ttl),
+                    lease.rotation_id,
+                    lease.owner,
+                    lease.token,
+                    _encode_ts(now),
+                ),
+            )
+        return lease if cursor.rowcount == 1 else None
+
     def release_lease(self, rotation_id: str, owner: str) -> None:
         """End the lease now if `owner` holds it; a no-op otherwise. The row stays, with
         its token, so that the next holder's token is greater still."""

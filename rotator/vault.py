@@ -485,6 +485,30 @@ class VaultStore:
 
     # ---- internals
 
+    def current_version(self, path: str) -> int:
+        """`current_version` from the path's metadata: a deleted latest version still
+        counts for check-and-set, although `read` shows nothing there."""
+        resource = f"{self.mount}/metadata/{path}"
+
+        def op() -> Any:
+            try:
+                return self._client.secrets.kv.v2.read_secret_metadata(
+                    path=path, mount_point=self.mount
+                )
+            except hvac.exceptions.InvalidPath as exc:
+                if _vault_errors(exc):
+                    raise  # a missing mount, not a missing secret
+                return None
+
+        resp = self._call(op, action="vault:read", resource=resource)
+        data = resp.get("data") if isinstance(resp, dict) else None
+        if not isinstance(data, dict):
+            return 0
+        try:
+            return int(data.get("current_version") or 0)
+        except (TypeError, ValueError):
+            return 0
+
     def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
         """Replace the custom metadata at `path` (a repair when a write's second call was
         lost). Raises like every other call."""

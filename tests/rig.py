@@ -43,10 +43,12 @@ class FakeClock:
 def config_data(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path, /, **sections: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Configuration for the test servers (zero overlap and retirement), each section
-    in `sections` merged over the defaults."""
+    """Configuration for the test servers (zero overlap and retirement, a 2 s IAM call
+    timeout), each section in `sections` merged over the defaults."""
     data: dict[str, Any] = {
-        "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1"},
+        # A short call timeout keeps the window in which a crashed CreateAccessKey may
+        # still mint a key (the engine waits it out, on IAM's clock) to a few seconds.
+        "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1", "call_timeout": "2s"},
         "vault": {"url": vault.addr, "mount": vault.mount, "auth": {"token": vault.token}},
         "state": {"path": str(tmp_path / "state.db")},
         "policy": {"overlap": "0s", "delete_after": "0s", "verify_timeout": "10s"},

@@ -40,7 +40,7 @@ from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
 from tests.faultproxy import FaultProxy, vault_error, vault_path
-from tests.rig import FakeClock, settings_for, vault_secret
+from tests.rig import FakeClock, config_data, settings_for, vault_secret
 
 D = timedelta(days=1)
 USER = "alice"
@@ -265,6 +265,11 @@ def recover(
         r = latest(settings)
         if r.state in TERMINAL:
             return r, n
+        if r.state is State.CREATE and r.intent_key_ids is not None and r.next_action_at:
+            # The window of a crashed CreateAccessKey closes on IAM's clock (moto's, the
+            # real one), which the test's clock does not move: wait it out for real.
+            # (IAM's Date header has whole seconds: one more second of margin.)
+            time.sleep(max(0.0, (r.next_action_at - clock.now).total_seconds()) + 1.0)
         clock.advance(timedelta(minutes=30))
     return r, passes
 
@@ -337,7 +342,8 @@ def test_crash_at_any_fault_point_recovers_with_invariants_intact(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path, scenario: str, point: str
 ) -> None:
     """A process stopped dead at any fault point leaves a rotation that the next process
-    (new lease owner, same state file) completes in one pass: one active key, held by
+    (new lease owner, same state file) completes in one pass (two when the call it
+    journalled may still have been in flight): one active key, held by
     Vault; the old key deactivated only after the new one was stored and verified (a
     leaked one contained first); one rotation; every move recorded and logged."""
     clock = FakeClock()
@@ -351,7 +357,9 @@ def test_crash_at_any_fault_point_recovers_with_invariants_intact(
             start(app, scenario, old_key_id)
         assert watch.points[-1] == point
         r, passes = recover(settings, clock, watch)
-    assert passes == 1, "recovery needs no waiting"
+    # Killed between the journal and the call, the call may still be in flight: recovery
+    # waits out its window (on IAM's clock) once; anywhere else it needs no waiting.
+    assert passes == (2 if point == "create:intent_recorded" else 1), "recovery waited"
     assert watch.violations == []
     assert r.old_key_id == old_key_id
     assert_rotated(aws, vault, r, watch)
@@ -690,7 +698,11 @@ class FlakyIam:
             if self._lost_answer:
                 real(*args, **kwargs)
                 raise Transient(f"iam:{name}: read timeout")
-            raise Transient(f"iam:{name}: Throttling: Rate exceeded")
+            # What the AWS adapter makes of IAM's Throttling answer (HTTP 400): a
+            # refusal, answered, certainly not applied.
+            throttled = Transient(f"iam:{name}: Throttling: Rate exceeded")
+            throttled.answered = throttled.not_applied = True
+            raise throttled
 
         return flaky
 
@@ -816,12 +828,8 @@ print(json.dumps(states))
 
 
 def settings_data(aws: LocalAws, vault: VaultTarget, tmp_path: Path) -> dict[str, Any]:
-    return {
-        "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1"},
-        "vault": {"url": vault.addr, "mount": vault.mount, "auth": {"token": vault.token}},
-        "state": {"path": str(tmp_path / "state.db")},
-        "policy": {"overlap": "0s", "delete_after": "0s", "verify_timeout": "10s"},
-    }
+    """The configuration of tests/rig.py, as plain data for a subprocess."""
+    return config_data(aws, vault, tmp_path)
 
 
 def test_two_processes_advancing_the_same_rotations_create_one_key_each(
@@ -967,7 +975,16 @@ def test_run_once_killed_at_random_moments_still_rotates_everyone(
         for name in users:
             assert len(aws.keys(name)) <= 2, why
     assert interrupted >= 1, f"no kill landed while rotations were open ({why})"
-    final = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    for _ in range(4):
+        final = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        store = SqliteStateStore(db)
+        settled = store.list_open() == []
+        store.close()
+        if settled:
+            break
+        # A run killed between its journal and CreateAccessKey leaves a call that may
+        # still be in flight: the next run waits out its window (6 s here, IAM's clock).
+        time.sleep(7)
     assert final.returncode == 0, (why, final.stdout, final.stderr)
 
     store = SqliteStateStore(db)

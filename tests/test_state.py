@@ -530,6 +530,26 @@ def test_fencing_token_grows_with_every_new_holder_and_survives_release(
     assert again.token > taken.token
 
 
+def test_renewal_extends_a_live_lease_and_never_takes_back_a_lost_one(
+    store: SqliteStateStore, clock: FakeClock
+) -> None:
+    """`renew_lease` extends the current lease; once it expired or was taken over it
+    returns None and leaves the new holder's lease as it was."""
+    store.create(rotation(), "planned")
+    lease = store.acquire_lease("r1", "A", timedelta(seconds=30))
+    assert lease is not None
+    clock.advance(timedelta(seconds=20))
+    assert store.renew_lease(lease, timedelta(seconds=30)) == lease
+    clock.advance(timedelta(seconds=20))  # 40s after the grant, 20s after the renewal
+    assert store.acquire_lease("r1", "B", timedelta(seconds=30)) is None
+    clock.advance(timedelta(seconds=11))
+    assert store.renew_lease(lease, timedelta(seconds=30)) is None  # expired
+    taken = store.acquire_lease("r1", "B", timedelta(seconds=30))
+    assert taken is not None
+    assert store.renew_lease(lease, timedelta(seconds=30)) is None
+    assert store.acquire_lease("r1", "C", timedelta(seconds=30)) is None  # B still holds it
+
+
 def test_a_write_under_a_lost_lease_is_refused_and_changes_nothing(
     store: SqliteStateStore, clock: FakeClock
 ) -> None:
