@@ -24,35 +24,45 @@ from typing import Any, Protocol
 
 from rotator import log
 from rotator.errors import BadInput, NotFound, RotationExists, RotatorError, Transient
+from rotator.leaks import load_json
 from rotator.model import ForcedRotation, is_user_name
 
 _log = log.get_logger("rotator.http")
 
 MAX_BODY = 16 * 1024
 _ROTATION_PATH = re.compile(r"^/v1/rotations/([0-9a-f]{32})$")
-_KEY_ID = re.compile(r"^[A-Z0-9]{16,128}$")
-_ACCOUNT = re.compile(r"^\d{12}$")
+# fullmatch, not match with $: "$" also matches before a trailing newline; and [0-9],
+# not \d, which matches any Unicode digit.
+_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+_ACCOUNT = re.compile(r"[0-9]{12}")
 
 
 def parse_trigger(body: bytes) -> ForcedRotation:
-    """Validate a `POST /v1/rotations` body; `BadInput` names the first problem."""
+    """Validate a `POST /v1/rotations` body; `BadInput` names the first problem, and is
+    the only exception whatever the body (a 4xx, never a 500)."""
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"body is not JSON: {exc.__class__.__name__}") from exc
+        return _trigger(load_json(body, max_bytes=MAX_BODY, name="body"))
+    except BadInput:
+        raise
+    except Exception as exc:  # a bug here must answer 400, not 500
+        raise BadInput(f"unreadable body ({type(exc).__name__})") from exc
+
+
+def _trigger(data: Any) -> ForcedRotation:
     if not isinstance(data, dict):
         raise BadInput("body must be a JSON object")
     unknown = set(data) - {"user_name", "account_id", "access_key_id", "leaked", "reason"}
     if unknown:
-        raise BadInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        names = ", ".join(json.dumps(name) for name in sorted(unknown))
+        raise BadInput(f"unknown field(s): {names[:200]}")
     user = data.get("user_name")
     if not isinstance(user, str) or not is_user_name(user):
         raise BadInput("user_name must be an IAM user name (1-64 of letters, digits, +=,.@_-)")
     account = data.get("account_id")
-    if account is not None and (not isinstance(account, str) or not _ACCOUNT.match(account)):
+    if account is not None and (not isinstance(account, str) or not _ACCOUNT.fullmatch(account)):
         raise BadInput("account_id must be a 12-digit string")
     key = data.get("access_key_id")
-    if key is not None and (not isinstance(key, str) or not _KEY_ID.match(key)):
+    if key is not None and (not isinstance(key, str) or not _KEY_ID.fullmatch(key)):
         raise BadInput("access_key_id must be an access key id (upper-case letters and digits)")
     leaked = data.get("leaked", False)
     if not isinstance(leaked, bool):
