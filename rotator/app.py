@@ -23,12 +23,14 @@ from rotator.errors import (
     PermissionDenied,
     RotationExists,
     RotatorError,
+    Transient,
 )
 from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import Metrics
 from rotator.model import (
+    Decision,
     ForcedRotation,
     KeyStatus,
     NewKey,
@@ -52,6 +54,15 @@ T = TypeVar("T")
 class ScanResult:
     inventories: list[Inventory] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # account id -> why
+
+
+@dataclass
+class EventResult:
+    """What handling one leak event did: the rotations that replace its keys, and a note
+    for every key there was nothing to do for."""
+
+    rotations: list[Rotation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -461,10 +472,38 @@ class App:
             self.metrics.observe_scan(result.inventories, self.now())
         for inventory in result.inventories:
             result.proposals.extend(propose(inventory.decisions))
-        if not dry_run:
-            self.secrets.check()
-            result.opened = self.open_rotations(result.proposals)
+        if dry_run:
+            return result
+        # Containment needs IAM only and comes first, for every leaked key, whatever
+        # else is going on; the replacements follow and wait for Vault if need be.
+        self.contain_leaked(result.inventories)
+        leaks = [p for p in result.proposals if p.leaked]
+        result.opened = [
+            self.replace_leaked(p.account_id, p.user_name, p.old_key_id or "", p.why) for p in leaks
+        ]
+        # A Vault that cannot be used stops the other rotations before any opens.
+        self.secrets.check()
+        result.opened += self.open_rotations(p for p in result.proposals if not p.leaked)
         return result
+
+    def contain_leaked(self, inventories: Iterable[Inventory]) -> list[str]:
+        """Set every Active key the scan judged leaked Inactive now (IAM only); return
+        their ids. One user's failure never stops another's containment."""
+        contained = []
+        for inventory in inventories:
+            for d in inventory.decisions:
+                key_id = d.key.access_key_id
+                if d.decision is not Decision.LEAKED or not d.key.active or key_id is None:
+                    continue
+                try:
+                    self.contain(d.user.account_id, d.user.user_name, key_id, d.reason)
+                except RotatorError as exc:
+                    _log.error(
+                        "leak.contain_failed", user=d.user.user_name, key_id=key_id, error=str(exc)
+                    )
+                    continue
+                contained.append(key_id)
+        return contained
 
     def tick(self) -> list[Rotation]:
         """Advance every open rotation that is due now (and every BLOCKED one, which
@@ -527,12 +566,37 @@ class App:
 
     # --- leaks ----------------------------------------------------------------------
 
+    def contain(self, account_id: str, user_name: str, key_id: str, reason: str) -> bool:
+        """Set a leaked key Inactive now: one IAM call, no lease, no Vault, no state store
+        (deactivating is idempotent, and the rotator never turns a leaked key back on).
+        False when the key no longer exists: nothing to contain."""
+        try:
+            self.iam(account_id).set_key_status(user_name, key_id, KeyStatus.INACTIVE)
+        except NotFound:
+            _log.warning("leak.nothing_to_contain", user=user_name, key_id=key_id, reason=reason)
+            return False
+        _log.warning("leak.contained", user=user_name, key_id=key_id, reason=reason)
+        if self.metrics is not None:
+            self.metrics.observe_contained(account_id)
+        return True
+
     def report_leak(self, account_id: str, user_name: str, key_id: str, reason: str) -> Rotation:
-        """Contain a leaked key: open a leak rotation (CONTAIN deactivates the key first),
-        or turn the user's open rotation into one. Returns the rotation to advance."""
+        """Contain a leaked key now, then open a leak rotation to replace it (or turn the
+        user's open rotation into one). Returns the rotation to advance."""
+        self.contain(account_id, user_name, key_id, reason)
+        return self.replace_leaked(account_id, user_name, key_id, reason)
+
+    def replace_leaked(self, account_id: str, user_name: str, key_id: str, reason: str) -> Rotation:
+        """The rotation that replaces a contained key: the user's open rotation, turned
+        into a leak rotation whatever its state, or a new one."""
         existing = self.store.open_for(account_id, user_name)
         if existing is not None:
-            escalated = self.engine.escalate(existing, key_id, reason)
+            try:
+                escalated = self.engine.escalate(existing, key_id, reason)
+            except Transient:
+                # Another process is advancing it this very moment; the key is already
+                # off, and that process's next step re-reads the keys.
+                return existing
             if escalated.state is not State.CANCELLED:
                 return escalated
         rotation = new_rotation(
@@ -546,28 +610,57 @@ class App:
         )
         return self._open(rotation, f"leaked: {reason}")
 
-    def open_for_event(self, event: LeakEvent) -> list[Rotation]:
-        """Open (or escalate) a leak rotation for every key an AWS Health event names.
-        Keys are resolved to users with GetAccessKeyLastUsed."""
+    def open_for_event(self, event: LeakEvent) -> EventResult:
+        """Contain every key an AWS Health event names, each on its own, and open (or
+        escalate) the rotation that replaces it. A key that belongs to no user, or no
+        longer exists, is "nothing to contain" and the others proceed; a key this event
+        was already handled for is skipped (EventBridge delivers at least once). A
+        backend failure on one key is raised only after every other key was handled."""
         accounts = self.accounts()
         account = event.account_id or accounts[0]
         if account not in accounts:
             raise BadInput(f"the event is about account {account}, which is not configured")
         iam = self.iam(account)
-        out = []
-        for key_id in event.key_ids:
-            owner = iam.key_last_used(key_id).user_name
-            if not owner:
-                raise NotFound(f"key {key_id} belongs to no IAM user in account {account}")
-            out.append(self.report_leak(account, owner, key_id, event.reason))
-        return out
+        result = EventResult(notes=list(event.skipped))
+        failure: RotatorError | None = None
+        for leaked in event.keys:
+            key_id = leaked.key_id
+            if event.event_id and self.store.leak_report_seen(event.event_id, key_id):
+                result.notes.append(f"key {key_id}: handled already for this event")
+                continue
+            try:
+                owner = leaked.user_name or iam.key_last_used(key_id).user_name
+                if not owner:
+                    outcome = (
+                        f"key {key_id}: belongs to no IAM user in {account}: nothing to contain"
+                    )
+                    result.notes.append(outcome)
+                else:
+                    result.rotations.append(self.report_leak(account, owner, key_id, event.reason))
+                    outcome = f"key {key_id} of {owner}: contained"
+            except NotFound as exc:
+                outcome = f"key {key_id}: {exc}: nothing to contain"
+                result.notes.append(outcome)
+                owner = None
+            except RotatorError as exc:
+                _log.error("leaks.key_failed", key_id=key_id, error=str(exc))
+                failure = failure or exc
+                continue
+            if event.event_id:
+                self.store.add_leak_report(event.event_id, key_id, account, owner, outcome)
+        for note in result.notes:
+            _log.warning("leaks.note", event_id=event.event_id, note=note)
+        if failure is not None:
+            raise failure
+        return result
 
-    def handle_event(self, raw: bytes | str) -> list[Rotation]:
-        """Parse an AWS Health event, contain and rotate every key it names."""
+    def handle_event(self, raw: bytes | str) -> EventResult:
+        """Parse an AWS Health event, contain every key it names, then replace them (the
+        replacements wait for Vault when it cannot be used; containment never does)."""
         event = parse_event(raw)
-        self.secrets.check()
-        opened = self.open_for_event(event)
-        return self.advance_all(r.id for r in opened)
+        result = self.open_for_event(event)
+        result.rotations = self.advance_all(r.id for r in result.rotations)
+        return result
 
     def poll_leak_queue(self, wait_seconds: int = 5) -> int:
         """One long poll of `leaks.sqs_queue_url`. A message is deleted only after its
@@ -592,12 +685,7 @@ class App:
                 queue.delete(message)
                 continue
             try:
-                opened = self.open_for_event(event)
-            except NotFound as exc:
-                _log.warning("leaks.unknown_key", message_id=message.message_id, error=str(exc))
-                self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
-                queue.delete(message)
-                continue
+                opened = self.open_for_event(event).rotations
             except BadInput as exc:
                 self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
                 _log.error("leaks.rejected", message_id=message.message_id, error=str(exc))

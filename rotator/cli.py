@@ -524,7 +524,7 @@ def rotate(
             overlap_td = parse_duration(overlap)
         except ValueError as exc:
             raise BadInput(f"--overlap: {exc}") from exc
-    app = obj.app()
+    app = obj.app(need_vault=not leaked)  # containment needs IAM only
     try:
         started = app.now()
         rotation = app.force(ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td))
@@ -588,18 +588,24 @@ def leak_event(obj: Context, source: str, as_json: bool) -> None:
     except OSError as exc:
         raise BadInput(f"cannot read {source}: {exc.strerror}") from exc
     parse_event(raw)  # malformed input fails here, before any backend is touched
-    app = obj.app()
+    # Containment needs IAM only: a Vault token that is missing or refused must not
+    # stop it (the replacements then fail, saying why, after every key is off).
+    app = obj.app(need_vault=False)
     try:
         started = app.now()
-        rotations = app.handle_event(raw)
+        handled = app.handle_event(raw)
+        rotations = handled.rotations
         trails = _trails(app, rotations)
         finished = app.now()
     finally:
         app.close()
     if as_json:
-        click.echo(json.dumps({"rotations": [rotation_json(r) for r in rotations]}, indent=2))
+        doc = {"rotations": [rotation_json(r) for r in rotations], "notes": handled.notes}
+        click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(rotations_text(rotations))
+        for note in handled.notes:
+            click.echo(f"note: {note}")
     _exit_for_handled(rotations, trails, started, finished)
 
 

@@ -749,6 +749,9 @@ class PolicySettings(_Section):
     # After a rotation FAILED, how long before a scan opens the next one for that user
     # (a leak is contained and replaced at once regardless).
     retry_failed_after: Duration = timedelta(hours=24)
+    # MAKE_ROOM deletes an inactive key only when it was last used (or, never used,
+    # created) this long ago: a person may have switched it off to see what breaks.
+    inactive_min_idle: Duration = timedelta(days=7)
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Self:

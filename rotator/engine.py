@@ -42,7 +42,7 @@ from typing import Any
 
 from rotator import log
 from rotator.config import format_duration
-from rotator.deadlines import call_deadline, iam_create_deadline
+from rotator.deadlines import call_deadline, iam_create_deadline, vault_call_deadline
 from rotator.errors import (
     BadInput,
     CapConflict,
@@ -102,6 +102,11 @@ class Timing:
     # While the deactivated old key is kept (RETIRE), how often the new key is looked at
     # again: if a person deleted it, the old key is turned back on.
     retire_recheck: timedelta = timedelta(minutes=15)
+    # MAKE_ROOM deletes an inactive key only when it has been idle this long.
+    inactive_min_idle: timedelta = timedelta(days=7)
+    # The longest one Vault write may take (rotator.deadlines): a write that outlives
+    # its caller may land until then.
+    vault_deadline: timedelta = timedelta(seconds=80)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Timing:
@@ -113,6 +118,8 @@ class Timing:
             lease_ttl=settings.state.lease_ttl,
             call_deadline=call_deadline(settings.aws.call_timeout, settings.vault.timeout),
             create_deadline=iam_create_deadline(settings.aws.call_timeout),
+            vault_deadline=vault_call_deadline(settings.vault.timeout),
+            inactive_min_idle=settings.policy.inactive_min_idle,
         )
 
     def backoff(self, attempts: int) -> timedelta:
@@ -147,7 +154,11 @@ class _Held:
 
 
 class _VaultTaken(RotatorError):
-    """Vault holds a newer key written by someone else: it is not overwritten."""
+    """Vault holds a newer key written by someone else: it is not overwritten. (Found
+    after Vault refused the write, so nothing of this rotation's is in flight.)"""
+
+    answered = True
+    not_applied = True
 
 
 class NullNotifier:
@@ -325,28 +336,25 @@ class Engine:
             self._give_back(rotation.id)
 
     def escalate(self, rotation: Rotation, key_id: str, reason: str) -> Rotation:
-        """A key of a user with an open rotation leaked: contain it now, whatever the
-        rotation was waiting for. When it is the rotation's old key the rotation turns
-        into a leak rotation (no overlap, no retirement); when it is the rotation's new
-        key the rotation is cancelled and the caller opens a containment rotation."""
+        """A key of a user with an open rotation leaked (and was set Inactive by the
+        caller, which needs no lease for that): bring the rotation in line, whatever
+        state it is in. When it is the rotation's old key the rotation turns into a leak
+        rotation (no overlap, no retirement); when it is the rotation's new key, the key
+        consumers were given, that key is deleted and the rotation makes another one,
+        with the old key turned back on meanwhile if it was already off (it is then the
+        user's last sound key). Raises `Transient` while another process holds the lease."""
         if not self._take(rotation.id):
             raise Transient(f"rotation {rotation.id} is being advanced by another process")
         try:
             current = self._store.get(rotation.id) or rotation
-            keys = {k.access_key_id: k for k in self._keys(current, fresh=True)}
-            key = keys.get(key_id)
-            if key is not None and key.active:
-                self._set_status(current, key_id, KeyStatus.INACTIVE)
-            text = f"leaked key {key_id} deactivated ({reason})"
+            text = f"leaked key {key_id} contained ({reason})"
             self._note(current, text)
             self._notifier.notify("leaked_contained", current, f"{current.user_name}: {text}")
             if current.state in TERMINAL:
                 return current
             if key_id == current.new_key_id:
-                return self._move(
-                    current, State.CANCELLED, f"its new key {key_id} leaked; contained"
-                )
-            if key_id == current.old_key_id:
+                return self._replace_leaked_new_key(current, key_id)
+            if key_id == current.old_key_id and not current.leaked:
                 current = self._save(
                     current,
                     leaked=True,
@@ -357,6 +365,31 @@ class Engine:
             return current
         finally:
             self._give_back(rotation.id)
+
+    def _replace_leaked_new_key(self, r: Rotation, key_id: str) -> Rotation:
+        with contextlib.suppress(NotFound):
+            self._delete_key(r, key_id)
+        keys = {k.access_key_id: k for k in self._keys(r, fresh=True)}
+        old = keys.get(r.old_key_id) if r.old_key_id else None
+        if old is not None and not old.active and not r.leaked:
+            assert r.old_key_id is not None
+            self._set_status(r, r.old_key_id, KeyStatus.ACTIVE)
+            self._note(r, f"old key {r.old_key_id} reactivated: the user's last sound key")
+        return self._move(
+            r,
+            State.MAKE_ROOM,
+            f"its new key {key_id} leaked: contained and deleted; another key replaces it",
+            new_key_id=None,
+            intent_key_ids=None,
+            intent_at=None,
+            intent_until=None,
+            store_started_at=None,
+            stored_at=None,
+            vault_version=None,
+            verified_at=None,
+            deactivated_at=None,
+            waiting_on=None,
+        )
 
     # --- the lease ------------------------------------------------------------------
 
@@ -647,12 +680,10 @@ class Engine:
         if len(keys) < 2:
             return self._move(r, State.CREATE, f"{2 - len(keys)} free slot(s)")
         inactive = [k for k in keys if not k.active]
-        # Only a key that was there before this rotation began may be deleted to make
-        # room (or the rotation's own contained key): one that appeared since was put
-        # there by someone, for a reason the rotator cannot know.
-        deletable = [
-            k for k in inactive if k.access_key_id == r.old_key_id or k.created_at < r.created_at
-        ]
+        # An inactive key is deleted to make room only when it is this rotation's own
+        # (a contained leak), or it has been idle for `inactive_min_idle`: a person may
+        # have switched it off yesterday to see what breaks, and would switch it back.
+        deletable = [k for k in inactive if self._may_delete_inactive(r, k)]
         if not inactive:
             return self._block(
                 r,
@@ -660,11 +691,13 @@ class Engine:
                 "deactivate the one no consumer uses, then the rotation continues",
             )
         if not deletable:
+            idle = format_duration(self._timing.inactive_min_idle)
             return self._block(
                 r,
-                f"inactive key(s) {', '.join(key_ids(inactive))} appeared after this rotation "
-                "began and were not created by it: the rotator does not delete them. Delete "
-                "one yourself to free a slot, then the rotation continues",
+                f"inactive key(s) {', '.join(key_ids(inactive))} used or created less than "
+                f"{idle} ago (policy.inactive_min_idle): someone may still need them, so the "
+                "rotator does not delete them. Delete one yourself to free a slot (or wait), "
+                "then the rotation continues",
             )
         if r.state is State.BLOCKED:
             return self._move(r, State.MAKE_ROOM, "a key is inactive now: a slot can be freed")
@@ -679,6 +712,32 @@ class Engine:
         return self._move(
             r, State.CREATE, f"deleted inactive key {victim.access_key_id} to free a slot"
         )
+
+    def _may_delete_inactive(self, r: Rotation, key: AccessKey) -> bool:
+        if key.access_key_id == r.old_key_id and r.leaked:
+            return True
+        if key.access_key_id is None or key.created_at > r.created_at:
+            return False  # it appeared while this rotation ran: someone put it there
+        if key.access_key_id in self._leftovers(r):
+            return True
+
+        last = self._iam(r.account_id).key_last_used(key.access_key_id).last_used_at
+        idle_since = last or key.created_at
+        now = self._iam(r.account_id).iam_time() or self.now()
+        return now - idle_since >= self._timing.inactive_min_idle
+
+    def _leftovers(self, r: Rotation) -> set[str]:
+        """New keys of this user's earlier rotations that ended FAILED or CANCELLED: the
+        rotator's own, which it may clear away once they are off."""
+        earlier = self._store.list_recent(limit=20, user_name=r.user_name)
+        return {
+            x.new_key_id
+            for x in earlier
+            if x.account_id == r.account_id
+            and x.id != r.id
+            and x.new_key_id
+            and x.state in (State.FAILED, State.CANCELLED)
+        }
 
     def _create(self, r: Rotation) -> Rotation:
         if r.intent_key_ids is not None:
@@ -707,6 +766,9 @@ class Engine:
         try:
             new = iam.create_access_key(r.user_name)
         except CapConflict:
+            # Someone added a key since the listing: MAKE_ROOM must look again, not reuse
+            # the listing that said a slot was free (and provoke IAM again at once).
+            self._forget(r.id)
             return self._move(
                 r, State.MAKE_ROOM, "IAM refused a new key: two keys exist", intent_key_ids=None
             )
@@ -739,6 +801,8 @@ class Engine:
         pause = self._timing.store_pause
         error = ""
         refusal: RotatorError | None = None
+        # Whether a write may have outlived its try (no answer came): it may still land.
+        in_flight = False
         for attempt in range(1, self._timing.store_tries + 1):
             try:
                 version = self._write_secret(r, path, new)
@@ -746,6 +810,7 @@ class Engine:
             except StaleRotation:
                 raise
             except (Transient, CasConflict) as exc:
+                in_flight = in_flight or not exc.answered
                 error = str(exc)
                 _log.warning("vault.write_failed", rotation_id=r.id, attempt=attempt, error=error)
                 if attempt < self._timing.store_tries:
@@ -754,12 +819,13 @@ class Engine:
             except RotatorError as exc:
                 # Vault refuses us, the path holds something that is not a key pair, or
                 # someone else's newer key is there: retrying will not help.
+                in_flight = in_flight or not exc.answered
                 error, refusal = str(exc), exc
                 break
         else:
-            return self._unstored(r, new, error, refusal)
+            return self._unstored(r, new, error, refusal, in_flight=in_flight)
         if refusal is not None:
-            return self._unstored(r, new, error, refusal)
+            return self._unstored(r, new, error, refusal, in_flight=in_flight)
         self._fault("store:written")
         return self._stored_in_vault(r, path, version)
 
@@ -775,11 +841,18 @@ class Engine:
         )
 
     def _unstored(
-        self, r: Rotation, new: NewKey, error: str, refusal: RotatorError | None
+        self,
+        r: Rotation,
+        new: NewKey,
+        error: str,
+        refusal: RotatorError | None,
+        *,
+        in_flight: bool,
     ) -> Rotation:
         """STORE could not confirm its write. The new key is deleted only once a read
         that succeeds shows Vault does not hold it; until then the key is kept and
         recovery looks again after a pause."""
+        r = self._stored(r)  # with the moment the last write was sent
         path = self._path(r)
         try:
             held = self._read_key_pair(path)
@@ -800,6 +873,9 @@ class Engine:
             )
         if held is not None and held.access_key_id == new.access_key_id:
             return self._stored_in_vault(r, path, held.version)
+        landing = self._write_may_land(r) if in_flight else timedelta(0)
+        if landing > timedelta(0):
+            return self._keep_until_writes_land(r, new.access_key_id, landing, error)
         self._discard_new_key(r, new.access_key_id)
         if isinstance(refusal, _VaultTaken):
             return self._block(r, f"{error}; new key {new.access_key_id} deleted")
@@ -821,6 +897,7 @@ class Engine:
             intent_key_ids=None,
             intent_at=None,
             intent_until=None,
+            store_started_at=None,
             attempts=attempts,
             last_error=error,
             next_action_at=self.now() + self._timing.backoff(attempts),
@@ -846,6 +923,9 @@ class Engine:
         # A deleted latest version reads as nothing, yet still counts for check-and-set.
         cas = current.version if current else self._secrets.current_version(path)
         self._before_side_effect(r)
+        # Journalled before the write is sent: a write that outlives its caller (a
+        # timeout, a crash) may land until one Vault deadline after this.
+        self._save(r, store_started_at=self.now())
         try:
             return self._secrets.write(path, new, metadata, cas=cas)
         except CasConflict:
@@ -907,6 +987,26 @@ class Engine:
             (ours if mine else strangers).append(k.access_key_id)
         return ours, strangers
 
+    def _write_may_land(self, r: Rotation) -> timedelta:
+        """How long a Vault write of this rotation's new key may still be on its way (a
+        write whose caller timed out or died is not withdrawn): zero when none can."""
+        if r.store_started_at is None:
+            return timedelta(0)
+        end = r.store_started_at + self._timing.vault_deadline
+        return max(end - self.now(), timedelta(0))
+
+    def _keep_until_writes_land(
+        self, r: Rotation, key_id: str, wait: timedelta, error: str
+    ) -> Rotation:
+        """Vault does not hold the key yet, but a write of it may still land: deleting
+        it now could leave Vault serving a deleted key. Keep it, look again then."""
+        why = (
+            f"{error}: Vault does not hold new key {key_id}, but a write of it may still "
+            f"land for {wait.total_seconds():.0f}s more; the key is kept until then"
+        )
+        _log.warning("rotation.store_pending", rotation_id=r.id, key_id=key_id, wait=str(wait))
+        return self._save(r, last_error=why, next_action_at=self.now() + wait)
+
     def _window_end(self, r: Rotation) -> datetime:
         """When, on IAM's clock, the rotation's CreateAccessKey can no longer mint a key:
         its deadline from the intent, or later when the call was seen ending later."""
@@ -946,6 +1046,10 @@ class Engine:
             strangers += [k for k in ours if k not in kept_one]
             ours = kept_one
         kept = next((k for k in ours if held is not None and held.access_key_id == k), None)
+        doomed = [k for k in ours if k != kept]
+        landing = self._write_may_land(r)
+        if doomed and landing > timedelta(0):
+            return self._keep_until_writes_land(r, doomed[0], landing, "recovery")
         for key_id in ours:
             if key_id != kept:
                 if r.new_key_id is None:
@@ -991,6 +1095,7 @@ class Engine:
             intent_key_ids=None,
             intent_at=None,
             intent_until=None,
+            store_started_at=None,
         )
 
     def _verify(self, r: Rotation) -> Rotation:
@@ -1195,8 +1300,11 @@ class Engine:
         return self._save(r, next_action_at=min(due, now + self._timing.retire_recheck))
 
     def _restore_old_key(self, r: Rotation, problem: str) -> Rotation:
-        """The old key is the user's last sound key: turn it back on, end FAILED."""
+        """The old key is the user's last sound key: turn it back on, end FAILED. A
+        leaked old key is never turned back on."""
         assert r.old_key_id is not None
+        if r.leaked:
+            return self._fail(r, f"{problem}; the old key leaked and stays off")
         self._set_status(r, r.old_key_id, KeyStatus.ACTIVE)
         return self._fail(
             r,

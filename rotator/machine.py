@@ -13,7 +13,8 @@ CREATE and STORE lead back to MAKE_ROOM when a new key had to be deleted (its se
 could not be stored), and to BLOCKED when a key nobody can attribute to the rotation
 appeared, or Vault holds someone else's newer key. BLOCKED leads back to MAKE_ROOM when a
 later pass finds a free slot. OVERLAP and DEACTIVATE end DONE when the old key is already
-gone (the goal is reached).
+gone (the goal is reached). Every state from VERIFY on leads back to MAKE_ROOM when the
+new key itself leaked: it is contained and deleted, and another one replaces it.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.MAKE_ROOM: frozenset({S.CREATE, S.BLOCKED} | _EXITS),
     S.CREATE: frozenset({S.STORE, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
     S.STORE: frozenset({S.VERIFY, S.MAKE_ROOM, S.BLOCKED} | _EXITS),
-    S.VERIFY: frozenset({S.OVERLAP, S.DELETE, S.DONE} | _EXITS),
-    S.OVERLAP: frozenset({S.DEACTIVATE, S.DONE} | _EXITS),
-    S.DEACTIVATE: frozenset({S.RETIRE, S.DONE, S.ROLLED_BACK} | _EXITS),
-    S.RETIRE: frozenset({S.DELETE, S.ROLLED_BACK} | _EXITS),
-    S.DELETE: frozenset({S.DONE, S.ROLLED_BACK} | _EXITS),
+    S.VERIFY: frozenset({S.OVERLAP, S.DELETE, S.DONE, S.MAKE_ROOM} | _EXITS),
+    S.OVERLAP: frozenset({S.DEACTIVATE, S.DONE, S.MAKE_ROOM} | _EXITS),
+    S.DEACTIVATE: frozenset({S.RETIRE, S.DONE, S.ROLLED_BACK, S.MAKE_ROOM} | _EXITS),
+    S.RETIRE: frozenset({S.DELETE, S.ROLLED_BACK, S.MAKE_ROOM} | _EXITS),
+    S.DELETE: frozenset({S.DONE, S.ROLLED_BACK, S.MAKE_ROOM} | _EXITS),
     S.BLOCKED: frozenset({S.MAKE_ROOM} | _EXITS),
     S.DONE: frozenset(),
     S.FAILED: frozenset(),

@@ -88,6 +88,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.leaks_contained = Counter(
+            "rotator_leaked_keys_contained_total",
+            "Leaked keys the rotator set Inactive, by account.",
+            ["account"],
+            registry=r,
+        )
         self.up = Gauge("rotator_ready", "1 when the daemon is ready.", registry=r)
         self._metrics: dict[str, Counter | Gauge | Histogram] = {
             name: value
@@ -176,6 +182,9 @@ class Metrics:
     def observe_opened(self, rotation: Rotation) -> None:
         labels = {"account": rotation.account_id, "reason": rotation.reason.value}
         self._apply("inc", "opened", labels, 1)
+
+    def observe_contained(self, account_id: str) -> None:
+        self._apply("inc", "leaks_contained", {"account": account_id}, 1)
 
     def aws_call(self, operation: str) -> None:
         self._apply("inc", "aws_calls", {"operation": operation}, 1)

@@ -153,6 +153,9 @@ class Rotation:
     # When CreateAccessKey had certainly ended (returned, failed, or its deadline
     # passed): a key created after this moment is not this rotation's.
     intent_until: datetime | None = None
+    # When STORE last began writing the new key to Vault (this host's clock): a write
+    # still on its way may land until one Vault deadline after this.
+    store_started_at: datetime | None = None
     stored_at: datetime | None = None
     vault_version: int | None = None
     verified_at: datetime | None = None

@@ -154,10 +154,21 @@ class StateStore(Protocol):
         ...
 
     def add_dead_letter(self, source: str, message_id: str, error: str, body: str) -> None:
-        """Keep an event that could not be parsed, out of its queue's way."""
+        """Keep an event that could not be parsed, out of its queue's way (a bounded
+        number: the oldest go first)."""
         ...
 
     def dead_letters(self) -> list[tuple[str, str, datetime, str]]: ...
+
+    def leak_report_seen(self, event_id: str, key_id: str) -> bool:
+        """Whether this key of this leak event was handled already (replays are no-ops)."""
+        ...
+
+    def add_leak_report(
+        self, event_id: str, key_id: str, account_id: str, user_name: str | None, result: str
+    ) -> None:
+        """Record that this key of this leak event was handled; idempotent."""
+        ...
 
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Key ids issued to replace a contained leak (by rotations that did not fail)."""

@@ -152,7 +152,26 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # The end of the window in which CreateAccessKey may have minted a key.
         "ALTER TABLE rotations ADD COLUMN intent_until TEXT",
     ),
+    (
+        # Each key of each leak event, once: EventBridge delivers at least once, so a
+        # replayed event must change nothing.
+        """
+        CREATE TABLE leak_reports (
+            event_id    TEXT NOT NULL,
+            key_id      TEXT NOT NULL,
+            account_id  TEXT NOT NULL,
+            user_name   TEXT,
+            received_at TEXT NOT NULL,
+            result      TEXT NOT NULL,
+            PRIMARY KEY (event_id, key_id)
+        )
+        """,
+        "ALTER TABLE rotations ADD COLUMN store_started_at TEXT",
+    ),
 )
+
+# Dead letters kept at most; the oldest go first (a flood of junk must not fill the disk).
+MAX_DEAD_LETTERS: Final = 1000
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The `PRAGMA user_version` this code writes and understands."""
@@ -172,6 +191,7 @@ _COLUMNS: Final = (
     "intent_key_ids",
     "intent_at",
     "intent_until",
+    "store_started_at",
     "stored_at",
     "vault_version",
     "verified_at",
@@ -327,6 +347,11 @@ class SqliteStateStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 (source, message_id, _encode_ts(self._clock()), error, body),
             )
+            conn.execute(
+                "DELETE FROM dead_letters WHERE id <= "
+                "(SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (MAX_DEAD_LETTERS,),
+            )
 
     def dead_letters(self) -> list[tuple[str, str, datetime, str]]:
         """(source, message id, received at, error) of every kept event, oldest first."""
@@ -335,6 +360,26 @@ class SqliteStateStore:
                 "SELECT source, message_id, received_at, error FROM dead_letters ORDER BY id"
             ).fetchall()
         return [(str(r[0]), str(r[1]), _parse_ts(r[2]), str(r[3])) for r in rows]
+
+    def leak_report_seen(self, event_id: str, key_id: str) -> bool:
+        """Whether this key of this event was handled already."""
+        with self._read("leak_report_seen") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM leak_reports WHERE event_id = ? AND key_id = ?", (event_id, key_id)
+            ).fetchone()
+        return row is not None
+
+    def add_leak_report(
+        self, event_id: str, key_id: str, account_id: str, user_name: str | None, result: str
+    ) -> None:
+        """Record that this key of this event was handled (idempotent)."""
+        with self._write("add_leak_report") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO leak_reports "
+                "(event_id, key_id, account_id, user_name, received_at, result) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (event_id, key_id, account_id, user_name, _encode_ts(self._clock()), result),
+            )
 
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Keys issued to replace a contained leak (rotations that did not fail)."""
@@ -822,6 +867,7 @@ def _encode(r: Rotation) -> dict[str, object]:
         "intent_key_ids": None if r.intent_key_ids is None else json.dumps(r.intent_key_ids),
         "intent_at": _encode_opt_ts(r.intent_at),
         "intent_until": _encode_opt_ts(r.intent_until),
+        "store_started_at": _encode_opt_ts(r.store_started_at),
         "stored_at": _encode_opt_ts(r.stored_at),
         "vault_version": r.vault_version,
         "verified_at": _encode_opt_ts(r.verified_at),
@@ -856,6 +902,7 @@ def _decode(values: Sequence[object]) -> Rotation:
         intent_key_ids=None if intent is None else tuple(str(k) for k in json.loads(str(intent))),
         intent_at=_parse_opt_ts(row["intent_at"]),
         intent_until=_parse_opt_ts(row["intent_until"]),
+        store_started_at=_parse_opt_ts(row["store_started_at"]),
         stored_at=_parse_opt_ts(row["stored_at"]),
         vault_version=_opt_int(row["vault_version"]),
         verified_at=_parse_opt_ts(row["verified_at"]),

@@ -259,7 +259,17 @@ def _reason(exc: requests.RequestException) -> str:
 
 
 def _translate(exc: Exception, url: str, action: str, resource: str) -> RotatorError:
-    """One hvac/requests error as the project's own. The caller chains it `from exc`."""
+    """One hvac/requests error as the project's own. The caller chains it `from exc`.
+    An hvac error is Vault's own answer (`answered`); a 4xx one refused the call."""
+    translated = _translate_kind(exc, url, action, resource)
+    if isinstance(exc, hvac.exceptions.VaultError):
+        translated.answered = True
+        status = getattr(exc, "status_code", None) or getattr(exc, "code", None)
+        translated.not_applied = isinstance(status, int) and 400 <= status < 500
+    return translated
+
+
+def _translate_kind(exc: Exception, url: str, action: str, resource: str) -> RotatorError:
     if isinstance(exc, requests.ConnectionError):
         # Includes ConnectTimeout, but also a connection closed before the answer came:
         # then Vault may have applied the request. Callers never read this as "not done".
@@ -402,10 +412,12 @@ class VaultStore:
         key_id = data.get(ACCESS_KEY_FIELD) if isinstance(data, dict) else None
         secret = data.get(SECRET_KEY_FIELD) if isinstance(data, dict) else None
         if not isinstance(key_id, str) or not isinstance(secret, str) or not key_id or not secret:
-            raise BadInput(
+            unusable = BadInput(
                 f"Vault secret {resource} (version {version}) lacks "
                 f"{ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
             )
+            unusable.answered = unusable.not_applied = True  # Vault answered the read
+            raise unusable
         custom = meta.get("custom_metadata") or {}
         return StoredSecret(
             access_key_id=key_id,
@@ -425,10 +437,12 @@ class VaultStore:
                 )
             except hvac.exceptions.InvalidRequest as exc:
                 if _CAS_MISMATCH in _vault_errors(exc):
-                    raise CasConflict(
+                    conflict = CasConflict(
                         f"Vault secret {resource} is no longer at version {cas}: "
                         "someone else wrote it"
-                    ) from exc
+                    )
+                    conflict.answered = conflict.not_applied = True
+                    raise conflict from exc
                 raise
 
         resp = self._call(op, action="vault:create/update", resource=resource)

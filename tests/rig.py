@@ -49,7 +49,12 @@ def config_data(
         # A short call timeout keeps the window in which a crashed CreateAccessKey may
         # still mint a key (the engine waits it out, on IAM's clock) to a few seconds.
         "aws": {"endpoint_url": aws.endpoint_url, "region": "us-east-1", "call_timeout": "2s"},
-        "vault": {"url": vault.addr, "mount": vault.mount, "auth": {"token": vault.token}},
+        "vault": {
+            "url": vault.addr,
+            "mount": vault.mount,
+            "auth": {"token": vault.token},
+            "timeout": "1s",
+        },
         "state": {"path": str(tmp_path / "state.db")},
         "policy": {"overlap": "0s", "delete_after": "0s", "verify_timeout": "10s"},
     }

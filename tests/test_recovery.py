@@ -68,9 +68,10 @@ NORMAL_POINTS = (
 )
 # A due key beside an inactive one: MAKE_ROOM deletes the inactive key first.
 MAKE_ROOM_POINTS = (NORMAL_POINTS[0], "make_room:deleted", *NORMAL_POINTS[1:])
+# (The leaked key is already off when the rotation opens: containment comes first and
+# needs no rotation. CONTAIN's own deactivation is a fallback that is not reached here.)
 LEAKED_POINTS = (
     "moved:PLANNED->CONTAIN",
-    "contain:deactivated",
     "moved:CONTAIN->MAKE_ROOM",
     "moved:MAKE_ROOM->CREATE",
     "create:intent_recorded",

@@ -120,6 +120,7 @@ def test_every_rotation_field_round_trips(store: SqliteStateStore) -> None:
         intent_key_ids=("AKIAOLD", "AKIAOTHER"),
         intent_at=T0 + timedelta(seconds=1),
         intent_until=T0 + timedelta(seconds=1, microseconds=500),
+        store_started_at=T0 + timedelta(seconds=1, microseconds=700),
         stored_at=T0 + timedelta(seconds=2),
         vault_version=3,
         verified_at=T0 + timedelta(seconds=3),
@@ -902,7 +903,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
         conn.execute(sql)
     # A rotation and its first event, as the first schema's code wrote them.
     row = state_module._encode(old)
-    del row["intent_until"]  # a column of a later schema
+    del row["intent_until"], row["store_started_at"]  # columns of later schemas
     names = ", ".join(row)
     values = ", ".join(":" + n for n in row)
     conn.execute(f"INSERT INTO rotations ({names}) VALUES ({values})", row)  # noqa: S608
@@ -916,7 +917,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     store = SqliteStateStore(db_path, clock=clock)
     try:
         with raw(db_path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert store.get(old.id) == old
         assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
         store.add_dead_letter("sqs", "m-1", "not JSON", "{")
