@@ -476,19 +476,25 @@ class App:
             return result
         # Containment needs IAM only and comes first, for every leaked key, whatever
         # else is going on; the replacements follow and wait for Vault if need be.
-        self.contain_leaked(result.inventories)
-        leaks = [p for p in result.proposals if p.leaked]
-        result.opened = [
-            self.replace_leaked(p.account_id, p.user_name, p.old_key_id or "", p.why) for p in leaks
-        ]
+        contained = self.contain_leaked(result.inventories)
+        opened: dict[str, Rotation] = {}
+        for account_id, user_name, key_id, why in contained:
+            try:
+                rotation = self.replace_leaked(account_id, user_name, key_id, why)
+            except RotatorError as exc:
+                _log.error("leak.replace_failed", user=user_name, key_id=key_id, error=str(exc))
+                continue
+            opened[rotation.id] = rotation
+        result.opened = list(opened.values())
         # A Vault that cannot be used stops the other rotations before any opens.
         self.secrets.check()
         result.opened += self.open_rotations(p for p in result.proposals if not p.leaked)
         return result
 
-    def contain_leaked(self, inventories: Iterable[Inventory]) -> list[str]:
+    def contain_leaked(self, inventories: Iterable[Inventory]) -> list[tuple[str, str, str, str]]:
         """Set every Active key the scan judged leaked Inactive now (IAM only); return
-        their ids. One user's failure never stops another's containment."""
+        (account, user, key id, why) of each. One user's failure never stops another's
+        containment."""
         contained = []
         for inventory in inventories:
             for d in inventory.decisions:
@@ -502,7 +508,7 @@ class App:
                         "leak.contain_failed", user=d.user.user_name, key_id=key_id, error=str(exc)
                     )
                     continue
-                contained.append(key_id)
+                contained.append((d.user.account_id, d.user.user_name, key_id, d.reason))
         return contained
 
     def tick(self) -> list[Rotation]:
@@ -537,6 +543,16 @@ class App:
         account = request.account_id or self.accounts()[0]
         iam = self.iam(account)
         keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
+        if not leaked:
+            # Checked before the keys are judged: mid-rotation a user has two active keys
+            # (old and new), and "name the one to replace" would be the wrong answer.
+            existing = self.store.open_for(account, user_name)
+            if existing is not None:
+                raise RotationExists(
+                    f"user {user_name} in account {account} already has open rotation "
+                    f"{existing.id} ({existing.state.value}); see `rotator status --user "
+                    f"{user_name}`"
+                )
         if key_id is not None and key_id not in {k.access_key_id for k in keys}:
             raise NotFound(f"user {user_name} has no key {key_id}")
         if key_id is None:

@@ -92,3 +92,22 @@ def test_blocked_user_makes_run_exit_1_and_stays_untouched(
         k1.access_key_id: KeyStatus.ACTIVE,
         k2.access_key_id: KeyStatus.ACTIVE,
     }
+
+
+def test_rotate_during_an_open_rotation_says_which_rotation_is_open_not_two_keys(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A second `rotate` of a user in OVERLAP (two active keys: old and new) is refused
+    as "already has open rotation" (exit 2), not as "name the one to replace", and
+    changes nothing."""
+    aws.add_user("ivy", keys=[SeedKey(120 * D)])
+    cfg = config(tmp_path, aws, vault, overlap="1h")
+    first = rotator("--config", cfg, "rotate", "ivy")
+    assert first.returncode == 0, first.stderr
+    before = aws.keys("ivy")
+    assert len(before) == 2
+    again = rotator("--config", cfg, "rotate", "ivy")
+    assert again.returncode == 2
+    assert "already has open rotation" in again.stderr
+    assert "two active keys" not in again.stderr
+    assert aws.keys("ivy") == before
