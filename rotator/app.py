@@ -40,7 +40,7 @@ from rotator.model import (
 )
 from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
 from rotator.planner import Proposal, propose
-from rotator.policy import Rules
+from rotator.policy import Rules, exemption
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
 from rotator.ratelimit import TokenBucket
 from rotator.state import SqliteStateStore, lease_owner
@@ -543,6 +543,14 @@ class App:
         account = request.account_id or self.accounts()[0]
         iam = self.iam(account)
         keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
+        if not leaked and not request.force:
+            # A typo like `rotate break-glass-admin` must not go straight through.
+            exempt = exemption(iam.user_details(user_name), Rules.from_settings(self.settings))
+            if exempt is not None:
+                raise BadInput(
+                    f"user {user_name} is not rotated by policy ({exempt}); add --force "
+                    '(HTTP: "force": true) to rotate it anyway'
+                )
         if not leaked:
             # Checked before the keys are judged: mid-rotation a user has two active keys
             # (old and new), and "name the one to replace" would be the wrong answer.

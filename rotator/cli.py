@@ -490,6 +490,11 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
     "--key", "key_id", metavar="KEY_ID", help="The key to replace (default: the active one)."
 )
 @click.option("--leaked", is_flag=True, help="Contain first: deactivate that key at once.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rotate a user that selection exempts or excludes (a leak is contained regardless).",
+)
 @click.option("--reason", metavar="TEXT", help="Why (kept in the event trail), e.g. a ticket id.")
 @click.option(
     "--overlap",
@@ -505,6 +510,7 @@ def rotate(
     account_id: str | None,
     key_id: str | None,
     leaked: bool,
+    force: bool,
     reason: str | None,
     overlap: str | None,
     as_json: bool,
@@ -512,7 +518,9 @@ def rotate(
     """Force a rotation of USER's key now and advance it at once (incident response).
 
     A user with no key gets a first key, stored in Vault. With --leaked the key is
-    deactivated first, whatever the overlap. Exit 1 if the rotation ends FAILED or
+    deactivated first, whatever the overlap. A user that `selection` exempts or excludes
+    is refused (exit 2, saying why) unless --force is given; a leak is contained whatever
+    the selection says. Exit 1 if the rotation ends FAILED or
     BLOCKED; 2 for a USER that is not an IAM user name (checked before anything is
     touched) or that IAM does not know; 3 when a backend is down, also when the rotation
     now waits to retry before its new key was stored (the next pass continues it).
@@ -527,7 +535,8 @@ def rotate(
     app = obj.app(need_vault=not leaked)  # containment needs IAM only
     try:
         started = app.now()
-        rotation = app.force(ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td))
+        request = ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td, force=force)
+        rotation = app.force(request)
         trails = _trails(app, [rotation])
         finished = app.now()
     finally:

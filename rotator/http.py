@@ -51,7 +51,7 @@ def parse_trigger(body: bytes) -> ForcedRotation:
 def _trigger(data: Any) -> ForcedRotation:
     if not isinstance(data, dict):
         raise BadInput("body must be a JSON object")
-    unknown = set(data) - {"user_name", "account_id", "access_key_id", "leaked", "reason"}
+    unknown = set(data) - {"user_name", "account_id", "access_key_id", "leaked", "reason", "force"}
     if unknown:
         names = ", ".join(json.dumps(name) for name in sorted(unknown))
         raise BadInput(f"unknown field(s): {names[:200]}")
@@ -70,7 +70,10 @@ def _trigger(data: Any) -> ForcedRotation:
     reason = data.get("reason")
     if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
         raise BadInput("reason must be a string of at most 500 characters")
-    return ForcedRotation(user, account, key, leaked, reason)
+    force = data.get("force", False)
+    if not isinstance(force, bool):
+        raise BadInput("force must be true or false")
+    return ForcedRotation(user, account, key, leaked, reason, force=force)
 
 
 class Api(Protocol):

@@ -111,6 +111,8 @@ class ForcedRotation:
     leaked: bool = False
     reason: str | None = None
     overlap: timedelta | None = None
+    # Rotate a user that is exempt or excluded (`selection`) all the same.
+    force: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields (`overlap` in seconds), e.g. for a worker process."""
@@ -129,6 +131,7 @@ class ForcedRotation:
             leaked=bool(data.get("leaked", False)),
             reason=data.get("reason"),
             overlap=timedelta(seconds=float(overlap)) if overlap is not None else None,
+            force=bool(data.get("force", False)),
         )
 
 

@@ -111,3 +111,28 @@ def test_rotate_during_an_open_rotation_says_which_rotation_is_open_not_two_keys
     assert "already has open rotation" in again.stderr
     assert "two active keys" not in again.stderr
     assert aws.keys("ivy") == before
+
+
+def test_rotate_of_an_exempt_user_is_refused_without_force_and_a_leak_is_contained_anyway(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """`rotate` of a user tagged exempt exits 2 saying why and touches nothing; with
+    --force it rotates; `rotate --leaked` of an exempt user contains the key regardless."""
+    [key] = aws.add_user("break-glass", tags={"rotator:exempt": "true"}, keys=[SeedKey(10 * D)])
+    cfg = config(tmp_path, aws, vault, overlap="0s", delete_after="0s")
+    refused = rotator("--config", cfg, "rotate", "break-glass")
+    assert refused.returncode == 2
+    assert "rotator:exempt" in refused.stderr
+    assert "--force" in refused.stderr
+    assert aws.keys("break-glass") == {key.access_key_id: KeyStatus.ACTIVE}
+    forced = rotator("--config", cfg, "rotate", "break-glass", "--force")
+    assert forced.returncode == 0, forced.stderr
+    [(new_id, status)] = aws.keys("break-glass").items()
+    assert status is KeyStatus.ACTIVE
+    assert new_id != key.access_key_id
+    [other] = aws.add_user("break-glass-2", tags={"rotator:exempt": "yes"}, keys=[SeedKey(D)])
+    leaked = rotator(
+        "--config", cfg, "rotate", "break-glass-2", "--key", other.access_key_id, "--leaked"
+    )
+    assert leaked.returncode == 0, leaked.stderr
+    assert other.access_key_id not in aws.keys("break-glass-2")
