@@ -183,7 +183,7 @@ def test_closing_the_proxy_ends_a_stall_without_forwarding(aws: LocalAws) -> Non
     with pytest.raises(botocore.exceptions.ConnectionClosedError):
         client.create_user(UserName="alice")
     timer.join()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # far below the 30 s stall
     assert "alice" not in aws.backend.users
     assert proxy.outcomes(aws_action("CreateUser")) == [Outcome.ABANDONED]
 
