@@ -152,3 +152,11 @@ def identity_of(aws: LocalAws, secret: Mapping[str, Any]) -> str:
         aws_secret_access_key=secret["data"]["aws_secret_access_key"],
     )
     return str(sts.get_caller_identity()["Arn"])
+
+
+def run_pass(app: App) -> None:
+    """One `run --once` pass of `app`, then close it (also when the pass raises)."""
+    try:
+        app.run_once()
+    finally:
+        app.close()

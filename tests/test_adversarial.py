@@ -32,7 +32,7 @@ from tests.faultproxy import (
     vault_error,
     vault_path,
 )
-from tests.rig import FakeClock, make_app, settings_for, vault_secret, wait_until
+from tests.rig import FakeClock, make_app, run_pass, settings_for, vault_secret, wait_until
 
 D = timedelta(days=1)
 USER = "alice"
@@ -102,11 +102,7 @@ def test_a_key_created_by_a_person_while_create_access_key_is_throttled_is_left_
     )
     settings = settings_for(aws, vault, tmp_path, aws={"endpoint_url": proxy.url})
     clock = FakeClock()
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     [mine] = created
     assert mine in aws.keys(USER), "the person's active key was deleted as the rotator's orphan"
     assert aws.keys(USER)[old.access_key_id] is KeyStatus.ACTIVE
@@ -137,11 +133,7 @@ def test_a_key_created_by_a_person_after_a_crash_and_after_the_call_window_is_le
     assert latest(settings).state is State.CREATE
     time.sleep(8)
     mine = person_creates_key(aws)
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     assert mine in aws.keys(USER), "the person's active key was deleted as the rotator's orphan"
     assert aws.keys(USER)[old.access_key_id] is KeyStatus.ACTIVE
     r = latest(settings)
@@ -162,19 +154,11 @@ def test_a_create_access_key_applied_after_its_timeout_leaves_no_orphan(
     settings = settings_for(
         aws, vault, tmp_path, aws={"endpoint_url": proxy.url, "call_timeout": "1s"}
     )
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     wait_until(lambda: len(aws.keys(USER)) == 2, 10, "the late CreateAccessKey to land")
     for _ in range(3):
         clock.advance(timedelta(hours=1))
-        app = make_app(settings, clock)
-        try:
-            app.run_once()
-        finally:
-            app.close()
+        run_pass(make_app(settings, clock))
     r = latest(settings)
     assert created_but_not_served(aws, vault, {old.access_key_id}) == set(), (
         f"the rotator's own key is left active with its secret lost ({r.state}: {r.last_error})"
@@ -192,11 +176,7 @@ def test_the_rotators_own_key_is_recognised_when_the_host_clock_is_behind_iam(
     proxy.add(aws_action("CreateAccessKey"), DropAfterApply(), times=1)
     settings = settings_for(aws, vault, tmp_path, aws={"endpoint_url": proxy.url})
     for _ in range(2):
-        app = make_app(settings, clock)
-        try:
-            app.run_once()
-        finally:
-            app.close()
+        run_pass(make_app(settings, clock))
         clock.advance(timedelta(minutes=30))
     r = latest(settings)
     assert created_but_not_served(aws, vault, {old.access_key_id}) == set(), (
@@ -309,21 +289,13 @@ def test_a_new_key_deleted_during_retirement_gets_the_old_key_back_at_the_next_p
     clock = FakeClock()
     [old] = aws.add_user(USER, keys=[SeedKey(120 * D)], now=clock.now)
     settings = settings_for(aws, vault, tmp_path, policy={"delete_after": "7d"})
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     r = latest(settings)
     assert r.state is State.RETIRE
     assert r.new_key_id is not None
     aws.backend.delete_access_key(r.new_key_id, USER)
     clock.advance(timedelta(hours=1))
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     r = latest(settings)
     assert aws.keys(USER) == {old.access_key_id: KeyStatus.ACTIVE}, (
         f"no active key for the user; rotation {r.state} until {r.next_action_at}"
@@ -351,11 +323,7 @@ def test_an_error_while_handling_a_vanished_key_is_recorded_on_the_rotation(
         times=1,
     )
     settings = settings_for(aws, vault, tmp_path, aws={"endpoint_url": proxy.url})
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     r = latest(settings)
     assert r.state is State.DELETE
     assert r.last_error is not None, "the Throttling error escaped the step: nothing recorded"
@@ -377,21 +345,13 @@ def test_vault_unreadable_at_deactivate_never_deactivates_the_old_key(
     settings = settings_for(
         aws, vault, tmp_path, vault={"url": proxy.url}, policy={"overlap": "1h"}
     )
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     first = latest(settings)
     assert first.state is State.OVERLAP
     proxy.add(vault_path("GET", rf"/v1/{vault.mount}/data/"), vault_error(503, ["sealed"]))
     clock.advance(timedelta(hours=2))
     for _ in range(10):
-        app = make_app(settings, clock)
-        try:
-            app.run_once()
-        finally:
-            app.close()
+        run_pass(make_app(settings, clock))
         assert aws.keys(USER)[old.access_key_id] is KeyStatus.ACTIVE
         clock.advance(timedelta(minutes=20))
     store = SqliteStateStore(settings.state.path)
@@ -412,21 +372,13 @@ def test_make_room_never_deletes_an_inactive_key_added_after_the_rotation_began(
     clock = FakeClock()
     old, other = aws.add_user(USER, keys=[SeedKey(120 * D), SeedKey(10 * D)], now=clock.now)
     settings = settings_for(aws, vault, tmp_path)
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     assert latest(settings).state is State.BLOCKED
     time.sleep(1.1)  # IAM stamps CreateDate in whole seconds
     aws.backend.delete_access_key(other.access_key_id, USER)
     staged = person_creates_key(aws, KeyStatus.INACTIVE)
     clock.advance(timedelta(hours=1))
-    app = make_app(settings, clock)
-    try:
-        app.run_once()
-    finally:
-        app.close()
+    run_pass(make_app(settings, clock))
     r = latest(settings)
     assert r.state is State.BLOCKED, (r.state, r.last_error)
     assert staged in (r.last_error or "")

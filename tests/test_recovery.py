@@ -40,7 +40,7 @@ from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
 from tests.faultproxy import FaultProxy, vault_error, vault_path
-from tests.rig import FakeClock, config_data, settings_for, vault_secret
+from tests.rig import FakeClock, config_data, run_pass, settings_for, vault_secret
 
 D = timedelta(days=1)
 USER = "alice"
@@ -122,13 +122,6 @@ def fresh_report(aws: LocalAws) -> None:
     """Let moto answer GenerateCredentialReport with COMPLETE at once, as AWS does while
     a report younger than four hours exists (it saves every scan a 0.2 s poll)."""
     aws.backend.credential_report = True
-
-
-def run_pass(app: App) -> None:
-    try:
-        app.run_once()
-    finally:
-        app.close()
 
 
 def latest(settings: Settings, user: str = USER) -> Rotation:
