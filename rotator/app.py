@@ -28,7 +28,7 @@ from rotator.errors import (
 from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
-from rotator.metrics import Metrics
+from rotator.metrics import LeakEventResult, Metrics
 from rotator.model import (
     Decision,
     ForcedRotation,
@@ -63,6 +63,18 @@ class EventResult:
 
     rotations: list[Rotation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    keys: int = 0  # keys the event names
+    contained: int = 0  # of those, set Inactive by this delivery
+    duplicates: int = 0  # of those, already handled for this event (a replay)
+
+    @property
+    def outcome(self) -> LeakEventResult:
+        """How `rotator_leak_events_total` counts this delivery."""
+        if self.contained:
+            return "contained"
+        if self.keys and self.duplicates == self.keys:
+            return "duplicate"
+        return "nothing_to_contain"
 
 
 @dataclass
@@ -74,6 +86,8 @@ class PassResult:
     opened: list[Rotation] = field(default_factory=list)
     rotations: list[Rotation] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # account id -> why
+    # Why Vault could not be used: leaked keys were still contained, other rotations wait.
+    vault_error: RotatorError | None = None
 
 
 def build_secrets(settings: Settings) -> VaultStore:
@@ -345,22 +359,34 @@ class App:
 
     # --- jobs -----------------------------------------------------------------------
 
-    def scan(self, *, as_of: datetime | None = None, with_state: bool = True) -> ScanResult:
-        """Scan every account; one failing account never stops the others. `with_state`
-        reads which keys replaced contained leaks (plan may run without a state store)."""
+    def scan(
+        self, *, as_of: datetime | None = None, with_state: bool = True, record: bool = True
+    ) -> ScanResult:
+        """Scan every account; one failing account never stops the others.
+
+        `with_state` reads which keys replaced contained leaks and when each quarantine
+        policy was first seen (plan may run without a state store), and records the
+        quarantines this scan saw (`plan` passes `record=False`: it changes nothing)."""
         rules = Rules.from_settings(self.settings)
         result = ScanResult()
         for account in self.accounts():
             try:
-                replacements = self.store.replacement_key_ids(account) if with_state else set()
+                replacements: set[str] = set()
+                since: dict[str, datetime] = {}
+                if with_state:
+                    replacements = self.store.replacement_key_ids(account)
+                    since = self.store.quarantines(account)
                 with ThreadPoolExecutor(max_workers=self.settings.aws.concurrency) as pool:
                     inventory = scan(
                         self.iam(account),
                         rules,
                         as_of or self.now(),
                         replacements=replacements,
+                        quarantined_since=since,
                         pmap=pool.map,
                     )
+                if record and with_state:
+                    self.store.note_quarantines(account, inventory.quarantined)
             except RotatorError as exc:
                 _log.error("scan.account_failed", account=account, error=str(exc))
                 result.failures[account] = str(exc)
@@ -373,11 +399,16 @@ class App:
             )
         return result
 
-    def open_rotations(self, proposals: Iterable[Proposal]) -> list[Rotation]:
+    def open_rotations(
+        self, proposals: Iterable[Proposal], *, scanned_at: datetime | None = None
+    ) -> list[Rotation]:
         """Open a rotation for each proposal whose user has none open yet. A user whose
         last rotation FAILED gets no new one (leaks aside) until `retry_failed_after` has
         passed: it failed for a reason an operator has been told about, and trying again
-        at once would repeat what failed (minting keys against a Vault that refuses them)."""
+        at once would repeat what failed (minting keys against a Vault that refuses them).
+        A user whose latest rotation changed after `scanned_at` (when the scan behind the
+        proposals began) is left to the next scan: another process acted on what this
+        scan saw, and its proposal may name a key that is already rotated."""
         opened = []
         pause = self.settings.policy.retry_failed_after
         for p in proposals:
@@ -385,6 +416,8 @@ class App:
                 continue
             if not p.leaked:
                 last = self.store.latest_for(p.account_id, p.user_name)
+                if last is not None and scanned_at is not None and last.updated_at > scanned_at:
+                    continue
                 if (
                     last is not None
                     and last.state is State.FAILED
@@ -464,7 +497,7 @@ class App:
         """Scan every account and open a rotation for each due, leaked or blocked user."""
         result = PassResult()
         started = self.now()
-        scanned = self.scan()
+        scanned = self.scan(record=not dry_run)
         result.inventories = scanned.inventories
         result.failures = scanned.failures
         if self.metrics is not None:
@@ -486,9 +519,17 @@ class App:
                 continue
             opened[rotation.id] = rotation
         result.opened = list(opened.values())
-        # A Vault that cannot be used stops the other rotations before any opens.
-        self.secrets.check()
-        result.opened += self.open_rotations(p for p in result.proposals if not p.leaked)
+        # A Vault that cannot be used stops the other rotations before any opens; the
+        # pass itself goes on (containment is done, open rotations wait by themselves).
+        try:
+            self.secrets.check()
+        except RotatorError as exc:
+            _log.error("scan.vault_unusable", error=str(exc), contained=len(contained))
+            result.vault_error = exc
+            return result
+        result.opened += self.open_rotations(
+            (p for p in result.proposals if not p.leaked), scanned_at=started
+        )
         return result
 
     def contain_leaked(self, inventories: Iterable[Inventory]) -> list[tuple[str, str, str, str]]:
@@ -526,6 +567,9 @@ class App:
         result = self.scan_and_open(dry_run=dry_run)
         if dry_run:
             result.rotations = self.store.list_open()
+            return result
+        if result.vault_error is not None:
+            # Every open rotation's next step needs Vault; the next pass advances them.
             return result
         result.rotations = self.advance_all(r.id for r in self.store.list_open())
         return result
@@ -645,12 +689,13 @@ class App:
         if account not in accounts:
             raise BadInput(f"the event is about account {account}, which is not configured")
         iam = self.iam(account)
-        result = EventResult(notes=list(event.skipped))
+        result = EventResult(notes=list(event.skipped), keys=len(event.keys))
         failure: RotatorError | None = None
         for leaked in event.keys:
             key_id = leaked.key_id
             if event.event_id and self.store.leak_report_seen(event.event_id, key_id):
                 result.notes.append(f"key {key_id}: handled already for this event")
+                result.duplicates += 1
                 continue
             try:
                 owner = leaked.user_name or iam.key_last_used(key_id).user_name
@@ -660,7 +705,12 @@ class App:
                     )
                     result.notes.append(outcome)
                 else:
-                    result.rotations.append(self.report_leak(account, owner, key_id, event.reason))
+                    # report_leak, counting the keys actually set Inactive.
+                    if self.contain(account, owner, key_id, event.reason):
+                        result.contained += 1
+                    result.rotations.append(
+                        self.replace_leaked(account, owner, key_id, event.reason)
+                    )
                     outcome = f"key {key_id} of {owner}: contained"
             except NotFound as exc:
                 outcome = f"key {key_id}: {exc}: nothing to contain"
@@ -678,13 +728,25 @@ class App:
             raise failure
         return result
 
-    def handle_event(self, raw: bytes | str) -> EventResult:
+    def handle_event(self, raw: bytes | str, *, source: str = "file") -> EventResult:
         """Parse an AWS Health event, contain every key it names, then replace them (the
         replacements wait for Vault when it cannot be used; containment never does)."""
-        event = parse_event(raw)
-        result = self.open_for_event(event)
+        try:
+            event = parse_event(raw)
+            result = self.open_for_event(event)
+        except BadInput:
+            self._count_leak_event(source, "rejected")
+            raise
+        except RotatorError:
+            self._count_leak_event(source, "retry")
+            raise
+        self._count_leak_event(source, result.outcome)
         result.rotations = self.advance_all(r.id for r in result.rotations)
         return result
+
+    def _count_leak_event(self, source: str, result: LeakEventResult) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_leak_event(source, result)
 
     def poll_leak_queue(self, wait_seconds: int = 5) -> int:
         """One long poll of `leaks.sqs_queue_url`. A message is deleted only after its
@@ -700,6 +762,7 @@ class App:
             )
         queue = self._queue
         handled = 0
+        opened: list[Rotation] = []
         for message in queue.receive(wait_seconds=wait_seconds):
             try:
                 event = parse_event(message.body)
@@ -707,13 +770,15 @@ class App:
                 self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
                 _log.error("leaks.unparseable", message_id=message.message_id, error=str(exc))
                 queue.delete(message)
+                self._count_leak_event("sqs", "rejected")
                 continue
             try:
-                opened = self.open_for_event(event).rotations
+                result = self.open_for_event(event)
             except BadInput as exc:
                 self.store.add_dead_letter("sqs", message.message_id, str(exc), message.body)
                 _log.error("leaks.rejected", message_id=message.message_id, error=str(exc))
                 queue.delete(message)
+                self._count_leak_event("sqs", "rejected")
                 continue
             except RotatorError as exc:
                 pause = min(30 * message.receive_count, 900)
@@ -721,14 +786,21 @@ class App:
                     "leaks.retry", message_id=message.message_id, error=str(exc), retry_in=pause
                 )
                 queue.postpone(message, pause)
+                self._count_leak_event("sqs", "retry")
                 continue
             queue.delete(message)  # the rotations are in the state store now
             handled += 1
+            self._count_leak_event("sqs", result.outcome)
             _log.info(
                 "leaks.event",
                 message_id=message.message_id,
                 code=event.event_code,
-                rotations=[r.id for r in opened],
+                outcome=result.outcome,
+                rotations=[r.id for r in result.rotations],
             )
+            opened.extend(result.rotations)
+        # Every key of the batch is contained before any replacement starts: a
+        # replacement needs Vault and may take long, a containment must not wait for it.
+        if opened:
             self.advance_all(r.id for r in opened)
         return handled

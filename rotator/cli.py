@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from rotator import __version__, log
-from rotator.config import Settings, config_path, load_settings, parse_duration, parse_settings
+from rotator.config import Settings, config_path, load_settings, parse_settings
+from rotator.durations import parse_duration
 from rotator.errors import BadInput, ConfigError, RotatorError
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
 from rotator.model import Event, ForcedRotation, Rotation, is_user_name
@@ -234,15 +235,17 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     """Scan IAM and print a decision for every key. Changes nothing.
 
     Decisions: ok, warn (older than warn_age), rotate (older than max_age), leaked
-    (a quarantine policy is attached), blocked (due, but both keys are active),
-    exempt (excluded by path, name pattern or tag).
+    (active, and created before a scan first saw the user's quarantine policy), blocked
+    (due, but both keys are active), exempt (excluded by path, name pattern or tag).
+    Keys created before the quarantine was first seen are marked suspect (--json:
+    "suspect": true); users still quarantined are listed in the notes.
     """
     app = obj.app(need_vault=False)
     now = app.now()
     moment = parse_as_of(as_of, now)
     with_state = Path(app.settings.state.path).exists()
     try:
-        scanned = app.scan(as_of=moment, with_state=with_state)
+        scanned = app.scan(as_of=moment, with_state=with_state, record=False)
     finally:
         app.close()
     inventories = scanned.inventories
@@ -413,6 +416,14 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
         failed_accounts=result.failures,
         standing=standing,
     )
+    if result.vault_error is not None:
+        click.echo(
+            f"rotator: Vault cannot be used ({result.vault_error}); leaked keys were "
+            "contained, every other rotation waits for Vault (the next pass resumes them)",
+            err=True,
+        )
+        if code is not ExitCode.ATTENTION:
+            _finish(for_error(result.vault_error))
     if code is ExitCode.ATTENTION:
         _report_troubled(newly_troubled(handled.values(), trails, started))
     elif code is ExitCode.BACKEND:
@@ -626,9 +637,14 @@ def daemon(obj: Context) -> None:
 
     \b
     GET  /healthz   alive
-    GET  /readyz    state store writable, Vault reachable, last scan recent
+    GET  /readyz    200 when the state store is writable and a scan succeeded lately:
+                    status "ok", or "degraded" while Vault cannot be used; else 503
     GET  /metrics   Prometheus text format
     POST /v1/rotations   rotation trigger (only with http.trigger_token_file)
+
+    Ready (READY=1) once the state store and AWS answer; Vault is not waited for. While
+    Vault cannot be used, scans and the leak queue still contain every leaked key (IAM
+    only) and every other rotation waits for Vault; the log, STATUS= and /readyz say so.
 
     Speaks systemd's notify protocol (READY, WATCHDOG, STATUS, STOPPING) when run as a
     Type=notify unit. SIGHUP re-reads the configuration; an invalid file keeps the old one.

@@ -9,14 +9,13 @@ The environment is an explicit argument (default: `os.environ` read at call time
 `VAULT_ADDR`, `VAULT_TOKEN`, `AWS_ENDPOINT_URL` and `AWS_REGION` / `AWS_DEFAULT_REGION`
 fill in the matching keys when the file leaves them unset or null.
 
-Durations are strings such as `"90d"` (`parse_duration`, `format_duration`, the `Duration`
-field type). Schedules are a 5-field cron expression or an interval (`parse_schedule`);
-this module only validates them, the daemon turns them into triggers.
+Durations are strings such as `"90d"` (parsed by `rotator.durations`; `Duration` here is
+the field type). Schedules are a 5-field cron expression or an interval, validated by
+`rotator.cron`; the daemon turns them into triggers.
 """
 
 from __future__ import annotations
 
-import calendar
 import difflib
 import ipaddress
 import json
@@ -26,7 +25,6 @@ import string
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
@@ -49,9 +47,12 @@ from pydantic import (
     model_validator,
 )
 
+from rotator.cron import SCHEDULE_HINT, Schedule, parse_schedule
 from rotator.deadlines import lease_problem
+from rotator.durations import DURATION_HINT, format_duration, parse_duration
 from rotator.errors import ConfigError
 from rotator.paths import secret_path
+from rotator.quoting import kind_of, quoted, shown
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -64,7 +65,6 @@ __all__ = [
     "NotifySettings",
     "PolicySettings",
     "PositiveDuration",
-    "Schedule",
     "ScheduleSettings",
     "SelectionSettings",
     "Settings",
@@ -72,10 +72,7 @@ __all__ = [
     "VaultAuthSettings",
     "VaultSettings",
     "config_path",
-    "format_duration",
     "load_settings",
-    "parse_duration",
-    "parse_schedule",
     "parse_settings",
 ]
 
@@ -95,81 +92,7 @@ _REDACTED = "***"
 _DEFER_CHECKS = "rotator.defer_cross_checks"
 
 
-# --- how values are shown in messages ---------------------------------------------------
-
-
-def _q(text: str) -> str:
-    """`text` in double quotes, as the operator would write it in YAML."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _kind(value: object) -> str:
-    """The YAML kind of a value, for messages that must not show the value itself."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
-def _show(value: object) -> str:
-    """A scalar as written in YAML; only the kind of a list or mapping. Never truncated,
-    so that `_scrub` can find a secret in it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return _q(value)
-    if isinstance(value, int | float):
-        return repr(value)
-    return _kind(value)
-
-
-# --- durations ----------------------------------------------------------------------------
-
-_DURATION_RE = re.compile(r"([0-9]+)([smhd])")
-_DURATION_HINT = 'an integer and s, m, h or d, e.g. "90d"'
-_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse `"90d"`, `"24h"`, `"15m"` or `"60s"` into a timedelta.
-
-    Raises ValueError naming the text when it is anything else (no sign, no spaces, no
-    fractions, no compound forms such as "1h30m").
-    """
-    match = _DURATION_RE.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"{_show(text)} is not a duration ({_DURATION_HINT})")
-    number, unit = int(match.group(1)), match.group(2)
-    try:
-        return timedelta(seconds=number * _UNIT_SECONDS[unit])
-    except OverflowError:
-        raise ValueError(f"{_q(text)} is too long a duration") from None
-
-
-def format_duration(value: timedelta) -> str:
-    """The shortest exact duration string for `value`: `"90d"`, `"24h"`, `"0s"`.
-
-    Raises ValueError for a negative value or one that is not a whole number of seconds,
-    which no duration string can express.
-    """
-    if value < timedelta(0) or value % timedelta(seconds=1):
-        raise ValueError(f"{value} is not a whole, non-negative number of seconds")
-    seconds = int(value.total_seconds())
-    for unit, size in _UNIT_SECONDS.items():
-        if seconds % size == 0 and (seconds or unit == "s"):
-            return f"{seconds // size}{unit}"
-    raise AssertionError("unreachable: every whole number of seconds has a unit")
+# --- durations and schedules as field types -----------------------------------------------
 
 
 def _validate_duration(value: object) -> timedelta:
@@ -179,7 +102,7 @@ def _validate_duration(value: object) -> timedelta:
         return value
     if isinstance(value, str):
         return parse_duration(value)
-    raise ValueError(f"{_show(value)} is not a duration ({_DURATION_HINT})")
+    raise ValueError(f"{shown(value)} is not a duration ({DURATION_HINT})")
 
 
 def _positive(value: timedelta) -> timedelta:
@@ -198,180 +121,9 @@ Duration = Annotated[
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 
 
-# --- schedules ----------------------------------------------------------------------------
-
-_MONTH_NAMES = {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name}
-_WEEKDAY_NAMES = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-_CRON_FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day-of-month", 1, 31, {}),
-    ("month", 1, 12, _MONTH_NAMES),
-    ("day-of-week", 0, 7, _WEEKDAY_NAMES),
-)
-_NUMBER_RE = re.compile(r"[0-9]+")
-_SCHEDULE_HINT = 'a 5-field cron expression such as "0 * * * *" or an interval such as "15m"'
-# Days in each month, February counted as 29 so that "29 2" stays valid.
-_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A validated schedule: exactly one of `interval` (a positive timedelta) or `cron`
-    (a 5-field cron expression, whitespace-normalised)."""
-
-    interval: timedelta | None
-    cron: str | None
-
-    def __post_init__(self) -> None:
-        if (self.interval is None) == (self.cron is None):
-            raise ValueError("a schedule is either an interval or a cron expression")
-
-    def cron_fields(self) -> dict[str, str]:
-        """The cron expression as keyword arguments for APScheduler 3's `CronTrigger`.
-
-        Use this rather than `CronTrigger.from_crontab`: APScheduler 3 numbers weekdays
-        from Monday = 0 while cron uses Sunday = 0, so the weekdays here are spelt as
-        names and every field is an explicit list, never a range that could wrap.
-        """
-        if self.cron is None:
-            raise ValueError("an interval schedule has no cron fields")
-        minute, hour, day, month, weekday = _parse_cron(self.cron)
-        names = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-        return {
-            "minute": _cron_list(minute, 0, 59),
-            "hour": _cron_list(hour, 0, 23),
-            "day": _cron_list(day, 1, 31),
-            "month": _cron_list(month, 1, 12),
-            "day_of_week": (
-                "*" if len(weekday) == 7 else ",".join(names[d] for d in sorted(weekday))
-            ),
-        }
-
-
-def _cron_list(values: frozenset[int], lo: int, hi: int) -> str:
-    if values == frozenset(range(lo, hi + 1)):
-        return "*"
-    return ",".join(str(v) for v in sorted(values))
-
-
-def parse_schedule(text: str) -> Schedule:
-    """Validate a schedule: an interval (`"15m"`) or a 5-field cron expression.
-
-    Cron fields are minute, hour, day-of-month, month, day-of-week; each is a comma list
-    of `*`, `N`, `N-M`, `*/S` or `N-M/S`; months may be `jan`-`dec`, weekdays `sun`-`sat`
-    or 0-7 (0 and 7 are Sunday). Raises ValueError saying which field is bad and why,
-    e.g. `minute "61" out of range 0-59`.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"expected {_SCHEDULE_HINT}, got {_show(text)}")
-    fields = text.split()
-    if not fields:
-        raise ValueError(f"empty; expected {_SCHEDULE_HINT}")
-    if len(fields) == 1:
-        if _DURATION_RE.fullmatch(fields[0]) is None:
-            raise ValueError(
-                f"{_q(text.strip())} is neither a 5-field cron expression (e.g. "
-                '"0 * * * *") nor an interval (e.g. "15m")'
-            )
-        interval = parse_duration(fields[0])
-        if not interval:
-            raise ValueError(f"{_q(fields[0])} is an interval of zero; use at least 1s")
-        return Schedule(interval=interval, cron=None)
-    cron = " ".join(fields)
-    _parse_cron(cron)
-    return Schedule(interval=None, cron=cron)
-
-
-def _parse_cron(cron: str) -> tuple[frozenset[int], ...]:
-    fields = cron.split()
-    if len(fields) != 5:
-        raise ValueError(
-            f"cron expression {_q(cron)} has {len(fields)} fields; expected 5: "
-            "minute hour day-of-month month day-of-week"
-        )
-    parsed = tuple(
-        _parse_cron_field(text, name, lo, hi, names)
-        for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS, strict=True)
-    )
-    day_text, weekday_text = fields[2], fields[4]
-    if not day_text.startswith("*") and not weekday_text.startswith("*"):
-        # cron fires when *either* field matches; APScheduler only when *both* do.
-        raise ValueError(
-            f'day-of-month "{day_text}" and day-of-week "{weekday_text}" are both '
-            "restricted; cron would fire on either, the scheduler only on both. "
-            "Restrict one of them and set the other to *"
-        )
-    days, months = parsed[2], parsed[3]
-    if not any(day <= _MONTH_DAYS[month - 1] for day in days for month in months):
-        raise ValueError(
-            f'day-of-month "{day_text}" never occurs in month "{fields[3]}"; '
-            "the schedule would never fire"
-        )
-    weekdays = frozenset(0 if d == 7 else d for d in parsed[4])
-    return (*parsed[:4], weekdays)
-
-
-def _parse_cron_field(
-    text: str, name: str, lo: int, hi: int, names: Mapping[str, int]
-) -> frozenset[int]:
-    values: set[int] = set()
-    for item in text.split(","):
-        if not item:
-            raise ValueError(f"{name} {_q(text)} has an empty list item")
-        base, slash, step_text = item.partition("/")
-        step = 1
-        if slash:
-            if _NUMBER_RE.fullmatch(step_text) is None:
-                raise ValueError(f"{name} {_q(item)}: step {_q(step_text)} is not a number")
-            step = int(step_text)
-            if not 1 <= step <= hi - lo + 1:
-                raise ValueError(
-                    f"{name} {_q(item)}: step {_q(step_text)} out of range 1-{hi - lo + 1}"
-                )
-        if base == "*":
-            first, last = lo, hi
-        elif "-" in base:
-            first_text, _, last_text = base.partition("-")
-            first = _cron_value(first_text, item, name, lo, hi, names)
-            last = _cron_value(last_text, item, name, lo, hi, names)
-            if first > last:
-                raise ValueError(f"{name} {_q(item)}: the range runs backwards")
-        else:
-            if slash:
-                raise ValueError(
-                    f'{name} {_q(item)}: a step needs "*" or a range before it, '
-                    f'e.g. "*/{step_text}" or "{base}-{hi}/{step_text}"'
-                )
-            first = last = _cron_value(base, item, name, lo, hi, names)
-        values.update(range(first, last + 1, step))
-    return frozenset(values)
-
-
-def _cron_value(
-    token: str, item: str, name: str, lo: int, hi: int, names: Mapping[str, int]
-) -> int:
-    if _NUMBER_RE.fullmatch(token):
-        value = int(token)
-        if not lo <= value <= hi:
-            raise ValueError(f"{name} {_q(token)} out of range {lo}-{hi}")
-        return value
-    if token.lower() in names:
-        return names[token.lower()]
-    if not token:
-        raise ValueError(f"{name} {_q(item)} is incomplete")
-    if names:
-        keys = list(names)
-        first, last = keys[0], keys[-1]
-        raise ValueError(
-            f"{name} {_q(token)} is not a number ({lo}-{hi}) or a name ({first}-{last})"
-        )
-    raise ValueError(f"{name} {_q(token)} is not a number ({lo}-{hi})")
-
-
 def _validate_schedule_text(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected {_SCHEDULE_HINT}, got {_show(value)}")
+        raise ValueError(f"expected {SCHEDULE_HINT}, got {shown(value)}")
     parse_schedule(value)
     return " ".join(value.split())
 
@@ -399,7 +151,7 @@ def _http_url(value: str) -> str:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{_show(value)} is not an http(s) URL")
+        raise ValueError(f"{shown(value)} is not an http(s) URL")
     return value
 
 
@@ -410,7 +162,7 @@ def _path(value: object) -> Path:
         return Path(value)
     if isinstance(value, str):
         raise ValueError("must not be empty")
-    raise ValueError(f"expected a file path, got {_show(value)}")
+    raise ValueError(f"expected a file path, got {shown(value)}")
 
 
 def _account_id(value: object) -> str:
@@ -421,7 +173,7 @@ def _account_id(value: object) -> str:
         )
     if isinstance(value, str) and re.fullmatch(r"[0-9]{12}", value):
         return value
-    raise ValueError(f'{_show(value)} is not an account id (12 digits, e.g. "123456789012")')
+    raise ValueError(f'{shown(value)} is not an account id (12 digits, e.g. "123456789012")')
 
 
 _ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):role/[\w+=,.@/-]+")
@@ -432,7 +184,7 @@ _SNS_ARN_RE = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[\w.-]+")
 def _matching(pattern: re.Pattern[str], what: str, example: str) -> AfterValidator:
     def check(value: str) -> str:
         if pattern.fullmatch(value) is None:
-            raise ValueError(f"{_show(value)} is not {what} (e.g. {_q(example)})")
+            raise ValueError(f"{shown(value)} is not {what} (e.g. {quoted(example)})")
         return value
 
     return AfterValidator(check)
@@ -441,14 +193,14 @@ def _matching(pattern: re.Pattern[str], what: str, example: str) -> AfterValidat
 def _iam_path(value: str) -> str:
     if not (value.startswith("/") and value.endswith("/")):
         raise ValueError(
-            f'{_show(value)} must start and end with "/" (an IAM path such as "/service/")'
+            f'{shown(value)} must start and end with "/" (an IAM path such as "/service/")'
         )
     return value
 
 
 def _kv_mount(value: str) -> str:
     if not value or value.startswith("/") or value.endswith("/"):
-        raise ValueError(f'{_show(value)} must be a mount name without leading or trailing "/"')
+        raise ValueError(f'{shown(value)} must be a mount name without leading or trailing "/"')
     return value
 
 
@@ -460,16 +212,16 @@ def _template_fields(template: str) -> set[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ValueError(f"{_show(template)} is not a valid template: {exc}") from None
+        raise ValueError(f"{shown(template)} is not a valid template: {exc}") from None
     found: set[str] = set()
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
         if field not in _TEMPLATE_FIELDS or spec or conversion:
-            shown = "{" + field + ("!" + conversion if conversion else "")
-            shown += (":" + spec if spec else "") + "}"
+            placeholder = "{" + field + ("!" + conversion if conversion else "")
+            placeholder += (":" + spec if spec else "") + "}"
             raise ValueError(
-                f"unknown placeholder {shown}; use only {{account_id}} and {{user_name}}"
+                f"unknown placeholder {placeholder}; use only {{account_id}} and {{user_name}}"
             )
         found.add(field)
     return found
@@ -483,9 +235,12 @@ def _path_template(value: str) -> str:
     return value
 
 
+_PORT_RE = re.compile(r"[0-9]+")
+
+
 def _split_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:port`) into host and port; ValueError if malformed."""
-    bad = f"{_show(value)} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)"
+    bad = f"{shown(value)} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)"
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         try:
@@ -497,11 +252,11 @@ def _split_listen(value: str) -> tuple[str, int]:
     else:
         host, sep, port_text = value.rpartition(":")
         if ":" in host:
-            raise ValueError(f"{_show(value)}: write an IPv6 address in brackets, e.g. [::1]:9464")
+            raise ValueError(f"{shown(value)}: write an IPv6 address in brackets, e.g. [::1]:9464")
         if not sep or not host:
             raise ValueError(bad)
-    if _NUMBER_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{_show(value)}: the port must be a number in 1-65535")
+    if _PORT_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{shown(value)}: the port must be a number in 1-65535")
     return host, int(port_text)
 
 
@@ -581,7 +336,7 @@ def _duplicate_account_problems(ids: list[object]) -> list[str]:
             continue
         if account_id in first_index:
             problems.append(
-                f"accounts[{index}].id: {_q(account_id)} is already listed "
+                f"accounts[{index}].id: {quoted(account_id)} is already listed "
                 f"as accounts[{first_index[account_id]}]"
             )
         else:
@@ -613,7 +368,7 @@ def _auth_problems(method: object, present: Mapping[str, bool]) -> list[str]:
     if not isinstance(method, str) or method not in needs:
         return []
     return [
-        f"auth: method {_q(method)} needs {what}"
+        f"auth: method {quoted(method)} needs {what}"
         for key, what in needs[method]
         if not present.get(key, False)
     ]
@@ -654,7 +409,7 @@ _ROLE_NAME_RE = re.compile(r"[\w+=,.@-]{1,64}")
 
 def _role_name(value: str) -> str:
     if not _ROLE_NAME_RE.fullmatch(value):
-        raise ValueError(f"{_q(value)} is not an IAM role name")
+        raise ValueError(f"{quoted(value)} is not an IAM role name")
     return value
 
 
@@ -900,7 +655,7 @@ def parse_settings(
 
 
 def _top_level_problem(data: object) -> str:
-    return f"expected a mapping of sections ({', '.join(_SECTIONS)}), got {_kind(data)}"
+    return f"expected a mapping of sections ({', '.join(_SECTIONS)}), got {kind_of(data)}"
 
 
 def _load_yaml(text: str, path: str | Path) -> tuple[object, list[str]]:
@@ -1074,7 +829,7 @@ def _pydantic_problems(exc: ValidationError, sources: Mapping[str, str]) -> list
 def _describe(error: Any, loc: tuple[str | int, ...]) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     secret = loc in _SECRET_LOCS
-    given = _kind(value) if secret else _show(value)
+    given = kind_of(value) if secret else shown(value)
     if kind == "extra_forbidden":
         return "unknown key" + _suggestion(loc)
     if kind == "missing":

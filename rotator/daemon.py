@@ -12,6 +12,11 @@ schedule, the HTTP endpoint, the metrics (workers report theirs back) and a read
 of the state store, from which it decides whether a tick has anything to do. With
 `leaks.sqs_queue_url` set, one worker long-polls the queue for as long as the daemon runs.
 
+Vault is never waited for: containing a leaked key needs IAM only. The daemon is ready
+once the state store and AWS answer; while Vault cannot be used, scans and the leak-queue
+poller still contain every leaked key, every other rotation waits for Vault, and
+`/readyz` answers 200 with status "degraded" naming why.
+
 Signals: SIGTERM/SIGINT reach the workers too; each lets its running step finish, then
 the daemon exits 0. SIGHUP re-reads the configuration; an invalid file is reported and
 the old settings stay. A failing scan is logged and retried at the next slot: an outage
@@ -36,7 +41,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log
-from rotator.config import Schedule, Settings
+from rotator.config import Settings
+from rotator.cron import Schedule
 from rotator.errors import ConfigError, RotatorError, Transient
 from rotator.http import Server, read_token
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -95,6 +101,9 @@ class Daemon:
         self._lock = threading.Lock()
         self._last_scan_ok: datetime | None = None
         self._last_scan_error: str | None = None
+        # Why Vault could not be used, as the last worker that tried it said (the
+        # `check` at start, then each scan); None once it could.
+        self._vault_error: str | None = None
         self._vault_checked: tuple[float, str | None] = (0.0, None)
         self.settings = load()
         self._token = self._read_token(self.settings)
@@ -149,7 +158,12 @@ class Daemon:
             if not self._wait_for_backends():
                 return 0
             self._start_scheduler()
-            self._systemd.ready("ready; first scan running")
+            degraded = self._vault_error
+            self._systemd.ready(
+                "ready; first scan running"
+                if degraded is None
+                else f"ready, degraded: Vault cannot be used ({degraded}); first scan running"
+            )
             self.metrics.ready(True)
             _log.info("daemon.ready", scan=self.settings.schedule.scan)
             self._loop()
@@ -196,14 +210,24 @@ class Daemon:
                 self._systemd.watchdog()
 
     def _wait_for_backends(self) -> bool:
-        """READY only once the state store, Vault and AWS answered (a `check` worker).
-        Retries (with a growing pause) until they do or a stop signal arrives."""
+        """READY only once the state store and AWS answered (a `check` worker). Retries
+        (with a growing pause) until they do or a stop signal arrives. Vault is not
+        waited for: the check reports it, and a Vault that cannot be used makes the
+        daemon degraded (leaked keys are still contained), not unready."""
         pause = 1.0
         while not self._stopping.is_set():
             try:
                 self.store.check()
                 checked = self._workers.run("check")
-                _log.info("daemon.backends_ok", accounts=checked.get("accounts"))
+                vault = str(checked.get("vault") or "not checked")
+                self._vault_error = None if vault == "ok" else vault
+                _log.info("daemon.backends_ok", accounts=checked.get("accounts"), vault=vault)
+                if self._vault_error is not None:
+                    self._vault_unusable(
+                        self._vault_error,
+                        "starting degraded: scans and the leak queue still contain leaked "
+                        "keys (IAM only); every other rotation waits for Vault",
+                    )
                 return True
             except RotatorError as exc:
                 if self._stopping.is_set():
@@ -280,8 +304,12 @@ class Daemon:
             if not self._stopping.is_set():
                 self._scan_failed(str(exc))
             return
+        # A scan that could not use Vault still contained every leaked key: for leak
+        # detection it succeeded.
         self._last_scan_ok = datetime.now(UTC)
         self._last_scan_error = None
+        vault_error = result.get("vault_error")
+        self._vault_error = str(vault_error) if vault_error else None
         decisions: Mapping[str, int] = result.get("decisions") or {}
         summary = ", ".join(
             f"{decisions.get(k.value, 0)} {k.value}"
@@ -296,15 +324,29 @@ class Daemon:
             text += f"; failed accounts: {', '.join(sorted(failures))}"
             for account, why in sorted(failures.items()):
                 _log.error("daemon.account_failed", account=account, error=why)
+        if self._vault_error is not None:
+            text += (
+                f"; DEGRADED: Vault cannot be used ({self._vault_error}): leaked keys were "
+                "contained, every other rotation waits for Vault"
+            )
+            self._vault_unusable(
+                self._vault_error,
+                "leaked keys were contained (IAM only); every other rotation waits for Vault",
+            )
         _log.info(
             "daemon.scan_done",
             keys=result.get("keys", 0),
             opened=result.get("opened", 0),
             advanced=result.get("advanced", 0),
             failed_accounts=sorted(failures),
+            vault=self._vault_error or "ok",
             seconds=round(time.monotonic() - started, 3),
         )
         self._systemd.status(text)
+
+    @staticmethod
+    def _vault_unusable(error: str, detail: str) -> None:
+        _log.error("daemon.vault_unusable", error=error, detail=detail)
 
     def _scan_failed(self, error: str) -> None:
         self._last_scan_error = error
@@ -396,13 +438,16 @@ class Daemon:
         return 200, {"status": "alive"}
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
+        """200 "ok" when every check passes; 200 "degraded" when only Vault fails (leaked
+        keys are still contained, other rotations wait); 503 "unavailable" when the
+        state store or the scan fails."""
         checks: dict[str, str] = {}
         try:
             self.store.check()
             checks["state_store"] = "ok"
         except RotatorError as exc:
             checks["state_store"] = str(exc)
-        checks["vault"] = self._vault_status()
+        checks["vault"] = self._vault_check()
         period = scan_period(self.settings.schedule.scan_schedule, datetime.now(UTC))
         if self._last_scan_ok is None:
             checks["scan"] = self._last_scan_error or "no scan has completed yet"
@@ -410,8 +455,24 @@ class Daemon:
             checks["scan"] = f"last successful scan {self._last_scan_ok.isoformat()} is too old"
         else:
             checks["scan"] = "ok"
-        ready = all(v == "ok" for v in checks.values())
-        return (200 if ready else 503), {"ready": ready, "checks": checks}
+        ready = checks["state_store"] == "ok" and checks["scan"] == "ok"
+        if not ready:
+            status = "unavailable"
+        elif checks["vault"] != "ok":
+            status = "degraded"
+        else:
+            status = "ok"
+        return (200 if ready else 503), {"ready": ready, "status": status, "checks": checks}
+
+    def _vault_check(self) -> str:
+        """ "ok" or why Vault cannot be used: the daemon's own probe (reachable,
+        unsealed), then what the last worker that used Vault said (a token or mount
+        the probe cannot see)."""
+        probe = self._vault_status()
+        if probe != "ok":
+            return probe
+        error = self._vault_error
+        return "ok" if error is None else f"the last use of Vault failed: {error}"
 
     def _vault_status(self) -> str:
         # Probes may come every second; ask Vault at most every five.

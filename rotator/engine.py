@@ -41,8 +41,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rotator import log
-from rotator.config import format_duration
 from rotator.deadlines import call_deadline, iam_create_deadline, vault_call_deadline
+from rotator.durations import format_duration
 from rotator.errors import (
     BadInput,
     CapConflict,
@@ -81,10 +81,14 @@ class Timing:
     verify_timeout: timedelta
     lease_ttl: timedelta = timedelta(minutes=5)
     # Retries of transient failures: the delay doubles from `retry_base` up to
-    # `retry_cap`; after `max_attempts` a rotation that holds nothing dangling fails.
+    # `retry_cap`; after `max_attempts` a rotation that holds nothing dangling fails
+    # (a leak rotation never does: its old key is off, the user needs the replacement).
     retry_base: timedelta = timedelta(seconds=10)
     retry_cap: timedelta = timedelta(minutes=15)
     max_attempts: int = 8
+    # A leak rotation's user may have no working key until the replacement lands: it
+    # looks again at least this often.
+    leak_retry_cap: timedelta = timedelta(minutes=2)
     # Vault writes in STORE: tries, and the first pause between them (doubling).
     store_tries: int = 4
     store_pause: float = 0.5
@@ -122,10 +126,10 @@ class Timing:
             inactive_min_idle=settings.policy.inactive_min_idle,
         )
 
-    def backoff(self, attempts: int) -> timedelta:
+    def backoff(self, attempts: int, *, leaked: bool = False) -> timedelta:
         """The pause before retry number `attempts` (1, 2, …): doubling, capped."""
-        delay: timedelta = self.retry_base * (2 ** (attempts - 1))
-        return min(delay, self.retry_cap)
+        delay: timedelta = self.retry_base * (2 ** min(attempts - 1, 30))
+        return min(delay, self.leak_retry_cap if leaked else self.retry_cap)
 
 
 # Moves that prove progress (a key is stored, or the rotation ended): only they reset the
@@ -500,13 +504,27 @@ class Engine:
         recovery has dealt with that key."""
         return r.state is State.STORE or (r.state is State.CREATE and r.intent_key_ids is not None)
 
+    def _gives_up(self, r: Rotation, attempts: int) -> bool:
+        """Whether a rotation stops retrying after `attempts`. A leak rotation never
+        does: its old key is already off, so giving up could leave the user with no
+        working key; it keeps trying every `retry_cap` until the backend is back."""
+        if r.leaked and attempts >= self._timing.max_attempts:
+            _log.error(
+                "rotation.leak_replacement_waiting",
+                rotation_id=r.id,
+                user=r.user_name,
+                attempts=attempts,
+                retry_in=self._timing.backoff(attempts, leaked=r.leaked).total_seconds(),
+            )
+        return attempts >= self._timing.max_attempts and not r.leaked
+
     def _retry_later(self, r: Rotation, error: str) -> Rotation:
         attempts = r.attempts + 1
-        if attempts >= self._timing.max_attempts and not self._dangling(r):
+        if self._gives_up(r, attempts) and not self._dangling(r):
             return self._fail(
                 replace(r, attempts=attempts), f"gave up after {attempts} attempts: {error}"
             )
-        delay = self._timing.backoff(attempts)
+        delay = self._timing.backoff(attempts, leaked=r.leaked)
         _log.warning(
             "rotation.retry",
             rotation_id=r.id,
@@ -677,6 +695,20 @@ class Engine:
         except BadInput as exc:
             return self._block(r, str(exc))
         keys = self._keys(r)
+        if (
+            not r.leaked
+            and r.old_key_id is not None
+            and r.new_key_id is None
+            and all(k.access_key_id != r.old_key_id for k in keys)
+        ):
+            # Rotated or deleted by someone else since the scan that proposed this
+            # rotation: a key made now would be one nobody asked for.
+            return self._move(
+                r,
+                State.CANCELLED,
+                f"old key {r.old_key_id} no longer exists (rotated or deleted since the "
+                "scan that proposed this rotation): nothing to rotate",
+            )
         if len(keys) < 2:
             return self._move(r, State.CREATE, f"{2 - len(keys)} free slot(s)")
         inactive = [k for k in keys if not k.active]
@@ -869,7 +901,7 @@ class Engine:
                 r,
                 attempts=attempts,
                 last_error=why,
-                next_action_at=self.now() + self._timing.backoff(attempts),
+                next_action_at=self.now() + self._timing.backoff(attempts, leaked=r.leaked),
             )
         if held is not None and held.access_key_id == new.access_key_id:
             return self._stored_in_vault(r, path, held.version)
@@ -882,7 +914,7 @@ class Engine:
         if refusal is not None:
             return self._fail(r, f"{error}; new key {new.access_key_id} deleted")
         attempts = r.attempts + 1
-        if attempts >= self._timing.max_attempts:
+        if self._gives_up(r, attempts):
             # Nothing dangles any more (the key is gone): stop trying and tell people.
             return self._fail(
                 replace(r, attempts=attempts),
@@ -900,7 +932,7 @@ class Engine:
             store_started_at=None,
             attempts=attempts,
             last_error=error,
-            next_action_at=self.now() + self._timing.backoff(attempts),
+            next_action_at=self.now() + self._timing.backoff(attempts, leaked=r.leaked),
         )
 
     def _read_key_pair(self, path: str) -> StoredSecret | None:

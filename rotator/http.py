@@ -2,7 +2,9 @@
 authenticated rotation trigger.
 
   GET  /healthz              200 while the process is alive
-  GET  /readyz               200 when the state store, Vault and the last scan are fine
+  GET  /readyz               200 when the state store and the last scan are fine: status
+                             "ok", or "degraded" while Vault cannot be used (leaked keys
+                             are still contained); else 503, status "unavailable"
   GET  /metrics              Prometheus text format
   POST /v1/rotations         open a rotation (Bearer token; only with trigger_token_file)
   GET  /v1/rotations/{id}    one rotation, as in `status --json` (same token)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from rotator.errors import PermissionDenied, Transient
 from rotator.model import AccessKey, IamUser, KeyDecision, KeyStatus
-from rotator.policy import Rules, decide_user, needs_action
+from rotator.policy import Rules, decide_user, needs_action, quarantine
 from rotator.ports import IamPort
 
 _NO_VALUE = {"N/A", "no_information", "not_supported", ""}
@@ -33,6 +33,8 @@ class Inventory:
     decisions: list[KeyDecision]
     source: str  # "credential_report" or "per_user"
     notes: list[str] = field(default_factory=list)
+    # user -> (quarantine policy name, when the rotator first saw it attached)
+    quarantined: dict[str, tuple[str, datetime]] = field(default_factory=dict)
 
 
 def parse_report_time(text: str) -> datetime | None:
@@ -125,6 +127,7 @@ def scan(
     now: datetime,
     *,
     replacements: Iterable[str] = (),
+    quarantined_since: Mapping[str, datetime] | None = None,
     report_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     pmap: Callable[[Callable[[IamUser], IamUser], list[IamUser]], Iterable[IamUser]] = map,
@@ -132,10 +135,23 @@ def scan(
     """Read the account and decide every key. Changes nothing in AWS.
 
     `pmap` runs the per-user reads (key ids for users that need action); pass a thread
-    pool's `map` so that they overlap instead of queueing one after another."""
+    pool's `map` so that they overlap instead of queueing one after another.
+    `quarantined_since`: user -> when the rotator first saw its quarantine policy (a
+    user missing from it is seeing it now: every key it holds is suspect)."""
     issued = frozenset(replacements)
     account = iam.account_id()
     users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
+    first_seen = quarantined_since or {}
+    quarantined: dict[str, tuple[str, datetime]] = {}
+    for user in users:
+        policy = quarantine(user, rules)
+        if policy is not None:
+            quarantined[user.user_name] = (policy, first_seen.get(user.user_name, now))
+
+    def decide(user: IamUser) -> list[KeyDecision]:
+        since = quarantined.get(user.user_name, ("", now))[1]
+        return decide_user(user, now, rules, issued, quarantined_since=since)
+
     notes: list[str] = []
     reported: dict[str, list[AccessKey]] | None
     try:
@@ -163,12 +179,18 @@ def scan(
         if from_report is not None:
             full = replace(user, keys=tuple(from_report))
             # Report keys carry no ids, so a quarantined user always needs action here.
-            if not needs_action(decide_user(full, now, rules, issued)):
+            if not needs_action(decide(full)):
                 settled[user.user_name] = full
                 continue
         to_list.append(user)
     settled.update((u.user_name, u) for u in pmap(with_listed_keys, to_list))
 
     done_users = [settled[u.user_name] for u in users]
-    decisions = [d for u in done_users for d in decide_user(u, now, rules, issued)]
-    return Inventory(account, done_users, decisions, source, notes)
+    decisions = [d for u in done_users for d in decide(u)]
+    for name, (policy, since) in sorted(quarantined.items()):
+        notes.append(
+            f"user {name} is still quarantined ({policy}, first seen "
+            f"{since.isoformat(timespec='seconds')}): keys created before that are leaked; "
+            "detach the policy once the leak has been reviewed"
+        )
+    return Inventory(account, done_users, decisions, source, notes, quarantined)

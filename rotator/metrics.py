@@ -15,7 +15,7 @@ import threading
 from collections import Counter as TallyCounter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,7 +24,16 @@ from rotator.inventory import Inventory
 from rotator.machine import OPEN, TERMINAL, State
 from rotator.model import Decision, Rotation
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "LEAK_EVENT_RESULTS", "LeakEventResult", "Metrics"]
+
+# How handling one leak event (an AWS Health event from SQS or a file) ended:
+#   contained           at least one key it names was set Inactive
+#   nothing_to_contain  none of its keys belongs to a user or exists any more
+#   duplicate           a replay: every key was already handled for this event
+#   rejected            not a leak event the rotator can act on (dead-lettered)
+#   retry               a backend failed; the event must come again (SQS redelivers it)
+LeakEventResult = Literal["contained", "nothing_to_contain", "duplicate", "rejected", "retry"]
+LEAK_EVENT_RESULTS: tuple[LeakEventResult, ...] = get_args(LeakEventResult)
 
 # What a journal entry may do to a metric, by the metric's kind.
 _OPERATIONS = {Counter: "inc", Gauge: "set", Histogram: "observe"}
@@ -94,6 +103,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.leak_events = Counter(
+            "rotator_leak_events_total",
+            "Leak events (AWS Health) handled, by source (sqs, file) and result.",
+            ["source", "result"],
+            registry=r,
+        )
         self.up = Gauge("rotator_ready", "1 when the daemon is ready.", registry=r)
         self._metrics: dict[str, Counter | Gauge | Histogram] = {
             name: value
@@ -102,6 +117,10 @@ class Metrics:
         }
         for state in sorted(OPEN):
             self.open_rotations.labels(state=state.value).set(0)
+        # The daemon's queue poller is the source /metrics shows: every result starts at
+        # 0, so that an alert on its increase sees the first event too.
+        for result in LEAK_EVENT_RESULTS:
+            self.leak_events.labels(source="sqs", result=result)
 
     # --- the one place a value changes ----------------------------------------------------
 
@@ -185,6 +204,10 @@ class Metrics:
 
     def observe_contained(self, account_id: str) -> None:
         self._apply("inc", "leaks_contained", {"account": account_id}, 1)
+
+    def observe_leak_event(self, source: str, result: LeakEventResult) -> None:
+        """One leak event handled, from `source` ("sqs" or "file")."""
+        self._apply("inc", "leak_events", {"source": source, "result": result}, 1)
 
     def aws_call(self, operation: str) -> None:
         self._apply("inc", "aws_calls", {"operation": operation}, 1)

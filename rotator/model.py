@@ -74,6 +74,9 @@ class KeyDecision:
     key: AccessKey
     decision: Decision
     reason: str
+    # Created before the user's quarantine policy was first seen: possibly the leaked
+    # key (contained when Active; an Inactive one stays flagged in the plan).
+    suspect: bool = False
 
 
 @dataclass(frozen=True)

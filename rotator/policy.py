@@ -3,8 +3,10 @@
 Order of the rules, first match wins per user:
   exempt  — the user is outside `include_paths`, matches `exclude_users`, or carries the
             exempt tag with any value other than "false";
-  leaked  — a quarantine policy is attached: every active key not issued as the
-            replacement of a contained leak is leaked;
+  leaked  — a quarantine policy is attached: every active key created before the
+            rotator first saw that policy on the user is leaked, unless the rotator
+            issued it to replace a contained leak. A key created after that moment (a
+            replacement, a later rotation, a person's new key) is not suspect;
   then per active key by age: rotate (> max_age), warn (> warn_age), ok.
   A due key whose user holds two active keys is `blocked`: no slot can be freed without
   guessing which key a consumer uses; so is one whose user name cannot be a Vault path
@@ -82,27 +84,44 @@ def decide_user(
     now: datetime,
     rules: Rules,
     replacements: Iterable[str] = (),
+    *,
+    quarantined_since: datetime | None = None,
 ) -> list[KeyDecision]:
-    """One decision per key of `user`. `replacements` are key ids the rotator issued to
-    replace a contained leak: the quarantine policy stays attached until an operator
-    detaches it, and those keys must not be rotated again and again because of it."""
+    """One decision per key of `user`.
+
+    `quarantined_since`: when the rotator first saw the user's quarantine policy (None:
+    first seen now). Only keys created before it are suspect: AWS attached the policy
+    because one of them leaked, and the policy stays attached until an operator
+    detaches it, so a key made afterwards must not be judged leaked again and again.
+    `replacements` are key ids the rotator issued to replace a contained leak: never
+    suspect, even when the policy was first seen after them (the leak came in as an
+    event before the scan saw the policy)."""
     keys: Sequence[AccessKey] = user.keys
     exempt = exemption(user, rules)
     if exempt is not None:
         return [KeyDecision(user, k, Decision.EXEMPT, exempt) for k in keys]
 
     quarantined = quarantine(user, rules)
+    since = quarantined_since or now
     issued = frozenset(replacements)
+
+    def suspect(key: AccessKey) -> bool:
+        return bool(quarantined) and key.created_at < since and key.access_key_id not in issued
+
+    seen = f"quarantine policy {quarantined} (first seen {since.isoformat(timespec='seconds')})"
     active = [k for k in keys if k.active]
     out: list[KeyDecision] = []
     for key in keys:
         days = age_days(key, now)
         if not key.active:
-            out.append(KeyDecision(user, key, Decision.OK, f"inactive (age {days}d)"))
+            why = f"inactive (age {days}d)"
+            if suspect(key):
+                why += f"; suspect: created before {seen}"
+            out.append(KeyDecision(user, key, Decision.OK, why, suspect=suspect(key)))
             continue
-        if quarantined and key.access_key_id not in issued:
+        if suspect(key):
             out.append(
-                KeyDecision(user, key, Decision.LEAKED, f"quarantine policy {quarantined} attached")
+                KeyDecision(user, key, Decision.LEAKED, f"created before {seen}", suspect=True)
             )
             continue
         age = now - key.created_at
@@ -128,16 +147,21 @@ def decide_user(
             out.append(KeyDecision(user, key, Decision.WARN, reason))
         else:
             out.append(KeyDecision(user, key, Decision.OK, f"age {days}d"))
-    if quarantined and issued:
+    if quarantined:
         out = [
             d
-            if d.decision is Decision.LEAKED or d.key.access_key_id not in issued
+            if d.decision is Decision.LEAKED or suspect(d.key)
             else KeyDecision(
                 user,
                 d.key,
                 d.decision,
-                f"{d.reason}; replacement for a contained leak, quarantine policy "
-                f"{quarantined} still attached (detach it after review)",
+                f"{d.reason}; not suspect: "
+                + (
+                    "replacement for a contained leak"
+                    if d.key.access_key_id in issued
+                    else "created after the quarantine policy was first seen"
+                )
+                + f", {quarantined} still attached (detach it after review)",
             )
             for d in out
         ]

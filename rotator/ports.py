@@ -170,6 +170,15 @@ class StateStore(Protocol):
         """Record that this key of this leak event was handled; idempotent."""
         ...
 
+    def quarantines(self, account_id: str) -> dict[str, datetime]:
+        """User -> when the rotator first saw its quarantine policy attached."""
+        ...
+
+    def note_quarantines(self, account_id: str, seen: Mapping[str, tuple[str, datetime]]) -> None:
+        """Record what a full scan of the account saw quarantined (user -> (policy,
+        first seen)); keep earlier sightings, forget users no longer quarantined."""
+        ...
+
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Key ids issued to replace a contained leak (by rotations that did not fail)."""
         ...

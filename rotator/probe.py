@@ -2,8 +2,10 @@
 
 The daemon does not load hvac (its jobs run in worker processes), so `/readyz` asks
 Vault's unauthenticated `sys/health` endpoint directly: is Vault reachable, initialised
-and unsealed. Whether the token may read and write the mount is what every worker
-checks, and a failing worker shows in the scan check of `/readyz`.
+and unsealed. Whether the token may read and write the mount is what the `check` worker
+and every scan find out; they report it, and `/readyz` shows it in its vault check. A
+Vault that cannot be used makes the daemon degraded, never unready: containing a leaked
+key needs IAM only.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def plan_item(decision: KeyDecision, as_of: datetime) -> dict[str, Any]:
         "last_used_at": iso(key.last_used_at),
         "decision": decision.decision.value,
         "reason": decision.reason,
+        "suspect": decision.suspect,
     }
 
 

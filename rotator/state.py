@@ -168,6 +168,19 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "ALTER TABLE rotations ADD COLUMN store_started_at TEXT",
     ),
+    (
+        # When the rotator first saw each user's quarantine policy: only keys created
+        # before it are suspect. The row goes when the policy is detached.
+        """
+        CREATE TABLE quarantines (
+            account_id TEXT NOT NULL,
+            user_name  TEXT NOT NULL,
+            policy     TEXT NOT NULL,
+            first_seen TEXT NOT NULL,
+            PRIMARY KEY (account_id, user_name)
+        )
+        """,
+    ),
 )
 
 # Dead letters kept at most; the oldest go first (a flood of junk must not fill the disk).
@@ -380,6 +393,38 @@ class SqliteStateStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (event_id, key_id, account_id, user_name, _encode_ts(self._clock()), result),
             )
+
+    def quarantines(self, account_id: str) -> dict[str, datetime]:
+        """User -> when the rotator first saw its quarantine policy attached."""
+        with self._read("quarantines") as conn:
+            rows = conn.execute(
+                "SELECT user_name, first_seen FROM quarantines WHERE account_id = ?",
+                (account_id,),
+            ).fetchall()
+        return {str(r[0]): _parse_ts(r[1]) for r in rows}
+
+    def note_quarantines(self, account_id: str, seen: Mapping[str, tuple[str, datetime]]) -> None:
+        """A full scan of the account saw exactly these users quarantined (user ->
+        (policy, first seen)): keep the earliest first sighting of each, and forget
+        users whose policy was detached (a later one is a new leak)."""
+        with self._write("note_quarantines") as conn:
+            known = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT user_name FROM quarantines WHERE account_id = ?", (account_id,)
+                )
+            }
+            for user_name in known - set(seen):
+                conn.execute(
+                    "DELETE FROM quarantines WHERE account_id = ? AND user_name = ?",
+                    (account_id, user_name),
+                )
+            for user_name, (policy, first_seen) in seen.items():
+                conn.execute(
+                    "INSERT OR IGNORE INTO quarantines (account_id, user_name, policy, first_seen)"
+                    " VALUES (?, ?, ?, ?)",
+                    (account_id, user_name, policy, _encode_ts(first_seen)),
+                )
 
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Keys issued to replace a contained leak (rotations that did not fail)."""

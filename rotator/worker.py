@@ -68,28 +68,43 @@ class Channel:
 
 
 def check(app: App, channel: Channel, request: dict[str, Any]) -> dict[str, Any]:
-    """The backends the daemon cannot check itself answer: Vault (with this token, on
-    this mount) and every configured account."""
-    app.secrets.check()
-    return {"accounts": app.accounts()}
+    """The backends the daemon cannot check itself: every configured account must
+    answer (else the job fails); Vault (with this token, on this mount) is reported,
+    "ok" or why it cannot be used, never waited for: containing a leaked key needs
+    IAM only."""
+    accounts = app.accounts()
+    try:
+        app.secrets.check()
+        vault = "ok"
+    except RotatorError as exc:
+        vault = str(exc) or type(exc).__name__
+    return {"accounts": accounts, "vault": vault}
 
 
 def scan(app: App, channel: Channel, request: dict[str, Any]) -> dict[str, Any]:
-    """Scan every account, open rotations for what is due, then advance what is due."""
+    """Scan every account, open rotations for what is due, then advance what is due.
+    When Vault cannot be used, the scan still contains every leaked key; it opens
+    nothing else, advances nothing, and says why in `vault_error`."""
     result = app.scan_and_open()
     channel.flush_metrics()
     decisions = Counter(d.decision.value for inv in result.inventories for d in inv.decisions)
-    try:
-        advanced = len(app.tick())
-    except RotatorError as exc:  # the scan itself succeeded; the next tick retries
-        _log.error("daemon.tick_failed", error=str(exc))
-        advanced = 0
+    vault_error = None
+    advanced = 0
+    if result.vault_error is not None:
+        # Every open rotation's next step needs Vault; the tick job retries them.
+        vault_error = str(result.vault_error) or type(result.vault_error).__name__
+    else:
+        try:
+            advanced = len(app.tick())
+        except RotatorError as exc:  # the scan itself succeeded; the next tick retries
+            _log.error("daemon.tick_failed", error=str(exc))
     return {
         "keys": sum(decisions.values()),
         "decisions": dict(decisions),
         "opened": len(result.opened),
         "advanced": advanced,
         "failures": result.failures,
+        "vault_error": vault_error,
     }
 
 

@@ -17,6 +17,7 @@ from rotator.app import App
 from rotator.engine import SimulatedCrash
 from rotator.machine import State
 from rotator.model import KeyStatus, Rotation
+from rotator.planner import propose
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
@@ -278,6 +279,40 @@ def test_a_vault_that_never_accepts_a_write_ends_the_rotation_failed_and_notifie
     assert any(event == "failed" for event, _ in notes.events)
 
 
+def test_a_leak_rotation_outlasts_a_long_vault_outage_and_replaces_the_key_after_it(
+    aws: LocalAws, vault: VaultTarget, fault_proxy: Callable[[str], FaultProxy], tmp_path: Path
+) -> None:
+    """A leaked key is contained while Vault is down for six hours. The user has no
+    working key until the replacement lands, so the leak rotation never gives up (an age
+    rotation would end FAILED after max_attempts); it looks again at least every two
+    minutes and, once Vault answers, ends DONE with one working key that Vault serves."""
+    clock = FakeClock()
+    [leaked] = aws.add_user(USER, keys=[SeedKey(30 * D)], now=clock.now)
+    proxy = fault_proxy(vault.addr)
+    proxy.add(lambda request: True, vault_error(503, ["Vault is sealed"]))
+    settings = settings_for(aws, vault, tmp_path, vault={"url": proxy.url})
+    app = make_app(settings, clock)
+    try:
+        opened = app.report_leak(ACCOUNT_ID, USER, leaked.access_key_id, "INC-9")
+        assert aws.keys(USER) == {leaked.access_key_id: KeyStatus.INACTIVE}
+        for _ in range(40):
+            [waiting] = app.advance_all([opened.id])
+            assert waiting.state not in (State.FAILED, State.DONE), waiting.last_error
+            assert waiting.next_action_at is not None
+            assert waiting.next_action_at - clock.now <= timedelta(minutes=2)
+            clock.advance(timedelta(minutes=9))
+        assert waiting.attempts > 8
+        assert [k for k, s in aws.keys(USER).items() if s is KeyStatus.ACTIVE] == []
+        proxy.clear()
+        [done] = app.advance_all([opened.id])
+    finally:
+        app.close()
+    assert done.state is State.DONE, done.last_error
+    held = vault_secret(vault, PATH)
+    assert held is not None
+    assert aws.keys(USER) == {held["data"]["aws_access_key_id"]: KeyStatus.ACTIVE}
+
+
 # --- retirement: the old key is the user's last sound key ------------------------------------
 
 
@@ -383,3 +418,43 @@ def test_make_room_never_deletes_an_inactive_key_added_after_the_rotation_began(
     assert r.state is State.BLOCKED, (r.state, r.last_error)
     assert staged in (r.last_error or "")
     assert aws.keys(USER) == {old.access_key_id: KeyStatus.ACTIVE, staged: KeyStatus.INACTIVE}
+
+
+# --- a stalled process acts on a stale scan ----------------------------------------------------
+
+
+def test_a_scan_that_went_stale_while_another_process_rotated_opens_nothing(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Process A scans (the key is due), then stalls; process B rotates the user to DONE
+    meanwhile. When A goes on it must not open a second rotation from its stale scan,
+    and a rotation opened from it anyway (an older scan, another store) ends CANCELLED at
+    MAKE_ROOM without minting a key: the user keeps exactly the one key Vault serves."""
+    clock = FakeClock()
+    [old] = aws.add_user(USER, keys=[SeedKey(120 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    stalled = make_app(settings, clock)
+    try:
+        scanned_at = stalled.now()
+        proposals = propose(stalled.scan().inventories[0].decisions)
+        assert [p.old_key_id for p in proposals] == [old.access_key_id]
+
+        clock.advance(timedelta(seconds=5))
+        run_pass(make_app(settings, clock))  # process B
+        done = latest(settings)
+        assert done.state is State.DONE
+        assert done.new_key_id is not None
+        served = {done.new_key_id: KeyStatus.ACTIVE}
+        assert aws.keys(USER) == served
+
+        clock.advance(timedelta(seconds=5))
+        assert stalled.open_rotations(proposals, scanned_at=scanned_at) == []
+        [late] = stalled.open_rotations(proposals)  # as if the scan were older still
+        [ended] = stalled.advance_all([late.id])
+    finally:
+        stalled.close()
+    assert ended.state is State.CANCELLED, ended.last_error
+    assert aws.keys(USER) == served
+    held = vault_secret(vault, PATH)
+    assert held is not None
+    assert held["data"]["aws_access_key_id"] == done.new_key_id

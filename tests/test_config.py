@@ -16,15 +16,13 @@ from rotator.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_QUARANTINE_POLICIES,
     PolicySettings,
-    Schedule,
     Settings,
     config_path,
-    format_duration,
     load_settings,
-    parse_duration,
-    parse_schedule,
     parse_settings,
 )
+from rotator.cron import Schedule, parse_schedule
+from rotator.durations import format_duration, parse_duration
 from rotator.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "rotator.example.yaml"

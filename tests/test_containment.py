@@ -406,3 +406,50 @@ def test_a_new_key_leaked_during_the_overlap_is_replaced_and_nothing_is_untracke
     assert rotation["state"] == "OVERLAP", rotation
     assert {rotation["old_key_id"], rotation["new_key_id"]} == set(aws.keys("erin"))
     assert explained([rotation], leaked_id), trail_text(rotation)
+
+
+# --- 7. keys made after the quarantine are not leaked ---------------------------------------
+
+
+def test_keys_created_after_the_quarantine_was_first_seen_are_not_judged_leaked(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """The policy stays attached until an operator detaches it. The leak's replacement,
+    a forced rotation's key and a key a person adds later are all created after the
+    rotator first saw the policy: later passes leave them Active (no false containment),
+    and `plan` counts no leaked key, marks only the contained one as suspect and says the
+    user is still quarantined."""
+    aws.add_user("oz", policies=[QUARANTINE_V2], keys=[SeedKey(40 * D)])
+    config = write_config(aws, vault, tmp_path)
+    first = cli(config, "run", "--once")
+    assert first.returncode == 0, first.stderr
+    replacement = served_key(aws, vault, "oz")
+    assert aws.keys("oz") == {replacement: KeyStatus.ACTIVE}
+
+    forced = cli(config, "rotate", "oz", "--reason", "INC-7 follow-up")
+    assert forced.returncode == 0, forced.stderr
+    rotated = served_key(aws, vault, "oz")
+    assert rotated != replacement
+    status = status_of(config, "oz")
+    wait_for(status["next_action_at"])
+    settled = cli(config, "run", "--once")
+    assert settled.returncode == 0, settled.stderr
+    person = operator_iam(aws).create_access_key(UserName="oz")["AccessKey"]["AccessKeyId"]
+
+    again = cli(config, "run", "--once")
+    assert again.returncode == 0, again.stderr
+    assert active_keys(aws, "oz") >= {rotated, person}, aws.keys("oz")
+    assert status_of(config, "oz")["leaked"] is False
+    plan = cli(config, "plan", "--json")
+    assert plan.returncode == 0, plan.stderr
+    doc = json.loads(plan.stdout)
+    assert doc["summary"]["leaked"] == 0, doc
+    # (The credential report names no key ids: keys that need nothing show none.)
+    mine = [i for i in doc["items"] if i["user_name"] == "oz"]
+    active = [i for i in mine if i["status"] == "Active"]
+    assert len(active) == len(active_keys(aws, "oz")) >= 2, mine
+    for item in active:
+        assert not item["suspect"], item
+        assert "created after the quarantine policy was first seen" in item["reason"], item
+    assert all(i["status"] == "Inactive" for i in mine if i["suspect"]), mine
+    assert any("oz is still quarantined" in n for n in doc["notes"]), doc.get("notes")

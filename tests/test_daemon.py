@@ -90,6 +90,7 @@ def test_daemon_rotates_serves_probes_and_stops_cleanly(aws: LocalAws, daemon: R
     wait_until(lambda: get(daemon.base + "/readyz")[0] == 200, 15, "/readyz")
     status, ready = get(daemon.base + "/readyz")
     assert json.loads(ready)["checks"] == {"state_store": "ok", "vault": "ok", "scan": "ok"}
+    assert json.loads(ready)["status"] == "ok"
     status, metrics = get(daemon.base + "/metrics")
     assert status == 200
     for name in (

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.app import App
 from rotator.config import parse_settings
-from rotator.errors import BackendUnavailable
+from rotator.errors import BackendUnavailable, BadInput
 from rotator.metrics import Metrics
-from rotator.sandbox import free_port
+from rotator.model import KeyStatus
+from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey, free_port
+from tests.conftest import VaultTarget
+from tests.rig import FakeClock, settings_for
+from tests.test_incident import health_event
 
 
 def test_vault_failures_are_counted_by_kind(tmp_path: Path) -> None:
@@ -29,3 +38,122 @@ def test_vault_failures_are_counted_by_kind(tmp_path: Path) -> None:
             app.secrets.check()
     text = metrics.render().decode()
     assert 'rotator_vault_errors_total{kind="BackendUnavailable"} 2.0' in text
+
+
+def leak_events(metrics: Metrics) -> dict[tuple[str, str], float]:
+    """rotator_leak_events_total by (source, result)."""
+    return {
+        (s.labels["source"], s.labels["result"]): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        if family.name == "rotator_leak_events"
+        for s in family.samples
+        if s.name == "rotator_leak_events_total"
+    }
+
+
+@pytest.fixture
+def closed_vault() -> VaultTarget:
+    """A Vault address nothing listens on: leak events are counted without Vault."""
+    server = LocalVault()  # never started
+    return VaultTarget(server.addr, "t-not-real", "kv", server)
+
+
+@pytest.fixture
+def queue(aws: LocalAws) -> tuple[Any, str]:
+    sqs = boto3.client("sqs", endpoint_url=aws.endpoint_url, region_name="us-east-1")
+    return sqs, sqs.create_queue(QueueName="health-events")["QueueUrl"]
+
+
+def test_a_replayed_sqs_leak_event_counts_contained_then_duplicate(
+    tmp_path: Path, aws: LocalAws, closed_vault: VaultTarget, queue: tuple[Any, str]
+) -> None:
+    """The first delivery of a Health event counts "contained" (its key is Inactive in
+    IAM); the same event delivered again changes nothing and counts "duplicate"; an
+    event naming a key no user has counts "nothing_to_contain". Source: "sqs"."""
+    sqs, url = queue
+    [leaked] = aws.add_user("frank", keys=[SeedKey(timedelta(days=30))])
+    metrics = Metrics()
+    settings = settings_for(aws, closed_vault, tmp_path, leaks={"sqs_queue_url": url})
+    clock = FakeClock()
+    app = App(settings, clock=clock, sleep=clock.sleep, metrics=metrics)
+    try:
+        event = json.dumps(health_event(leaked.access_key_id))
+        sqs.send_message(QueueUrl=url, MessageBody=event)
+        assert app.poll_leak_queue(wait_seconds=0) == 1
+        assert aws.keys("frank") == {leaked.access_key_id: KeyStatus.INACTIVE}
+        assert leak_events(metrics)[("sqs", "contained")] == 1
+        sqs.send_message(QueueUrl=url, MessageBody=event)
+        assert app.poll_leak_queue(wait_seconds=0) == 1
+        unknown = health_event("AKIA" + "Q" * 16)
+        unknown["detail"]["eventArn"] += "-unknown-key"
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(unknown))
+        assert app.poll_leak_queue(wait_seconds=0) == 1
+    finally:
+        app.close()
+    counted = leak_events(metrics)
+    assert counted[("sqs", "contained")] == 1
+    assert counted[("sqs", "duplicate")] == 1
+    assert counted[("sqs", "nothing_to_contain")] == 1
+    assert counted[("sqs", "rejected")] == counted[("sqs", "retry")] == 0
+
+
+def test_poison_sqs_messages_count_rejected_and_a_failing_account_counts_retry(
+    tmp_path: Path, aws: LocalAws, closed_vault: VaultTarget, queue: tuple[Any, str]
+) -> None:
+    """A message that is not JSON and an event about an account that is not configured
+    are dead-lettered and count "rejected"; an event about a configured account the
+    credentials cannot act in is postponed (it comes back) and counts "retry"."""
+    sqs, url = queue
+    metrics = Metrics()
+    settings = settings_for(
+        aws,
+        closed_vault,
+        tmp_path,
+        leaks={"sqs_queue_url": url},
+        aws={"accounts": [{"id": ACCOUNT_ID}, {"id": "444455556666"}]},
+    )
+    clock = FakeClock()
+    app = App(settings, clock=clock, sleep=clock.sleep, metrics=metrics)
+    elsewhere = health_event("AKIA" + "Z" * 16)
+    elsewhere["account"] = "777788889999"
+    unreachable = health_event("AKIA" + "Y" * 16)
+    unreachable["account"] = "444455556666"
+    try:
+        for body in ("{not json", json.dumps(elsewhere), json.dumps(unreachable)):
+            sqs.send_message(QueueUrl=url, MessageBody=body)
+            app.poll_leak_queue(wait_seconds=0)
+        dead = app.store.dead_letters()
+    finally:
+        app.close()
+    counted = leak_events(metrics)
+    assert counted[("sqs", "rejected")] == 2
+    assert counted[("sqs", "retry")] == 1
+    assert counted[("sqs", "contained")] == 0
+    assert len(dead) == 2
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessagesNotVisible"] == "1"  # postponed, not lost
+
+
+def test_leak_events_from_a_file_are_counted_with_source_file(
+    tmp_path: Path, aws: LocalAws, closed_vault: VaultTarget
+) -> None:
+    """`handle_event` (what `rotator leak-event` runs) counts under source "file": a
+    contained key, and a malformed event that is refused (BadInput) as "rejected"."""
+    [leaked] = aws.add_user("gina", keys=[SeedKey(timedelta(days=30))])
+    metrics = Metrics()
+    clock = FakeClock()
+    app = App(
+        settings_for(aws, closed_vault, tmp_path), clock=clock, sleep=clock.sleep, metrics=metrics
+    )
+    try:
+        handled = app.handle_event(json.dumps(health_event(leaked.access_key_id)))
+        with pytest.raises(BadInput):
+            app.handle_event("{not json")
+    finally:
+        app.close()
+    assert [r.user_name for r in handled.rotations] == ["gina"]
+    assert aws.keys("gina") == {leaked.access_key_id: KeyStatus.INACTIVE}
+    counted = leak_events(metrics)
+    assert counted[("file", "contained")] == 1
+    assert counted[("file", "rejected")] == 1
+    assert counted[("sqs", "contained")] == 0

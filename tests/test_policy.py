@@ -130,6 +130,30 @@ def test_replacement_key_of_contained_leak_is_not_leaked_again() -> None:
     assert "still attached" in decision.reason
 
 
+def test_only_keys_created_before_the_quarantine_was_first_seen_are_leaked() -> None:
+    """AWS attached the policy because a key that existed then leaked: keys created
+    before the rotator first saw it are leaked (inactive ones flagged as suspect), keys
+    created after it (a later rotation, a person's new key) are judged by age alone."""
+    first_seen = NOW - timedelta(days=10)
+    subject = user(
+        key(30, kid="AKIAOLD"),
+        key(12, kid="AKIAOFF", status=KeyStatus.INACTIVE),
+        attached_policy_arns=frozenset({QV2}),
+    )
+    old, off = decide_user(subject, NOW, RULES, quarantined_since=first_seen)
+    assert old.decision is Decision.LEAKED
+    assert "created before" in old.reason
+    assert off.decision is Decision.OK
+    assert "suspect" in off.reason
+    later = user(key(2, kid="AKIALATER"), attached_policy_arns=frozenset({QV2}))
+    [fresh] = decide_user(later, NOW, RULES, quarantined_since=first_seen)
+    assert fresh.decision is Decision.OK
+    assert "created after the quarantine policy was first seen" in fresh.reason
+    # Seen for the first time now: every key the user holds is suspect.
+    [now_seen] = decide_user(later, NOW, RULES)
+    assert now_seen.decision is Decision.LEAKED
+
+
 def test_as_of_later_moves_a_warn_key_to_rotate() -> None:
     """Evaluating ten days later turns an 85-day key into a due one."""
     subject = user(key(85))

@@ -917,7 +917,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     store = SqliteStateStore(db_path, clock=clock)
     try:
         with raw(db_path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert store.get(old.id) == old
         assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
         store.add_dead_letter("sqs", "m-1", "not JSON", "{")
@@ -925,3 +925,29 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
         assert [(s, m, e) for s, m, _, e in store.dead_letters()] == [("sqs", "m-1", "not JSON")]
     finally:
         store.close()
+
+
+def test_quarantine_first_sighting_is_kept_and_forgotten_once_the_policy_is_detached(
+    store: SqliteStateStore,
+) -> None:
+    """The first time a scan saw a user's quarantine policy stays put across later scans
+    (they see it again, later), is per account, and goes when a full scan no longer sees
+    the policy: a policy attached again later is a new leak with a new first sighting."""
+    account, other = "111122223333", "444455556666"
+    first, later = T0, T0 + timedelta(hours=3)
+    store.note_quarantines(account, {"oz": ("AWSCompromisedKeyQuarantineV2", first)})
+    store.note_quarantines(other, {"oz": ("AWSCompromisedKeyQuarantineV2", later)})
+    store.note_quarantines(
+        account,
+        {
+            "oz": ("AWSCompromisedKeyQuarantineV2", later),
+            "eve": ("AWSCompromisedKeyQuarantineV3", later),
+        },
+    )
+    assert store.quarantines(account) == {"oz": first, "eve": later}
+    assert store.quarantines(other) == {"oz": later}
+    store.note_quarantines(account, {"eve": ("AWSCompromisedKeyQuarantineV3", later)})
+    assert store.quarantines(account) == {"eve": later}
+    store.note_quarantines(account, {"oz": ("AWSCompromisedKeyQuarantineV2", later)})
+    assert store.quarantines(account) == {"oz": later}
+    assert store.quarantines(other) == {"oz": later}
