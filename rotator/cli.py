@@ -649,14 +649,14 @@ def daemon(obj: Context) -> None:
     Speaks systemd's notify protocol (READY, WATCHDOG, STATUS, STOPPING) when run as a
     Type=notify unit. SIGHUP re-reads the configuration; an invalid file keeps the old one.
 
-    Every job that talks to AWS or Vault (a scan, a tick with a rotation due, a trigger,
-    the leak-queue poller) runs in a worker process that exits when it is done, so the
-    idle daemon stays small; workers log to the same stderr, with a "job" field.
+    One process: scans and ticks run on a small thread pool, the leak-queue poller (with
+    leaks.sqs_queue_url) on a thread of its own that retries with a growing pause, and
+    triggered rotations advance on a pool of four. Memory a scan allocated is given
+    back to the operating system when it ends.
     """
     from rotator.daemon import Daemon
 
-    options = {"format": obj.log_format, "level": obj.log_level}
-    sys.exit(Daemon(obj.settings_loader(), log_options=options).run())
+    sys.exit(Daemon(obj.settings_loader()).run())
 
 
 @cli.command()

@@ -1,26 +1,32 @@
-"""`rotator daemon`: scheduled scans and ticks, HTTP, systemd integration, signals.
+"""`rotator daemon`: one process that scans, ticks, polls the leak queue, serves HTTP,
+talks to systemd and handles signals.
 
-The only module that imports APScheduler. Two jobs: `scan` on `schedule.scan` (cron or
-interval, with jitter) opens rotations and advances what is due; `tick` on
-`schedule.tick` advances open rotations whose next step is due. Both run with
-max_instances=1 and coalescing, so a slow pass never piles up.
+The only module that imports APScheduler. Everything runs in this process, on one
+`App` built from the settings (rebuilt on SIGHUP):
 
-The daemon itself never talks to AWS or Vault: each job runs in a worker process
-(`rotator.worker`) that exits when its job is done, so the idle daemon holds no AWS SDK,
-no Vault client and nothing a scan of many users allocated. The daemon keeps the
-schedule, the HTTP endpoint, the metrics (workers report theirs back) and a read view
-of the state store, from which it decides whether a tick has anything to do. With
-`leaks.sqs_queue_url` set, one worker long-polls the queue for as long as the daemon runs.
+  - `scan` on `schedule.scan` (cron or interval, with jitter) contains leaked keys,
+    opens rotations and advances what is due; after it, memory the scan allocated is
+    given back to the operating system (`rotator.memory`);
+  - `tick` on `schedule.tick` advances open rotations whose next step is due (most
+    ticks cost one state-store read);
+  - both run in APScheduler's thread pool with max_instances=1 and coalescing, so a
+    slow pass never piles up;
+  - with `leaks.sqs_queue_url` set, one supervised thread long-polls the queue for as
+    long as the daemon runs; a failure is logged and retried with a growing pause;
+  - HTTP triggers open their rotation in the request (202 as soon as it is recorded)
+    and advance it on a bounded pool: at most TRIGGER_WORKERS at once, a further
+    request waits up to TRIGGER_WAIT seconds for a slot, then gets 503.
 
 Vault is never waited for: containing a leaked key needs IAM only. The daemon is ready
 once the state store and AWS answer; while Vault cannot be used, scans and the leak-queue
 poller still contain every leaked key, every other rotation waits for Vault, and
-`/readyz` answers 200 with status "degraded" naming why.
+`/readyz` answers 200 with status "degraded" naming why. A background check looks at
+Vault every VAULT_CHECK_EVERY seconds, so a probe never waits for a slow Vault.
 
-Signals: SIGTERM/SIGINT reach the workers too; each lets its running step finish, then
-the daemon exits 0. SIGHUP re-reads the configuration; an invalid file is reported and
-the old settings stay. A failing scan is logged and retried at the next slot: an outage
-of AWS or Vault never kills the process.
+Signals: SIGTERM/SIGINT let every running step finish, then the daemon exits 0. SIGHUP
+re-reads the configuration; an invalid file is reported and the old settings stay. A
+failing scan is logged and retried at the next slot: an outage of AWS or Vault never
+kills the process.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor as TriggerPool
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,25 +49,33 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log
+from rotator.app import App, PassResult
 from rotator.config import Settings
 from rotator.cron import Schedule
 from rotator.errors import ConfigError, RotatorError, Transient
 from rotator.http import Server, read_token
+from rotator.memory import give_back
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
 from rotator.model import Decision, ForcedRotation, Rotation
-from rotator.probe import vault_health
 from rotator.report import rotation_json
-from rotator.state import SqliteStateStore
 from rotator.systemd import Notifier as SystemdNotifier
-from rotator.workers import Worker, WorkerFailed, Workers, error_from
 
 _log = log.get_logger("rotator.daemon")
 
-STOP_TIMEOUT = 8.0  # seconds a running step may take to finish after SIGTERM
-# At most this many trigger workers at once; a further request waits for a slot up to
-# TRIGGER_WAIT seconds, then gets 503. A burst of triggers cannot exhaust memory.
+STOP_TIMEOUT = 8.0  # seconds running steps may take to finish after SIGTERM
+# At most this many triggered rotations advance at once; a further request waits for a
+# slot up to TRIGGER_WAIT seconds, then gets 503. A burst of triggers stays bounded.
 TRIGGER_WORKERS = 4
 TRIGGER_WAIT = 30.0
+VAULT_CHECK_EVERY = 10.0  # seconds between two background looks at Vault
+LEAK_POLL_WAIT = 5  # seconds one SQS long poll waits for a message
+LEAK_RETRY_CAP = 60.0  # the longest pause after the leak queue failed
+
+AppFactory = Callable[[Settings, Metrics, threading.Event], App]
+
+
+def build_app(settings: Settings, metrics: Metrics, stopping: threading.Event) -> App:
+    return App(settings, metrics=metrics, stopping=stopping)
 
 
 def scan_trigger(schedule: Schedule) -> Any:
@@ -90,9 +106,10 @@ class Daemon:
         load: Callable[[], Settings],
         *,
         systemd: SystemdNotifier | None = None,
-        log_options: Mapping[str, str | None] | None = None,
+        app_factory: AppFactory = build_app,
     ) -> None:
         self._load = load
+        self._app_factory = app_factory
         self._systemd = systemd or SystemdNotifier()
         self.metrics = Metrics()
         self._stopping = threading.Event()
@@ -101,20 +118,16 @@ class Daemon:
         self._lock = threading.Lock()
         self._last_scan_ok: datetime | None = None
         self._last_scan_error: str | None = None
-        # Why Vault could not be used, as the last worker that tried it said (the
-        # `check` at start, then each scan); None once it could.
-        self._vault_error: str | None = None
-        self._vault_checked: tuple[float, str | None] = (0.0, None)
+        # "ok", or why Vault cannot be used, as the background check or the last scan
+        # found (a scan sees a refused token or a missing mount too).
+        self._vault: str = "not checked yet"
         self.settings = load()
         self._token = self._read_token(self.settings)
-        self._store: SqliteStateStore | None = None
-        self._workers = Workers(
-            settings=lambda: self.settings.model_dump(mode="json"),
-            log_options=log_options or {},
-            on_metrics=self._replay,
-        )
-        self._leaks_worker: Worker | None = None
+        self._app = app_factory(self.settings, self.metrics, self._stopping)
+        self._retired: list[App] = []  # replaced on reload; closed at shutdown
         self._trigger_slots = threading.BoundedSemaphore(TRIGGER_WORKERS)
+        self._triggers = TriggerPool(TRIGGER_WORKERS, thread_name_prefix="rotator-trigger")
+        self._threads: dict[str, threading.Thread] = {}
         self._scheduler: Any = None
         self._server: Server | None = None
 
@@ -133,17 +146,10 @@ class Daemon:
             raise ConfigError([f"http.trigger_token_file: {exc}"]) from exc
 
     @property
-    def store(self) -> SqliteStateStore:
-        """The state store, opened on first use (a failure is retried by the caller)."""
+    def app(self) -> App:
+        """The service the jobs run on (replaced, not changed, on reload)."""
         with self._lock:
-            if self._store is None:
-                self._store = SqliteStateStore(self.settings.state.path)
-            return self._store
-
-    def _replay(self, journal: list[Any]) -> None:
-        skipped = self.metrics.replay(journal)
-        if skipped:
-            _log.warning("daemon.metrics_skipped", entries=skipped)
+            return self._app
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -157,8 +163,9 @@ class Daemon:
         try:
             if not self._wait_for_backends():
                 return 0
+            self._start_threads()
             self._start_scheduler()
-            degraded = self._vault_error
+            degraded = None if self._vault == "ok" else self._vault
             self._systemd.ready(
                 "ready; first scan running"
                 if degraded is None
@@ -176,11 +183,11 @@ class Daemon:
         self._wake.set()
 
     def close(self) -> None:
-        """Release what the daemon holds without running (the state store)."""
+        """Release what the daemon holds (its apps' clients and state store)."""
         with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+            apps, self._retired = [self._app, *self._retired], []
+        for app in apps:
+            app.close()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -205,30 +212,22 @@ class Daemon:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+            self._start_threads()  # a supervised thread that died starts again
             if self._scheduler is not None and self._scheduler.running:
                 # Only a live scheduler earns a watchdog ping.
                 self._systemd.watchdog()
 
     def _wait_for_backends(self) -> bool:
-        """READY only once the state store and AWS answered (a `check` worker). Retries
-        (with a growing pause) until they do or a stop signal arrives. Vault is not
-        waited for: the check reports it, and a Vault that cannot be used makes the
-        daemon degraded (leaked keys are still contained), not unready."""
+        """READY only once the state store and AWS answered. Retries (with a growing
+        pause) until they do or a stop signal arrives. Vault is not waited for: a Vault
+        that cannot be used makes the daemon degraded (leaked keys are still contained),
+        not unready."""
         pause = 1.0
         while not self._stopping.is_set():
+            app = self.app
             try:
-                self.store.check()
-                checked = self._workers.run("check")
-                vault = str(checked.get("vault") or "not checked")
-                self._vault_error = None if vault == "ok" else vault
-                _log.info("daemon.backends_ok", accounts=checked.get("accounts"), vault=vault)
-                if self._vault_error is not None:
-                    self._vault_unusable(
-                        self._vault_error,
-                        "starting degraded: scans and the leak queue still contain leaked "
-                        "keys (IAM only); every other rotation waits for Vault",
-                    )
-                return True
+                app.store.check()
+                accounts = app.accounts()
             except RotatorError as exc:
                 if self._stopping.is_set():
                     break
@@ -236,13 +235,23 @@ class Daemon:
                 self._systemd.status(f"waiting for backends: {exc}")
                 self._stopping.wait(pause)
                 pause = min(pause * 2, 30.0)
+                continue
+            self._check_vault()
+            _log.info("daemon.backends_ok", accounts=accounts, vault=self._vault)
+            if self._vault != "ok":
+                self._vault_unusable(
+                    self._vault,
+                    "starting degraded: scans and the leak queue still contain leaked "
+                    "keys (IAM only); every other rotation waits for Vault",
+                )
+            return True
         return False
 
     def _start_scheduler(self) -> None:
         settings = self.settings
         scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(max_workers=3)},
+            executors={"default": ThreadPoolExecutor(max_workers=2)},
             job_defaults={"coalesce": True, "max_instances": 1},
         )
         period = scan_period(settings.schedule.scan_schedule, datetime.now(UTC))
@@ -262,33 +271,38 @@ class Daemon:
             name="tick",
             misfire_grace_time=max(1, int(tick)),
         )
-        if settings.leaks.sqs_queue_url is not None:
-            self._add_leaks_job(scheduler)
         scheduler.start()
         self._scheduler = scheduler
 
-    def _add_leaks_job(self, scheduler: Any) -> None:
-        # The job lasts as long as its worker; if the worker ends, the next second
-        # starts another.
-        scheduler.add_job(
-            self.leaks_job,
-            IntervalTrigger(seconds=1, timezone=UTC),
-            id="leaks",
-            name="leaks",
-            misfire_grace_time=5,
-        )
+    def _start_threads(self) -> None:
+        """Start (or start again) the long-running threads: the Vault check and the
+        leak-queue poller. Each catches its own failures; a thread found dead here
+        (which would be a bug) is logged and replaced."""
+        for name, target in (("vault-check", self._vault_loop), ("leak-poller", self._leak_loop)):
+            thread = self._threads.get(name)
+            if thread is not None and thread.is_alive():
+                continue
+            if thread is not None:
+                _log.error("daemon.thread_restarted", thread=name)
+            if self._stopping.is_set():
+                return
+            thread = threading.Thread(target=target, name=f"rotator-{name}", daemon=True)
+            self._threads[name] = thread
+            thread.start()
 
     def _shutdown(self) -> None:
         self._stopping.set()
         self._systemd.stopping()
         self.metrics.ready(False)
         _log.info("daemon.stopping")
-        # Workers got SIGTERM with us from a terminal or systemd; tell them anyway, so
-        # that a `kill <daemon pid>` stops them too. Each ends after its running step.
-        if not self._workers.stop(STOP_TIMEOUT):
-            _log.error("daemon.stop_timeout", waited=STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        self._triggers.shutdown(wait=True)
+        for thread in self._threads.values():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                _log.error("daemon.stop_timeout", thread=thread.name, waited=STOP_TIMEOUT)
         if self._server is not None:
             self._server.stop()
         self.close()
@@ -297,50 +311,68 @@ class Daemon:
     # --- jobs ---------------------------------------------------------------------------
 
     def scan_job(self) -> None:
+        """Scan, contain, open; then advance what is due (unless Vault cannot be used:
+        every step left needs it) and give the scan's memory back."""
         started = time.monotonic()
+        app = self.app
         try:
-            result = self._workers.run("scan")
+            result = app.scan_and_open()
         except RotatorError as exc:
             if not self._stopping.is_set():
                 self._scan_failed(str(exc))
             return
+        except Exception as exc:  # a bug: say so, keep the daemon up
+            _log.exception("daemon.scan_crashed")
+            self._scan_failed(type(exc).__name__)
+            return
+        finally:
+            give_back()
+        advanced = 0
+        if result.vault_error is None:
+            self._vault = "ok"
+            try:
+                advanced = len(app.tick())
+            except RotatorError as exc:  # the scan itself succeeded; the next tick retries
+                _log.error("daemon.tick_failed", error=str(exc))
+        else:
+            self._vault = str(result.vault_error)
+        self._scan_done(result, advanced, time.monotonic() - started)
+
+    def _scan_done(self, result: PassResult, advanced: int, seconds: float) -> None:
         # A scan that could not use Vault still contained every leaked key: for leak
         # detection it succeeded.
         self._last_scan_ok = datetime.now(UTC)
         self._last_scan_error = None
-        vault_error = result.get("vault_error")
-        self._vault_error = str(vault_error) if vault_error else None
-        decisions: Mapping[str, int] = result.get("decisions") or {}
+        decisions = Counter(d.decision for inv in result.inventories for d in inv.decisions)
         summary = ", ".join(
-            f"{decisions.get(k.value, 0)} {k.value}"
+            f"{decisions.get(k, 0)} {k.value}"
             for k in (Decision.LEAKED, Decision.BLOCKED, Decision.ROTATE, Decision.WARN)
         )
         text = (
             f"last scan {self._last_scan_ok.isoformat(timespec='seconds')}: "
-            f"{result.get('keys', 0)} keys ({summary}); opened {result.get('opened', 0)}"
+            f"{sum(decisions.values())} keys ({summary}); opened {len(result.opened)}"
         )
-        failures: Mapping[str, str] = result.get("failures") or {}
-        if failures:
-            text += f"; failed accounts: {', '.join(sorted(failures))}"
-            for account, why in sorted(failures.items()):
+        if result.failures:
+            text += f"; failed accounts: {', '.join(sorted(result.failures))}"
+            for account, why in sorted(result.failures.items()):
                 _log.error("daemon.account_failed", account=account, error=why)
-        if self._vault_error is not None:
+        if result.vault_error is not None:
             text += (
-                f"; DEGRADED: Vault cannot be used ({self._vault_error}): leaked keys were "
+                f"; DEGRADED: Vault cannot be used ({result.vault_error}): leaked keys were "
                 "contained, every other rotation waits for Vault"
             )
             self._vault_unusable(
-                self._vault_error,
+                str(result.vault_error),
                 "leaked keys were contained (IAM only); every other rotation waits for Vault",
             )
         _log.info(
             "daemon.scan_done",
-            keys=result.get("keys", 0),
-            opened=result.get("opened", 0),
-            advanced=result.get("advanced", 0),
-            failed_accounts=sorted(failures),
-            vault=self._vault_error or "ok",
-            seconds=round(time.monotonic() - started, 3),
+            keys=sum(decisions.values()),
+            opened=len(result.opened),
+            advanced=advanced,
+            failed_accounts=sorted(result.failures),
+            vault=self._vault,
+            seconds=round(seconds, 3),
         )
         self._systemd.status(text)
 
@@ -355,47 +387,64 @@ class Daemon:
         self._systemd.status(f"last scan failed: {error}")
 
     def tick_job(self) -> None:
-        """Start a worker only when a rotation is due: most ticks cost one SQLite read."""
+        """Advance what is due; most ticks cost one state-store read."""
+        app = self.app
         try:
-            rotations = self.store.list_open()
-        except RotatorError as exc:
-            _log.error("daemon.tick_failed", error=str(exc))
-            return
-        self.metrics.observe_open(rotations)
-        if not self._any_due(rotations):
-            return
-        try:
-            self._workers.run("tick")
+            rotations = app.store.list_open()
+            self.metrics.observe_open(rotations)
+            if self._any_due(rotations):
+                app.tick()
         except RotatorError as exc:
             if not self._stopping.is_set():
                 _log.error("daemon.tick_failed", error=str(exc))
+        except Exception:  # a bug: say so, keep the daemon up
+            _log.exception("daemon.tick_crashed")
 
     @staticmethod
     def _any_due(rotations: Iterable[Rotation]) -> bool:
         now = datetime.now(UTC)
         return any(r.is_due(now) for r in rotations)
 
-    def leaks_job(self) -> None:
-        if self._stopping.is_set() or self.settings.leaks.sqs_queue_url is None:
-            return
+    def _leak_loop(self) -> None:
+        """Long-poll the leak queue for as long as the daemon runs. Every failure is
+        logged and retried after a growing pause; nothing a message holds stops it."""
+        pause = 1.0
+        while not self._stopping.is_set():
+            app = self.app
+            if app.settings.leaks.sqs_queue_url is None:
+                self._stopping.wait(LEAK_POLL_WAIT)  # a reload may configure a queue
+                continue
+            try:
+                app.poll_leak_queue(wait_seconds=LEAK_POLL_WAIT)
+                pause = 1.0
+                continue
+            except RotatorError as exc:
+                _log.error("daemon.leak_queue_failed", error=str(exc), retry_in=pause)
+            except Exception:  # a bug: say so, keep polling
+                _log.exception("daemon.leak_queue_crashed", retry_in=pause)
+            self._stopping.wait(pause)
+            pause = min(pause * 2, LEAK_RETRY_CAP)
+
+    def _vault_loop(self) -> None:
+        while not self._stopping.wait(VAULT_CHECK_EVERY):
+            self._check_vault()
+
+    def _check_vault(self) -> None:
         try:
-            worker = self._workers.start("leaks")
-        except RotatorError:
-            return
-        self._leaks_worker = worker
-        try:
-            worker.finish()
+            self.app.secrets.check()
         except RotatorError as exc:
-            if not self._stopping.is_set():
-                _log.error("daemon.leak_queue_failed", error=str(exc))
-                self._stopping.wait(5)
-        finally:
-            self._leaks_worker = None
+            self._vault = str(exc)
+        except Exception as exc:  # a bug: say so, report Vault as not usable
+            _log.exception("daemon.vault_check_crashed")
+            self._vault = type(exc).__name__
+        else:
+            self._vault = "ok"
 
     # --- reload -------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read and validate the configuration; keep the old one on error."""
+        """Re-read and validate the configuration; keep the old one on error. Running
+        steps finish on the app they started with; new ones use the new app."""
         try:
             settings = self._load()
             token = self._read_token(settings)
@@ -405,18 +454,12 @@ class Daemon:
             return False
         if settings.http.listen != self.settings.http.listen:
             _log.warning("daemon.reload_listen_unchanged", detail="http.listen applies at restart")
+        fresh = self._app_factory(settings, self.metrics, self._stopping)
         with self._lock:
-            old = self.settings
             self.settings, self._token = settings, token
-            if settings.state.path != old.state.path and self._store is not None:
-                self._store.close()
-                self._store = None  # reopened at the new path on next use
+            self._retired.append(self._app)
+            self._app = fresh
         if self._scheduler is not None:
-            has_leaks = self._scheduler.get_job("leaks") is not None
-            if settings.leaks.sqs_queue_url is not None and not has_leaks:
-                self._add_leaks_job(self._scheduler)
-            elif settings.leaks.sqs_queue_url is None and has_leaks:
-                self._scheduler.remove_job("leaks")
             self._scheduler.reschedule_job(
                 "scan", trigger=scan_trigger(settings.schedule.scan_schedule)
             )
@@ -426,9 +469,6 @@ class Daemon:
                     seconds=settings.schedule.tick.total_seconds(), timezone=UTC
                 ),
             )
-        leaks = self._leaks_worker
-        if leaks is not None and settings != old:
-            leaks.terminate()  # the next one starts with the new settings
         _log.info("daemon.reloaded", scan=settings.schedule.scan)
         return True
 
@@ -443,11 +483,11 @@ class Daemon:
         state store or the scan fails."""
         checks: dict[str, str] = {}
         try:
-            self.store.check()
+            self.app.store.check()
             checks["state_store"] = "ok"
         except RotatorError as exc:
             checks["state_store"] = str(exc)
-        checks["vault"] = self._vault_check()
+        checks["vault"] = self._vault
         period = scan_period(self.settings.schedule.scan_schedule, datetime.now(UTC))
         if self._last_scan_ok is None:
             checks["scan"] = self._last_scan_error or "no scan has completed yet"
@@ -464,75 +504,36 @@ class Daemon:
             status = "ok"
         return (200 if ready else 503), {"ready": ready, "status": status, "checks": checks}
 
-    def _vault_check(self) -> str:
-        """ "ok" or why Vault cannot be used: the daemon's own probe (reachable,
-        unsealed), then what the last worker that used Vault said (a token or mount
-        the probe cannot see)."""
-        probe = self._vault_status()
-        if probe != "ok":
-            return probe
-        error = self._vault_error
-        return "ok" if error is None else f"the last use of Vault failed: {error}"
-
-    def _vault_status(self) -> str:
-        # Probes may come every second; ask Vault at most every five.
-        checked_at, status = self._vault_checked
-        if status is not None and time.monotonic() - checked_at < 5:
-            return status
-        status = vault_health(str(self.settings.vault.url))
-        self._vault_checked = (time.monotonic(), status)
-        return status
-
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render(), CONTENT_TYPE_LATEST
 
     def trigger(self, request: ForcedRotation) -> dict[str, Any]:
-        """Open the rotation in a worker and answer as soon as it is recorded; the
-        worker goes on advancing it."""
+        """Open the rotation (containing a leaked key at once) and answer as soon as it
+        is recorded; a bounded pool goes on advancing it."""
         if request.reason is None:
             request = replace(request, reason="HTTP trigger")
         if not self._trigger_slots.acquire(timeout=TRIGGER_WAIT):
             raise Transient(f"{TRIGGER_WORKERS} triggered rotations are running; retry shortly")
         try:
-            worker = self._workers.start("trigger", request.as_dict())
+            app = self.app
+            rotation = app.open_forced(request)
+            self._triggers.submit(self._advance_trigger, app, rotation.id)
         except BaseException:
             self._trigger_slots.release()
             raise
-        opened: dict[str, Any] | None = None
-        try:
-            for message in worker.messages():
-                if message.get("type") == "opened":
-                    opened = message.get("rotation") or {}
-                    break
-                if message.get("type") == "error":
-                    for _ in worker.messages():  # read to the end: the pipe gets closed
-                        pass
-                    worker.wait()
-                    raise error_from(message)
-            else:
-                code = worker.wait()
-                raise WorkerFailed(f"the trigger worker exited with code {code} before opening")
-        finally:
-            if opened is None:
-                self._trigger_slots.release()
-        threading.Thread(
-            target=self._finish_trigger, args=(worker,), name="rotator-trigger"
-        ).start()
-        return {"id": opened.get("id"), "state": opened.get("state")}
+        return {"id": rotation.id, "state": rotation.state.value}
 
-    def _finish_trigger(self, worker: Worker) -> None:
+    def _advance_trigger(self, app: App, rotation_id: str) -> None:
         try:
-            result = worker.finish()
-        except RotatorError as exc:
-            _log.error("daemon.trigger_advance_failed", error=str(exc))
+            advanced = app.advance_all([rotation_id])
+        except Exception as exc:
+            _log.error("daemon.trigger_advance_failed", rotation_id=rotation_id, error=str(exc))
             return
         finally:
             self._trigger_slots.release()
-        rotation = result.get("rotation") or {}
-        _log.info(
-            "daemon.trigger_done", rotation_id=rotation.get("id"), state=rotation.get("state")
-        )
+        for r in advanced:
+            _log.info("daemon.trigger_done", rotation_id=r.id, state=r.state.value)
 
     def rotation(self, rotation_id: str) -> dict[str, Any] | None:
-        found = self.store.get(rotation_id)
+        found = self.app.store.get(rotation_id)
         return rotation_json(found) if found is not None else None

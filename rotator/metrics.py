@@ -1,21 +1,15 @@
 """Prometheus metrics, in a registry of their own. Names start with `rotator_`.
 
 Never a secret in a label: labels carry account ids, decisions, states, reasons and
-operation names only.
-
-Every update goes through `Metrics` methods. A worker process (`rotator.worker`) builds
-its `Metrics` with a journal: each update is also recorded as a plain, JSON-able entry
-`[operation, metric, labels, value]`, which the daemon replays into the registry it
-serves. Counters, gauges and histograms thus come out exactly as if the work had run in
-the daemon itself."""
+operation names only. Every update goes through a `Metrics` method named for what the
+rotator observed."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter as TallyCounter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -35,16 +29,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "LEAK_EVENT_RESULTS", "LeakEventResult", "Metr
 LeakEventResult = Literal["contained", "nothing_to_contain", "duplicate", "rejected", "retry"]
 LEAK_EVENT_RESULTS: tuple[LeakEventResult, ...] = get_args(LeakEventResult)
 
-# What a journal entry may do to a metric, by the metric's kind.
-_OPERATIONS = {Counter: "inc", Gauge: "set", Histogram: "observe"}
-
-JournalEntry = list[Any]  # [operation, metric attribute, {label: value}, number]
-
 
 class Metrics:
-    def __init__(self, *, journal: bool = False) -> None:
-        self._journal: list[JournalEntry] | None = [] if journal else None
-        self._journal_lock = threading.Lock()
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.keys = Gauge(
@@ -110,50 +97,12 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("rotator_ready", "1 when the daemon is ready.", registry=r)
-        self._metrics: dict[str, Counter | Gauge | Histogram] = {
-            name: value
-            for name, value in vars(self).items()
-            if isinstance(value, Counter | Gauge | Histogram)
-        }
         for state in sorted(OPEN):
             self.open_rotations.labels(state=state.value).set(0)
         # The daemon's queue poller is the source /metrics shows: every result starts at
         # 0, so that an alert on its increase sees the first event too.
         for result in LEAK_EVENT_RESULTS:
             self.leak_events.labels(source="sqs", result=result)
-
-    # --- the one place a value changes ----------------------------------------------------
-
-    def _apply(self, operation: str, name: str, labels: Mapping[str, str], value: float) -> None:
-        metric = self._metrics.get(name)
-        if metric is None or _OPERATIONS[type(metric)] != operation:
-            raise ValueError(f"no metric {name!r} that takes {operation!r}")
-        target = metric.labels(**labels) if labels else metric
-        getattr(target, operation)(value)
-        if self._journal is not None:
-            with self._journal_lock:
-                self._journal.append([operation, name, dict(labels), value])
-
-    def drain(self) -> list[JournalEntry]:
-        """The journal entries recorded since the last call (a worker sends these)."""
-        if self._journal is None:
-            return []
-        with self._journal_lock:
-            entries, self._journal[:] = list(self._journal), []
-        return entries
-
-    def replay(self, entries: Sequence[Any]) -> int:
-        """Apply a worker's journal. Malformed entries are skipped; returns how many."""
-        skipped = 0
-        for entry in entries:
-            try:
-                operation, name, labels, value = entry
-                if not isinstance(labels, dict) or not isinstance(value, int | float):
-                    raise ValueError("malformed entry")
-                self._apply(str(operation), str(name), labels, float(value))
-            except (TypeError, ValueError):
-                skipped += 1
-        return skipped
 
     # --- what the rotator observes --------------------------------------------------------
 
@@ -162,32 +111,32 @@ class Metrics:
             counts = TallyCounter(d.decision for d in inv.decisions)
             for decision in Decision:
                 labels = {"account": inv.account_id, "decision": decision.value}
-                self._apply("set", "keys", labels, counts[decision])
+                self.keys.labels(**labels).set(counts[decision])
             ages = [
                 (now - d.key.created_at).total_seconds()
                 for d in inv.decisions
                 if d.key.active and d.decision is not Decision.EXEMPT
             ]
             labels = {"account": inv.account_id}
-            self._apply("set", "oldest_active_key_age", labels, max(ages, default=0))
-        self._apply("set", "last_scan_success", {}, now.timestamp())
+            self.oldest_active_key_age.labels(**labels).set(max(ages, default=0))
+        self.last_scan_success.set(now.timestamp())
 
     def observe_scan_duration(self, seconds: float) -> None:
-        self._apply("observe", "scan_duration", {}, seconds)
+        self.scan_duration.observe(seconds)
 
     def scan_failed(self) -> None:
-        self._apply("inc", "scan_failures", {}, 1)
+        self.scan_failures.inc()
 
     def vault_error(self, kind: str) -> None:
-        self._apply("inc", "vault_errors", {"kind": kind}, 1)
+        self.vault_errors.labels(kind=kind).inc()
 
     def ready(self, ready: bool) -> None:
-        self._apply("set", "up", {}, 1 if ready else 0)
+        self.up.set(1 if ready else 0)
 
     def observe_open(self, rotations: Iterable[Rotation]) -> None:
         counts: Mapping[State, int] = TallyCounter(r.state for r in rotations)
         for state in sorted(OPEN):
-            self._apply("set", "open_rotations", {"state": state.value}, counts.get(state, 0))
+            self.open_rotations.labels(state=state.value).set(counts.get(state, 0))
 
     def observe_transition(self, rotation: Rotation, from_state: State) -> None:
         if rotation.state in TERMINAL and from_state not in TERMINAL:
@@ -196,21 +145,21 @@ class Metrics:
                 "reason": rotation.reason.value,
                 "result": rotation.state.value,
             }
-            self._apply("inc", "finished", labels, 1)
+            self.finished.labels(**labels).inc()
 
     def observe_opened(self, rotation: Rotation) -> None:
         labels = {"account": rotation.account_id, "reason": rotation.reason.value}
-        self._apply("inc", "opened", labels, 1)
+        self.opened.labels(**labels).inc()
 
     def observe_contained(self, account_id: str) -> None:
-        self._apply("inc", "leaks_contained", {"account": account_id}, 1)
+        self.leaks_contained.labels(account=account_id).inc()
 
     def observe_leak_event(self, source: str, result: LeakEventResult) -> None:
         """One leak event handled, from `source` ("sqs" or "file")."""
-        self._apply("inc", "leak_events", {"source": source, "result": result}, 1)
+        self.leak_events.labels(source=source, result=result).inc()
 
     def aws_call(self, operation: str) -> None:
-        self._apply("inc", "aws_calls", {"operation": operation}, 1)
+        self.aws_calls.labels(operation=operation).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
