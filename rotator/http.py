@@ -15,6 +15,7 @@ request gets a 4xx with a message, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import re
@@ -28,6 +29,7 @@ from rotator import log
 from rotator.errors import BadInput, NotFound, RotationExists, RotatorError, Transient
 from rotator.leaks import load_json
 from rotator.model import ForcedRotation, is_user_name
+from rotator.secretfile import read_secret_file
 
 _log = log.get_logger("rotator.http")
 
@@ -95,14 +97,53 @@ class Api(Protocol):
 
 
 def read_token(path: Path) -> str:
-    token = path.read_text(encoding="utf-8").strip()
+    """The trigger token from its file (refused when others can read the file)."""
+    token = read_secret_file(path)
     if len(token) < 16:
         raise BadInput(f"{path}: the trigger token must be at least 16 characters")
     return token
 
 
+# At most this many connections are served at once; one more is answered 503 at once.
+MAX_CONNECTIONS = 16
+# A connection that sends nothing for this long is closed (slow or idle clients cannot
+# hold handler threads).
+IDLE_TIMEOUT = 10.0
+
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, but never more than `max_connections` threads."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class Server:
-    """A threading HTTP server in a background thread."""
+    """A threading HTTP server in a background thread: bounded handler threads, idle
+    connections closed after IDLE_TIMEOUT."""
 
     def __init__(
         self,
@@ -110,10 +151,13 @@ class Server:
         port: int,
         api: Api,
         token: Callable[[], str | None] = lambda: None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         handler = _handler_class(api, token)
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        handler.timeout = idle_timeout
+        self._httpd = _BoundedServer((host, port), handler, max_connections)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="rotator-http", daemon=True
         )

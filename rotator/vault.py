@@ -43,6 +43,7 @@ from rotator.errors import (
 from rotator.model import NewKey, StoredSecret
 from rotator.paths import secret_path
 from rotator.ports import Clock
+from rotator.secretfile import read_secret_file
 
 __all__ = [
     "AppRoleAuth",
@@ -122,7 +123,9 @@ class TokenFileAuth:
         if self._token is not None and stamp == self._stamp and not force:
             return self._token
         try:
-            text = self.path.read_text(encoding="utf-8").strip()
+            text = read_secret_file(self.path)
+        except BadInput as exc:
+            raise ConfigError([f"vault.auth.token_file: {exc}"]) from exc
         except (OSError, UnicodeDecodeError) as exc:
             if self._token is not None and not force:
                 return self._token
@@ -157,7 +160,9 @@ class AppRoleAuth:
 
     def _secret_id(self) -> str:
         try:
-            text = self.secret_id_file.read_text(encoding="utf-8").strip()
+            text = read_secret_file(self.secret_id_file)
+        except BadInput as exc:
+            raise ConfigError([f"vault.auth.secret_id_file: {exc}"]) from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 [f"vault.auth.secret_id_file: cannot read {self.secret_id_file}"]

@@ -353,6 +353,7 @@ def served(aws: LocalAws, vault: VaultTarget, tmp_path: Path) -> Iterator[tuple[
     base = settings_for(aws, vault, tmp_path)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
     config = base.model_copy(
         update={"http": base.http.model_copy(update={"trigger_token_file": token_file})}
     )

@@ -92,6 +92,7 @@ def write_atomically(path: Path, text: str) -> None:
     """Replace a file the way Vault Agent's file sink does: temp file, then rename."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
+    tmp.chmod(0o600)  # a secret file others cannot read
     os.replace(tmp, path)
 
 
@@ -260,6 +261,7 @@ def test_token_file_auth_picks_up_a_rewritten_file(vault: VaultTarget, tmp_path:
     first, second = make_token(vault, [policy]), make_token(vault, [policy])
     token_file = tmp_path / "token"
     token_file.write_text(first + "\n")
+    token_file.chmod(0o600)  # a secret file others cannot read
     store = make_store(vault, TokenFileAuth(token_file))
     path = store.path_for("1", "hank")
     store.write(path, new_key(), META, cas=0)
@@ -289,11 +291,13 @@ def test_token_file_rewritten_in_place_is_reread_when_vault_refuses_the_old_toke
     first, second = make_token(vault, [policy]), make_token(vault, [policy])
     token_file = tmp_path / "token"
     token_file.write_text(first)
+    token_file.chmod(0o600)  # a secret file others cannot read
     stamp = token_file.stat()
     store = make_store(vault, TokenFileAuth(token_file))
     path = store.path_for("1", "ivan")
     store.write(path, new_key(), META, cas=0)
     token_file.write_text(second)  # same length, same inode
+    token_file.chmod(0o600)  # a secret file others cannot read
     os.utime(token_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     revoke(vault, first)
     with capture_logs() as logs:
@@ -312,6 +316,7 @@ def test_token_file_missing_or_empty_is_a_config_error(vault: VaultTarget, tmp_p
     assert str(missing) in str(info.value)
     empty = tmp_path / "empty"
     empty.write_text(" \n")
+    empty.chmod(0o600)  # a secret file others cannot read
     with pytest.raises(ConfigError) as info:
         make_store(vault, TokenFileAuth(empty)).read("aws/1/x")
     assert str(empty) in str(info.value)
@@ -329,6 +334,7 @@ def _approle(vault: VaultTarget, tmp_path: Path, ttl: str = "1h") -> AppRoleAuth
     secret_id = vault.server.request("POST", f"{role}/secret-id", {})["data"]["secret_id"]
     secret_file = tmp_path / "secret-id"
     secret_file.write_text(secret_id + "\n")
+    secret_file.chmod(0o600)  # a secret file others cannot read
     return AppRoleAuth(role_id, secret_file, mount_point=auth_mount)
 
 
@@ -573,6 +579,7 @@ def test_no_secret_or_token_in_reprs(vault: VaultTarget, tmp_path: Path) -> None
     role_id = "role-" + secrets.token_hex(8)
     token_file = tmp_path / "token"
     token_file.write_text(vault.token)
+    token_file.chmod(0o600)  # a secret file others cannot read
     file_auth = TokenFileAuth(token_file)
     file_auth.token(None)
     for obj in (
