@@ -445,8 +445,11 @@ class App:
             self.metrics.observe_opened(opened)
         return opened
 
-    def advance_all(self, rotation_ids: Iterable[str]) -> list[Rotation]:
-        """Advance each rotation as far as it can go now, `aws.concurrency` at a time.
+    def advance_all(
+        self, rotation_ids: Iterable[str], *, recheck_blocked: bool = False
+    ) -> list[Rotation]:
+        """Advance each rotation as far as it can go now, `aws.concurrency` at a time
+        (`recheck_blocked`: BLOCKED ones are looked at now, not at their next recheck).
 
         A rotation whose new key is not accepted yet (IAM is eventually consistent)
         comes back from VERIFY with a short `next_action_at`: it is put back in line for
@@ -458,7 +461,7 @@ class App:
             if self.stopping.is_set():
                 return self.store.get(rid)
             try:
-                return self.engine.advance(rid)
+                return self.engine.advance(rid, recheck_blocked=recheck_blocked)
             except Exception as exc:
                 # The engine records step errors on the rotation; what gets here is a
                 # store that cannot be read or written. One rotation never stops a pass.
@@ -553,8 +556,8 @@ class App:
         return contained
 
     def tick(self) -> list[Rotation]:
-        """Advance every open rotation that is due now (and every BLOCKED one, which
-        resumes as soon as an operator frees a slot)."""
+        """Advance every open rotation that is due now (a BLOCKED one every
+        `blocked_recheck`: it resumes within minutes of an operator freeing a slot)."""
         now = self.now()
         due = [r.id for r in self.store.list_open() if r.is_due(now)]
         advanced = self.advance_all(due)
@@ -571,7 +574,9 @@ class App:
         if result.vault_error is not None:
             # Every open rotation's next step needs Vault; the next pass advances them.
             return result
-        result.rotations = self.advance_all(r.id for r in self.store.list_open())
+        # An operator ran this pass: a BLOCKED rotation looks now whether a slot is free.
+        open_ids = (r.id for r in self.store.list_open())
+        result.rotations = self.advance_all(open_ids, recheck_blocked=True)
         return result
 
     def force(self, request: ForcedRotation) -> Rotation:

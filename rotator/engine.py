@@ -106,6 +106,9 @@ class Timing:
     # While the deactivated old key is kept (RETIRE), how often the new key is looked at
     # again: if a person deleted it, the old key is turned back on.
     retire_recheck: timedelta = timedelta(minutes=15)
+    # How often a BLOCKED rotation looks again whether an operator freed a slot (`run
+    # --once`, an operator's own command, looks at once).
+    blocked_recheck: timedelta = timedelta(minutes=5)
     # MAKE_ROOM deletes an inactive key only when it has been idle this long.
     inactive_min_idle: timedelta = timedelta(days=7)
     # The longest one Vault write may take (rotator.deadlines): a write that outlives
@@ -268,9 +271,11 @@ class Engine:
         )
         return created
 
-    def advance(self, rotation_id: str) -> Rotation:
+    def advance(self, rotation_id: str, *, recheck_blocked: bool = False) -> Rotation:
         """Step the rotation until it is terminal or has to wait (`next_action_at` in the
-        future: an overlap, a retirement, a retry, a key not accepted yet).
+        future: an overlap, a retirement, a retry, a key not accepted yet, the next look
+        at a BLOCKED one). `recheck_blocked`: look at a BLOCKED rotation now (an
+        operator asked: `run --once`).
 
         Returns the rotation as it stands. When another live process (or another thread
         of this one) holds the lease, returns it unchanged."""
@@ -291,7 +296,8 @@ class Engine:
                 if current.state in TERMINAL:
                     return current
                 due = current.next_action_at
-                if due is not None and due > self.now():
+                asked = recheck_blocked and current.state is State.BLOCKED and not stepped
+                if due is not None and due > self.now() and not asked:
                     return current
                 if (current.state is State.BLOCKED and stepped) or self._should_stop():
                     return current
@@ -562,9 +568,10 @@ class Engine:
 
     def _block(self, r: Rotation, reason: str) -> Rotation:
         """BLOCKED (notified once), or stay BLOCKED with the current reason."""
+        recheck = self.now() + self._timing.blocked_recheck
         if r.state is State.BLOCKED:
-            return self._save(r, next_action_at=None, last_error=reason)
-        blocked = self._move(r, State.BLOCKED, reason, last_error=reason)
+            return self._save(r, next_action_at=recheck, last_error=reason)
+        blocked = self._move(r, State.BLOCKED, reason, last_error=reason, next_action_at=recheck)
         self._notifier.notify("blocked", blocked, f"rotation of {r.user_name} blocked: {reason}")
         return blocked
 

@@ -173,11 +173,9 @@ class Rotation:
     waiting_on: str | None = None
 
     def is_due(self, now: datetime) -> bool:
-        """Whether a tick should advance this rotation at `now`. A BLOCKED one always
-        is: it resumes as soon as an operator frees a slot."""
-        return (
-            self.state is State.BLOCKED or self.next_action_at is None or self.next_action_at <= now
-        )
+        """Whether a tick should advance this rotation at `now` (a BLOCKED one is looked
+        at again every `blocked_recheck`, and at once by `run --once`)."""
+        return self.next_action_at is None or self.next_action_at <= now
 
 
 @dataclass(frozen=True)

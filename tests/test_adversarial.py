@@ -458,3 +458,48 @@ def test_a_scan_that_went_stale_while_another_process_rotated_opens_nothing(
     held = vault_secret(vault, PATH)
     assert held is not None
     assert held["data"]["aws_access_key_id"] == done.new_key_id
+
+
+# --- BLOCKED looks again on an interval, and at once when an operator asks ----------------------
+
+
+def test_a_blocked_rotation_is_rechecked_every_few_minutes_and_at_once_by_run_once(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Two active due keys: BLOCKED. Ticks before the recheck interval cost no IAM call
+    (a BLOCKED rotation is not "always due"); after an operator deactivates one key, the
+    next tick past the 5-minute recheck resumes it, and `run --once` resumes it at once."""
+    clock = FakeClock()
+    _, k2 = aws.add_user(USER, keys=[SeedKey(120 * D), SeedKey(100 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    app = make_app(settings, clock)
+    try:
+        app.run_once()
+        assert latest(settings).state is State.BLOCKED
+        before = sum(app.default_iam().calls.values())
+        for _ in range(4):
+            clock.advance(timedelta(minutes=1))
+            assert app.tick() == []
+        assert sum(app.default_iam().calls.values()) == before
+        aws.backend.update_access_key(USER, k2.access_key_id, "Inactive")
+        clock.advance(timedelta(minutes=2))
+        [resumed] = app.tick()
+        assert resumed.state is not State.BLOCKED, resumed.last_error
+    finally:
+        app.close()
+
+
+def test_run_once_looks_at_a_blocked_rotation_before_its_recheck(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """An operator frees a slot and runs `run --once` a minute after the block: the pass
+    resumes the rotation now instead of waiting for the 5-minute recheck."""
+    clock = FakeClock()
+    _, k2 = aws.add_user(USER, keys=[SeedKey(120 * D), SeedKey(100 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    run_pass(make_app(settings, clock))
+    assert latest(settings).state is State.BLOCKED
+    aws.backend.update_access_key(USER, k2.access_key_id, "Inactive")
+    clock.advance(timedelta(minutes=1))
+    run_pass(make_app(settings, clock))
+    assert latest(settings).state is not State.BLOCKED, latest(settings).last_error
