@@ -336,6 +336,7 @@ def test_vault_policy_alone_lets_the_adapter_check_store_and_read_via_approle(
     secret_id = local_vault.request("POST", f"{role}/secret-id", {})["data"]["secret_id"]
     secret_file = tmp_path / "vault-secret-id"
     secret_file.write_text(secret_id + "\n", encoding="utf-8")
+    secret_file.chmod(0o600)
 
     # The dev server's "secret/" is KV version 2, like the default vault.mount.
     defaults = parse_settings(None, {"VAULT_TOKEN": "unused"}).vault
