@@ -753,7 +753,12 @@ class App:
         if self.metrics is not None:
             self.metrics.observe_leak_event(source, result)
 
-    def poll_leak_queue(self, wait_seconds: int = 5) -> int:
+    def poll_leak_queue(
+        self,
+        wait_seconds: int = 5,
+        *,
+        advance: Callable[[list[str]], None] | None = None,
+    ) -> int:
         """One long poll of `leaks.sqs_queue_url`. A message is deleted only after its
         rotations are durably recorded; one that cannot be parsed is kept in the state
         store and then deleted (never retried forever, never dropped silently); a
@@ -806,6 +811,8 @@ class App:
             opened.extend(result.rotations)
         # Every key of the batch is contained before any replacement starts: a
         # replacement needs Vault and may take long, a containment must not wait for it.
-        if opened:
+        if opened and advance is not None:
+            advance([r.id for r in opened])  # elsewhere: the next poll need not wait
+        elif opened:
             self.advance_all(r.id for r in opened)
         return handled

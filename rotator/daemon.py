@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor as TriggerPool
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -127,6 +128,7 @@ class Daemon:
         self._retired: list[App] = []  # replaced on reload; closed at shutdown
         self._trigger_slots = threading.BoundedSemaphore(TRIGGER_WORKERS)
         self._triggers = TriggerPool(TRIGGER_WORKERS, thread_name_prefix="rotator-trigger")
+        self._replacements = TriggerPool(2, thread_name_prefix="rotator-leak-replacement")
         self._threads: dict[str, threading.Thread] = {}
         self._scheduler: Any = None
         self._server: Server | None = None
@@ -299,6 +301,7 @@ class Daemon:
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self._triggers.shutdown(wait=True)
+        self._replacements.shutdown(wait=True)
         for thread in self._threads.values():
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -415,7 +418,9 @@ class Daemon:
                 self._stopping.wait(LEAK_POLL_WAIT)  # a reload may configure a queue
                 continue
             try:
-                app.poll_leak_queue(wait_seconds=LEAK_POLL_WAIT)
+                app.poll_leak_queue(
+                    wait_seconds=LEAK_POLL_WAIT, advance=partial(self._replace_later, app)
+                )
                 pause = 1.0
                 continue
             except RotatorError as exc:
@@ -424,6 +429,12 @@ class Daemon:
                 _log.exception("daemon.leak_queue_crashed", retry_in=pause)
             self._stopping.wait(pause)
             pause = min(pause * 2, LEAK_RETRY_CAP)
+
+    def _replace_later(self, app: App, rotation_ids: list[str]) -> None:
+        """Advance leak replacements on their own pool: the poller goes back to the
+        queue at once, so the next leak's containment never waits for a replacement
+        (which needs Vault and may wait for IAM to accept the new key)."""
+        self._replacements.submit(app.advance_all, rotation_ids)
 
     def _vault_loop(self) -> None:
         while not self._stopping.wait(VAULT_CHECK_EVERY):
