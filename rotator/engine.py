@@ -833,7 +833,12 @@ class Engine:
         r = self._save(r, new_key_id=new.access_key_id, intent_until=self.now())
         self._fault("create:recorded")
         r = self._move(r, State.STORE, f"created key {new.access_key_id}")
-        return self._store_new(r, new)
+        try:
+            return self._store_new(r, new)
+        finally:
+            # Stored, or the key deleted, or this process no longer owns the rotation:
+            # either way it never holds this secret again, so the log scrubber lets go.
+            log.forget_secret(new.secret_access_key)
 
     def _store_new(self, r: Rotation, new: NewKey) -> Rotation:
         path = self._path(r)

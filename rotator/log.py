@@ -4,7 +4,8 @@ same processors, JSON lines for services and a readable console on a TTY.
 Secrets must never reach a log line. Three layers keep them out:
   - the engine never passes a secret to a logger;
   - `redact` drops any field whose name says it holds a secret and scrubs every value
-    registered with `register_secret` (each new key's secret, for the life of the process);
+    registered with `register_secret` (each new key's secret, from CreateAccessKey until
+    the rotation no longer holds it, `forget_secret`);
   - botocore's loggers are held at INFO or above: at DEBUG they print response bodies,
     and a `CreateAccessKey` body holds the secret.
 Exceptions are rendered without local variables, which may hold a secret.
@@ -41,8 +42,15 @@ def register_secret(value: str) -> None:
 
 
 def forget_secret(value: str) -> None:
+    """Stop scrubbing `value`: the process no longer holds it (it is stored)."""
     with _secrets_lock:
         _secrets.discard(value)
+
+
+def secrets_held() -> int:
+    """How many secrets are registered for scrubbing now."""
+    with _secrets_lock:
+        return len(_secrets)
 
 
 def scrub(text: str) -> str:

@@ -312,3 +312,22 @@ def test_cli_at_debug_leaks_no_secret(aws: LocalAws, vault: VaultTarget, tmp_pat
     assert files
     for name, raw in files.items():
         assert_no_secret(f"state file {name}", raw, secrets)
+
+
+def test_each_new_secret_is_forgotten_by_the_scrubber_once_stored(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """A long-running daemon must not hold every secret it ever minted: the log scrubber
+    registers each new secret while the key is between IAM and Vault, and lets go of it
+    once the rotation no longer holds it, so the count is back where it started."""
+    for n in range(3):
+        aws.add_user(f"forget-{n}", keys=[SeedKey(timedelta(days=120))])
+    before = log.secrets_held()
+    app = make_app(settings_for(aws, vault, tmp_path), FakeClock())
+    try:
+        rotations = app.run_once().rotations
+    finally:
+        app.close()
+    assert len(rotations) == 3
+    assert all(r.state is State.DONE for r in rotations), [r.last_error for r in rotations]
+    assert log.secrets_held() == before
