@@ -1,4 +1,5 @@
-"""Where a user's key lives in Vault: one definition for the adapter, `plan` and config.
+"""Where a user's key lives in Vault, and under which field names: one definition for the
+adapter, its in-memory fake, `plan` and config.
 
 IAM user names may hold `.` and `..` (IAM allows `[A-Za-z0-9+=,.@_-]`), which Vault
 cannot take as path segments: it answers 400, or resolves them to another path. Such a
@@ -8,6 +9,10 @@ user is reported and never given a key whose secret could not be stored.
 from __future__ import annotations
 
 from rotator.errors import BadInput
+
+# The field names consumers read (INTERFACE.md); changing them breaks every consumer.
+ACCESS_KEY_FIELD = "aws_access_key_id"
+SECRET_KEY_FIELD = "aws_secret_access_key"  # noqa: S105 - a field name
 
 
 def secret_path(template: str, account_id: str, user_name: str) -> str:

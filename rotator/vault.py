@@ -41,7 +41,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.model import NewKey, StoredSecret
-from rotator.paths import secret_path
+from rotator.paths import ACCESS_KEY_FIELD, SECRET_KEY_FIELD, secret_path
 from rotator.ports import Clock
 from rotator.secretfile import read_secret_file
 
@@ -57,10 +57,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-# The field names consumers read (INTERFACE.md); changing them breaks every consumer.
-ACCESS_KEY_FIELD = "aws_access_key_id"
-SECRET_KEY_FIELD = "aws_secret_access_key"  # noqa: S105 - a field name
 
 # Vault's answer (HTTP 400) when `options.cas` differs from the current version.
 _CAS_MISMATCH = "check-and-set parameter did not match the current version"

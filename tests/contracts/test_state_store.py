@@ -1,0 +1,574 @@
+"""The StateStore contract: what the core relies on from a state store, held on the
+in-memory fake and on every real store.
+
+A new store (PostgreSQL) joins by adding one entry to `STORES`: every test here then runs
+on it too. A store that needs a server takes it from a fixture inside its opener
+(`request.getfixturevalue`), so that only its own tests start that server."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from rotator.errors import (
+    BackendUnavailable,
+    LeaseLost,
+    NotFound,
+    RotationExists,
+    RotatorError,
+    StaleRotation,
+)
+from rotator.machine import TERMINAL, State
+from rotator.model import Rotation, RotationReason
+from rotator.ports import StateStore
+from rotator.state import MAX_DEAD_LETTERS, SqliteStateStore
+from rotator.testing import FakeClock, FakeStateStore
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+ACCOUNT = "111122223333"
+TTL = timedelta(seconds=30)
+
+Opener = Callable[[pytest.FixtureRequest, FakeClock], StateStore]
+
+
+def _sqlite(request: pytest.FixtureRequest, clock: FakeClock) -> StateStore:
+    tmp_path = request.getfixturevalue("tmp_path")
+    return SqliteStateStore(tmp_path / "state.db", clock=clock)
+
+
+# Each entry opens a fresh, empty store whose clock is `clock`. PostgreSQL joins as
+# `"postgres": _postgres`, an opener that takes its server from a session fixture.
+STORES: dict[str, Opener] = {
+    "fake": lambda request, clock: FakeStateStore(clock),
+    "real": _sqlite,
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture(params=list(STORES))
+def store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[StateStore]:
+    opened = STORES[request.param](request, clock)
+    yield opened
+    opened.close()
+
+
+def rotation(
+    rid: str = "r1",
+    *,
+    account: str = ACCOUNT,
+    user: str = "alice",
+    state: State = State.PLANNED,
+    created_at: datetime = T0,
+) -> Rotation:
+    return Rotation(
+        id=rid,
+        account_id=account,
+        user_name=user,
+        reason=RotationReason.AGE,
+        state=state,
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def close(store: StateStore, r: Rotation, to: State = State.DONE) -> Rotation:
+    closed = replace(r, state=to)
+    store.save(closed, "closed", from_state=r.state)
+    return closed
+
+
+# --- rotations ---------------------------------------------------------------------------
+
+
+def test_a_created_rotation_reads_back_equal_in_every_field_with_times_in_utc(
+    store: StateStore,
+) -> None:
+    """Every Rotation field, set to a non-default value, comes back equal from `create`
+    and from `get`; a time given in another zone comes back as the same instant in UTC."""
+    east = timezone(timedelta(hours=5, minutes=30))
+    full = Rotation(
+        id="r-full",
+        account_id=ACCOUNT,
+        user_name="alice",
+        reason=RotationReason.LEAKED,
+        state=State.OVERLAP,
+        created_at=T0.astimezone(east),
+        updated_at=T0 + timedelta(minutes=5, microseconds=7),
+        old_key_id="AKIAOLD",
+        new_key_id="AKIANEW",
+        leaked=True,
+        note="found by AWS Health",
+        intent_key_ids=("AKIAOLD", "AKIAOTHER"),
+        intent_at=T0 + timedelta(seconds=1),
+        intent_until=T0 + timedelta(seconds=1, microseconds=500),
+        store_started_at=T0 + timedelta(seconds=1, microseconds=700),
+        stored_at=T0 + timedelta(seconds=2),
+        vault_version=3,
+        verified_at=T0 + timedelta(seconds=3),
+        deactivated_at=T0 + timedelta(seconds=4),
+        overlap=timedelta(days=2, seconds=5, microseconds=1),
+        next_action_at=T0 + timedelta(days=2),
+        attempts=4,
+        last_error="Throttling",
+        waiting_on="consumers",
+    )
+    # A field added to Rotation must be set above, so that this test covers it.
+    unset = [
+        f.name
+        for f in dataclasses.fields(Rotation)
+        if f.default is not dataclasses.MISSING and getattr(full, f.name) == f.default
+    ]
+    assert unset == []
+
+    created = store.create(full, "planned")
+    got = store.get("r-full")
+
+    assert created == full
+    assert got == full
+    assert got.created_at.utcoffset() == timedelta(0)
+
+
+def test_get_of_an_unknown_id_is_none(store: StateStore) -> None:
+    """`get` of an id that was never created returns None."""
+    assert store.get("nope") is None
+
+
+def test_a_naive_time_is_refused_and_nothing_is_stored(store: StateStore) -> None:
+    """A naive datetime raises ValueError instead of being stored with a guessed zone."""
+    with pytest.raises(ValueError, match="naive"):
+        store.create(rotation(created_at=datetime(2024, 5, 1, 12, 0)), "planned")
+    assert store.get("r1") is None
+
+
+def test_a_second_open_rotation_for_a_user_raises_rotation_exists_and_leaves_nothing(
+    store: StateStore,
+) -> None:
+    """One open rotation per (account, user): a second raises RotationExists naming the
+    first, and leaves no row and no event behind."""
+    store.create(rotation("r1"), "planned")
+    with pytest.raises(RotationExists, match="r1"):
+        store.create(rotation("r2"), "planned")
+    assert store.get("r2") is None
+    assert store.events("r2") == []
+
+
+def test_a_closed_rotation_frees_its_user_for_a_new_one(store: StateStore) -> None:
+    """Once a rotation reaches any terminal state its user may get a new open rotation."""
+    for n, terminal in enumerate(sorted(TERMINAL)):
+        user = f"user{n}"
+        first = store.create(rotation(f"{user}-1", user=user), "planned")
+        close(store, first, terminal)
+        store.create(rotation(f"{user}-2", user=user, created_at=T0 + timedelta(hours=1)), "p")
+        opened = store.open_for(ACCOUNT, user)
+        assert opened is not None
+        assert opened.id == f"{user}-2", terminal
+
+
+def test_the_one_open_rotation_rule_is_per_account_and_user(store: StateStore) -> None:
+    """The same user name in another account, and another user, may each rotate too."""
+    store.create(rotation("r1", account=ACCOUNT), "planned")
+    store.create(rotation("r2", account="444455556666"), "planned")
+    store.create(rotation("r3", user="bob"), "planned")
+    assert {r.id for r in store.list_open()} == {"r1", "r2", "r3"}
+
+
+def test_reusing_a_rotation_id_is_refused_but_not_as_rotation_exists(store: StateStore) -> None:
+    """A second rotation with an existing id (for another user) is an error, but not
+    RotationExists: nobody else's rotation is in the way."""
+    store.create(rotation("r1"), "planned")
+    with pytest.raises(RotatorError, match="r1 already exists") as info:
+        store.create(rotation("r1", user="bob"), "planned")
+    assert not isinstance(info.value, RotationExists)
+
+
+def test_reopening_a_closed_rotation_while_another_is_open_raises_rotation_exists(
+    store: StateStore,
+) -> None:
+    """`save` cannot move a closed rotation back to open while its user has another open
+    one; the closed row stays as it was."""
+    cancelled = close(store, store.create(rotation("r1"), "planned"), State.CANCELLED)
+    store.create(rotation("r2"), "planned")
+    with pytest.raises(RotationExists, match="r2"):
+        store.save(replace(cancelled, state=State.PLANNED), "oops", State.CANCELLED)
+    assert store.get("r1") == cancelled
+
+
+def test_a_save_that_moves_the_state_appends_one_event_at_the_store_clock(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A save from one state to another persists the row and appends (from, to, reason)
+    stamped with the store's clock; `create` wrote the first event (None -> state)."""
+    r = store.create(rotation(), "age 95d > 90d")
+    clock.advance(timedelta(minutes=1))
+    moved = replace(r, state=State.MAKE_ROOM, updated_at=clock.now, attempts=1)
+
+    store.save(moved, "slot free", from_state=State.PLANNED)
+
+    assert store.get("r1") == moved
+    assert [(e.from_state, e.to_state, e.reason, e.at) for e in store.events("r1")] == [
+        (None, State.PLANNED, "age 95d > 90d", T0),
+        (State.PLANNED, State.MAKE_ROOM, "slot free", T0 + timedelta(minutes=1)),
+    ]
+
+
+def test_a_save_that_keeps_the_state_appends_no_event(store: StateStore) -> None:
+    """A save with no from_state, or from the state it stays in, writes the row only."""
+    r = store.create(rotation(), "planned")
+    store.save(replace(r, attempts=1), "retry")
+    store.save(replace(r, attempts=2), "retry", from_state=State.PLANNED)
+    got = store.get("r1")
+    assert got is not None
+    assert got.attempts == 2
+    assert len(store.events("r1")) == 1
+
+
+def test_a_save_from_a_state_the_row_has_left_raises_stale_rotation_and_changes_nothing(
+    store: StateStore,
+) -> None:
+    """A writer that lost the race (the row moved on) cannot overwrite the newer state,
+    and its move leaves no event."""
+    first = store.create(rotation(), "planned")
+    moved = replace(first, state=State.MAKE_ROOM)
+    store.save(moved, "room", State.PLANNED)
+    with pytest.raises(StaleRotation, match="MAKE_ROOM"):
+        store.save(replace(first, state=State.BLOCKED), "late writer", State.PLANNED)
+    assert store.get(first.id) == moved
+    assert [e.reason for e in store.events(first.id)] == ["planned", "room"]
+
+
+def test_save_and_record_of_an_unknown_rotation_raise_not_found(store: StateStore) -> None:
+    """Saving, or noting on, a rotation that was never created raises NotFound and
+    records nothing."""
+    with pytest.raises(NotFound):
+        store.save(rotation("ghost"), "moved", from_state=State.PLANNED)
+    with pytest.raises(NotFound):
+        store.record("ghost", State.OVERLAP, "note")
+    assert store.events("ghost") == []
+
+
+def test_record_appends_a_note_in_the_state_the_rotation_stays_in(store: StateStore) -> None:
+    """`record` appends an event whose from and to states are both the given state."""
+    store.create(rotation(state=State.OVERLAP), "planned")
+    store.record("r1", State.OVERLAP, "consumers still use the old key")
+    last = store.events("r1")[-1]
+    assert (last.from_state, last.to_state, last.reason) == (
+        State.OVERLAP,
+        State.OVERLAP,
+        "consumers still use the old key",
+    )
+
+
+def test_the_event_trail_only_ever_grows(store: StateStore) -> None:
+    """Every write appends to the trail and none rewrites it: each earlier reading is a
+    prefix of every later one, and changing a list the store handed out changes nothing."""
+    r = store.create(rotation(), "planned")
+    readings = [store.events("r1")]
+    r2 = replace(r, state=State.MAKE_ROOM)
+    store.save(r2, "start", State.PLANNED)
+    readings.append(store.events("r1"))
+    store.record("r1", State.MAKE_ROOM, "a note")
+    readings.append(store.events("r1"))
+    store.save(replace(r2, attempts=3), "retry", State.MAKE_ROOM)
+    readings.append(store.events("r1"))
+    close(store, r2)
+    readings.append(store.events("r1"))
+
+    for earlier, later in itertools.pairwise(readings):
+        assert later[: len(earlier)] == earlier
+    assert [len(x) for x in readings] == [1, 2, 3, 3, 4]
+    handed_out = store.events("r1")
+    handed_out.clear()
+    assert store.events("r1") == readings[-1]
+
+
+# --- queries -----------------------------------------------------------------------------
+
+
+def test_list_open_lists_only_open_rotations_oldest_first(store: StateStore) -> None:
+    """`list_open` leaves out terminal rotations and orders the rest by creation."""
+    close(store, store.create(rotation("r-done", user="carol"), "planned"))
+    store.create(rotation("r-b", user="bob", created_at=T0 + timedelta(hours=1)), "planned")
+    store.create(rotation("r-a", user="alice"), "planned")
+    assert [r.id for r in store.list_open()] == ["r-a", "r-b"]
+
+
+def test_list_recent_keeps_every_open_rotation_and_limits_the_closed_ones(
+    store: StateStore,
+) -> None:
+    """`list_recent` returns every open rotation plus the newest `limit` closed ones,
+    newest created first, filtered by user name; a negative limit is refused."""
+    for i in range(5):
+        close(store, store.create(rotation(f"alice{i}", created_at=T0 + timedelta(days=i)), "p"))
+    store.create(rotation("alice-open", created_at=T0 - timedelta(days=10)), "planned")
+    store.create(rotation("bob-open", user="bob", created_at=T0 + timedelta(days=20)), "planned")
+
+    assert [r.id for r in store.list_recent(limit=2)] == [
+        "bob-open",
+        "alice4",
+        "alice3",
+        "alice-open",
+    ]
+    assert [r.id for r in store.list_recent(limit=0, user_name="alice")] == ["alice-open"]
+    assert [r.id for r in store.list_recent(limit=1, user_name="alice")] == [
+        "alice4",
+        "alice-open",
+    ]
+    with pytest.raises(ValueError, match="limit"):
+        store.list_recent(limit=-1)
+
+
+def test_latest_for_returns_the_newest_rotation_of_the_user_in_any_state(
+    store: StateStore,
+) -> None:
+    """`latest_for` returns the user's newest rotation even when it is closed; `open_for`
+    then returns None, and both return None for a user with no rotation."""
+    close(store, store.create(rotation("r-old", created_at=T0), "planned"))
+    close(store, store.create(rotation("r-new", created_at=T0 + timedelta(days=1)), "planned"))
+    latest = store.latest_for(ACCOUNT, "alice")
+    assert latest is not None
+    assert (latest.id, latest.state) == ("r-new", State.DONE)
+    assert store.open_for(ACCOUNT, "alice") is None
+    assert store.latest_for(ACCOUNT, "nobody") is None
+
+
+def test_replacement_key_ids_are_the_new_keys_of_leak_rotations_that_did_not_fail(
+    store: StateStore,
+) -> None:
+    """Key ids issued to replace a leaked key are those of leak rotations of the account
+    that did not end FAILED or CANCELLED; other rotations' new keys are not among them."""
+
+    def leak(rid: str, user: str, key: str, end: State | None, account: str = ACCOUNT) -> None:
+        r = replace(rotation(rid, user=user, account=account), leaked=True, new_key_id=key)
+        store.create(r, "leaked")
+        if end is not None:
+            close(store, r, end)
+
+    leak("l1", "a", "AKIAOPEN", None)
+    leak("l2", "b", "AKIADONE", State.DONE)
+    leak("l3", "c", "AKIAFAILED", State.FAILED)
+    leak("l4", "d", "AKIACANCELLED", State.CANCELLED)
+    leak("l5", "e", "AKIAELSEWHERE", None, account="444455556666")
+    store.create(replace(rotation("n1", user="f"), new_key_id="AKIANORMAL"), "age")
+    assert store.replacement_key_ids(ACCOUNT) == {"AKIAOPEN", "AKIADONE"}
+
+
+# --- leases ------------------------------------------------------------------------------
+
+
+def test_a_live_lease_keeps_every_other_owner_out(store: StateStore) -> None:
+    """While one owner's lease is live, another owner's acquisition returns None."""
+    store.create(rotation(), "planned")
+    assert store.acquire_lease("r1", "A", TTL) is not None
+    assert store.acquire_lease("r1", "B", TTL) is None
+
+
+def test_an_expired_lease_is_taken_over_with_a_greater_fencing_token(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """Once the ttl has passed on the store's clock another owner takes the lease with a
+    greater token, and the first owner is then kept out."""
+    store.create(rotation(), "planned")
+    first = store.acquire_lease("r1", "A", TTL)
+    assert first is not None
+    clock.advance(TTL)
+    taken = store.acquire_lease("r1", "B", TTL)
+    assert taken is not None
+    assert taken.token > first.token
+    assert store.acquire_lease("r1", "A", TTL) is None
+
+
+def test_the_holder_renews_a_live_lease_keeping_its_token(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A holder's re-acquisition or `renew_lease` of its live lease keeps the token and
+    extends the lease from now."""
+    store.create(rotation(), "planned")
+    lease = store.acquire_lease("r1", "A", TTL)
+    assert lease is not None
+    clock.advance(timedelta(seconds=20))
+    again = store.acquire_lease("r1", "A", TTL)
+    assert again == lease
+    clock.advance(timedelta(seconds=20))  # 40 s after the grant: alive through the renewal
+    assert store.renew_lease(lease, TTL) == lease
+    clock.advance(timedelta(seconds=29))
+    assert store.acquire_lease("r1", "B", TTL) is None
+
+
+def test_release_ends_the_lease_and_the_next_holder_gets_a_greater_token(
+    store: StateStore,
+) -> None:
+    """Only the holder's release frees the lease; whoever takes it next, the releasing
+    owner included, gets a greater token than before."""
+    store.create(rotation(), "planned")
+    first = store.acquire_lease("r1", "A", TTL)
+    assert first is not None
+    store.release_lease("r1", "B")
+    assert store.acquire_lease("r1", "B", TTL) is None
+    store.release_lease("r1", "A")
+    second = store.acquire_lease("r1", "B", TTL)
+    assert second is not None
+    assert second.token > first.token
+    store.release_lease("r1", "B")
+    third = store.acquire_lease("r1", "A", TTL)
+    assert third is not None
+    assert third.token > second.token
+
+
+def test_renew_lease_never_takes_back_a_lost_lease(store: StateStore, clock: FakeClock) -> None:
+    """Renewing an expired lease, or one another owner took over, returns None and
+    leaves the current holder's lease as it was."""
+    store.create(rotation(), "planned")
+    lease = store.acquire_lease("r1", "A", TTL)
+    assert lease is not None
+    clock.advance(TTL)
+    assert store.renew_lease(lease, TTL) is None
+    taken = store.acquire_lease("r1", "B", TTL)
+    assert taken is not None
+    assert store.renew_lease(lease, TTL) is None
+    assert store.acquire_lease("r1", "C", TTL) is None  # B still holds it
+    assert store.renew_lease(taken, TTL) == taken
+
+
+def test_a_write_under_a_lease_taken_over_raises_lease_lost_and_changes_nothing(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """After a takeover, a save or a note carrying the old lease raises LeaseLost and the
+    row and the trail stay as the new holder left them."""
+    r = store.create(rotation(), "planned")
+    stale = store.acquire_lease("r1", "A", TTL)
+    assert stale is not None
+    clock.advance(TTL + timedelta(seconds=1))
+    current = store.acquire_lease("r1", "B", TTL)
+    assert current is not None
+    moved = replace(r, state=State.MAKE_ROOM)
+    store.save(moved, "by B", from_state=State.PLANNED, lease=current)
+
+    with pytest.raises(LeaseLost):
+        store.save(replace(moved, state=State.CREATE), "by A", State.MAKE_ROOM, lease=stale)
+    with pytest.raises(LeaseLost):
+        store.save(replace(moved, attempts=9), "by A", lease=stale)
+    with pytest.raises(LeaseLost):
+        store.record("r1", State.MAKE_ROOM, "note by A", lease=stale)
+
+    assert store.get("r1") == moved
+    assert [e.reason for e in store.events("r1")] == ["planned", "by B"]
+
+
+def test_a_write_under_an_expired_lease_raises_lease_lost_with_no_new_holder(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A lease past its ttl on the store's clock authorises nothing, although nobody has
+    taken it over: the holder may have stalled while another process read the row."""
+    r = store.create(rotation(), "planned")
+    lease = store.acquire_lease("r1", "A", TTL)
+    assert lease is not None
+    clock.advance(TTL)
+    with pytest.raises(LeaseLost):
+        store.save(replace(r, state=State.MAKE_ROOM), "late", State.PLANNED, lease=lease)
+    assert store.get("r1") == r
+
+
+def test_a_lease_needs_an_existing_rotation_and_a_positive_ttl(store: StateStore) -> None:
+    """Acquiring a lease on an unknown rotation raises NotFound; a ttl of zero is refused."""
+    with pytest.raises(NotFound):
+        store.acquire_lease("ghost", "A", TTL)
+    store.create(rotation(), "planned")
+    with pytest.raises(ValueError, match="ttl"):
+        store.acquire_lease("r1", "A", timedelta(0))
+
+
+# --- leak bookkeeping --------------------------------------------------------------------
+
+
+def test_dead_letters_are_kept_once_per_message_and_bounded_oldest_first(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A dead letter is kept once per (source, message id) with the store's time; past
+    the cap the oldest go first."""
+    store.add_dead_letter("sqs", "m-0", "not JSON", "{")
+    store.add_dead_letter("sqs", "m-0", "again", "{")
+    store.add_dead_letter("http", "m-0", "not JSON", "{")
+    assert store.dead_letters() == [
+        ("sqs", "m-0", T0, "not JSON"),
+        ("http", "m-0", T0, "not JSON"),
+    ]
+    for i in range(1, MAX_DEAD_LETTERS + 1):
+        clock.advance(timedelta(seconds=1))
+        store.add_dead_letter("sqs", f"m-{i}", "not JSON", "{")
+
+    kept = store.dead_letters()
+    assert len(kept) == MAX_DEAD_LETTERS
+    assert [m for s, m, _, _ in kept[:2]] == ["m-1", "m-2"]
+    assert kept[-1][1:3] == (f"m-{MAX_DEAD_LETTERS}", T0 + timedelta(seconds=MAX_DEAD_LETTERS))
+
+
+def test_a_leak_report_is_seen_once_added_and_adding_it_again_is_harmless(
+    store: StateStore,
+) -> None:
+    """`leak_report_seen` is False until the (event, key) pair is added, True after; a
+    replayed add changes nothing and other pairs stay unseen."""
+    assert not store.leak_report_seen("ev-1", "AKIA1")
+    store.add_leak_report("ev-1", "AKIA1", ACCOUNT, "alice", "contained")
+    store.add_leak_report("ev-1", "AKIA1", ACCOUNT, "alice", "contained again")
+    store.add_leak_report("ev-1", "AKIA2", ACCOUNT, None, "unknown key")
+    assert store.leak_report_seen("ev-1", "AKIA1")
+    assert store.leak_report_seen("ev-1", "AKIA2")
+    assert not store.leak_report_seen("ev-2", "AKIA1")
+
+
+def test_a_quarantine_first_sighting_is_kept_until_a_scan_no_longer_sees_it(
+    store: StateStore,
+) -> None:
+    """The first time a scan saw a user's quarantine policy stays put across later scans,
+    is per account, and is forgotten when a full scan no longer sees the policy: seen
+    again later, it is a new leak with a new first sighting."""
+    other = "444455556666"
+    first, later = T0, T0 + timedelta(hours=3)
+    store.note_quarantines(ACCOUNT, {"oz": ("AWSCompromisedKeyQuarantineV2", first)})
+    store.note_quarantines(other, {"oz": ("AWSCompromisedKeyQuarantineV2", later)})
+    store.note_quarantines(
+        ACCOUNT,
+        {
+            "oz": ("AWSCompromisedKeyQuarantineV2", later),
+            "eve": ("AWSCompromisedKeyQuarantineV3", later),
+        },
+    )
+    assert store.quarantines(ACCOUNT) == {"oz": first, "eve": later}
+    store.note_quarantines(ACCOUNT, {"eve": ("AWSCompromisedKeyQuarantineV3", later)})
+    assert store.quarantines(ACCOUNT) == {"eve": later}
+    store.note_quarantines(ACCOUNT, {"oz": ("AWSCompromisedKeyQuarantineV2", later)})
+    assert store.quarantines(ACCOUNT) == {"oz": later}
+    assert store.quarantines(other) == {"oz": later}
+    assert store.quarantines("999999999999") == {}
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+def test_check_passes_and_a_closed_store_refuses_every_call(store: StateStore) -> None:
+    """`check` passes on a usable store; once closed (twice is harmless) every call
+    raises BackendUnavailable."""
+    store.create(rotation(), "planned")
+    store.check()
+    store.close()
+    store.close()
+    calls: list[Callable[[], object]] = [
+        store.check,
+        lambda: store.get("r1"),
+        store.list_open,
+        lambda: store.create(rotation("r2", user="bob"), "planned"),
+        lambda: store.acquire_lease("r1", "A", TTL),
+        store.dead_letters,
+    ]
+    for call in calls:
+        with pytest.raises(BackendUnavailable):
+            call()
