@@ -11,7 +11,9 @@ way for every tool, outside the tool's own process:
 
 moto's own control API (`/moto-api/...`) is forwarded but neither counted nor delayed.
 `delay` (seconds) is slept before forwarding each counted call: it stands in for the
-round trip to a real AWS endpoint.
+round trip to a real AWS endpoint. `on_call(name, body)`, when given, is called with
+each counted call as soon as its body has arrived, before the delay and the forwarding
+(benchmarks/containment.py timestamps calls with it).
 
 Used in-process by `benchmarks/run.py`; also runnable on its own:
 
@@ -29,6 +31,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -75,7 +78,13 @@ class CountingProxy:
     """A ThreadingHTTPServer that forwards to `target` and counts calls."""
 
     def __init__(
-        self, target: str, *, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0
+        self,
+        target: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delay: float = 0.0,
+        on_call: Callable[[str, bytes], None] | None = None,
     ) -> None:
         parts = urlsplit(target)
         if parts.scheme != "http" or not parts.hostname:
@@ -83,6 +92,7 @@ class CountingProxy:
         self.target_host = parts.hostname
         self.target_port = parts.port or 80
         self.delay = delay
+        self.on_call = on_call
         self._counts: Counter[str] = Counter()
         self._upstream: dict[str, float] = {}  # seconds spent waiting on the target
         self._lock = threading.Lock()
@@ -172,6 +182,8 @@ def _handler(proxy: CountingProxy) -> type[BaseHTTPRequestHandler]:
             if not self.path.startswith(UNCOUNTED_PREFIXES):
                 name = classify(self.command, self.path, self.headers, body)
                 proxy.count(name)
+                if proxy.on_call is not None:
+                    proxy.on_call(name, body)
                 if proxy.delay > 0:
                     time.sleep(proxy.delay)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
