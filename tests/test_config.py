@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from rotator.config import (
     DEFAULT_CONFIG_PATH,
@@ -20,7 +21,9 @@ from rotator.config import (
     config_path,
     load_settings,
     parse_settings,
+    rules,
 )
+from rotator.config import models as config_models
 from rotator.cron import Schedule, parse_schedule
 from rotator.durations import format_duration, parse_duration
 from rotator.errors import ConfigError
@@ -533,6 +536,88 @@ def test_policy_built_in_python_is_checked_too() -> None:
     assert PolicySettings(overlap=timedelta(0), overlap_limit=timedelta(0)).overlap_limit == (
         timedelta(0)
     )
+
+
+# --- every cross-field rule, on both paths ------------------------------------------------
+
+ACCOUNT_A, ACCOUNT_B = "111111111111", "222222222222"
+# One file per rule a model names in `cross_checks`, with the exact problem it reports.
+RULE_CASES: dict[Callable[..., object], tuple[dict[str, object], str]] = {
+    rules.warn_age_within_max_age: (
+        {"policy": {"max_age": "30d", "warn_age": "31d"}},
+        "policy.warn_age: 31d is longer than max_age 30d; a key would be rotated before any "
+        "warning",
+    ),
+    rules.overlap_limit_covers_overlap: (
+        {"policy": {"overlap": "2d", "overlap_limit": "1d"}},
+        "policy.overlap_limit: 1d is shorter than overlap 2d",
+    ),
+    rules.external_id_needs_role_arn: (
+        {"aws": {"accounts": [{"id": ACCOUNT_A, "external_id": "e"}]}},
+        "aws.accounts[0].external_id: only used with role_arn, which is not set",
+    ),
+    rules.role_in_its_account: (
+        {"aws": {"accounts": [{"id": ACCOUNT_A, "role_arn": f"arn:aws:iam::{ACCOUNT_B}:role/r"}]}},
+        f"aws.accounts[0].role_arn: the role is in account {ACCOUNT_B}, not in {ACCOUNT_A}",
+    ),
+    rules.accounts_listed_once: (
+        {"aws": {"accounts": [{"id": ACCOUNT_A}, {"id": ACCOUNT_A}]}},
+        f'aws.accounts[1].id: "{ACCOUNT_A}" is already listed as accounts[0]',
+    ),
+    rules.accounts_or_organization: (
+        {"aws": {"accounts": [{"id": ACCOUNT_A}], "organization": {"role_name": "rotator"}}},
+        "aws.organization: give either aws.accounts or aws.organization",
+    ),
+    rules.lease_covers_a_call: (
+        {"state": {"lease_ttl": "10s"}},
+        "state.lease_ttl: 10s cannot cover a backend call: it must be at least twice the "
+        "longest call deadline (160s with aws.call_timeout 15s and vault.timeout 10s)",
+    ),
+    rules.path_template_tells_accounts_apart: (
+        {
+            "aws": {"accounts": [{"id": ACCOUNT_A}, {"id": ACCOUNT_B}]},
+            "vault": {"path_template": "aws/{user_name}"},
+        },
+        "vault.path_template: must contain {account_id} when several accounts are listed, "
+        "or users with the same name in two accounts would share one secret",
+    ),
+}
+
+
+def test_every_model_rule_has_a_case() -> None:
+    """RULE_CASES covers every rule a settings model names, so none escapes the next test."""
+    named = {
+        rule
+        for model in vars(config_models).values()
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for rule in getattr(model, "cross_checks", ())
+    }
+    assert named == set(RULE_CASES)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [pytest.param(*case, id=rule.__name__) for rule, case in RULE_CASES.items()],
+)
+def test_each_rule_is_reported_on_load_and_enforced_in_python(
+    data: dict[str, object], message: str
+) -> None:
+    """A cross-field rule, written once, is reported by parse_settings with its path and
+    refuses the same settings built in Python (where its message is relative to the model)."""
+    assert problems_of(data) == [message]
+    with pytest.raises(ValidationError) as info:
+        Settings.model_validate(data)
+    assert any(message.endswith(str(error["msg"])) for error in info.value.errors())
+
+
+def test_rule_is_reported_beside_invalid_fields_of_its_list_items() -> None:
+    """Duplicate accounts are found even when other items, or the same ones, are invalid."""
+    data = {"aws": {"accounts": [{"id": ACCOUNT_A, "rolearn": "x"}, "x", {"id": ACCOUNT_A}]}}
+    assert problems_of(data) == [
+        "aws.accounts[0].rolearn: unknown key (did you mean role_arn?)",
+        'aws.accounts[1]: expected a mapping (key: value lines), got "x"',
+        f'aws.accounts[2].id: "{ACCOUNT_A}" is already listed as accounts[0]',
+    ]
 
 
 # --- secrets ------------------------------------------------------------------------------

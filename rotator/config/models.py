@@ -1,0 +1,255 @@
+"""The settings model: one frozen pydantic model per section of the file, and `Settings`.
+
+A section names its cross-field rules in `cross_checks` (the functions are in `rules`);
+they run on every validated instance, and the loader runs the same ones on the raw file.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from rotator.config import rules
+from rotator.config.fields import (
+    DEFAULT_QUARANTINE_POLICIES,
+    AccountId,
+    Duration,
+    FilePath,
+    HttpUrl,
+    IamPath,
+    KvMount,
+    Listen,
+    NonEmptyStr,
+    PathTemplate,
+    PolicyArn,
+    PositiveDuration,
+    RoleArn,
+    RoleName,
+    ScheduleText,
+    SnsArn,
+    not_empty_list,
+    split_listen,
+)
+from rotator.cron import Schedule, parse_schedule
+from rotator.paths import secret_path
+
+__all__ = [
+    "REDACTED",
+    "SECTIONS",
+    "AccountSettings",
+    "AwsSettings",
+    "HttpSettings",
+    "LeaksSettings",
+    "NotifySettings",
+    "OrganizationSettings",
+    "PolicySettings",
+    "ScheduleSettings",
+    "SelectionSettings",
+    "Settings",
+    "StateSettings",
+    "VaultAuthSettings",
+    "VaultSettings",
+]
+
+REDACTED = "***"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The section's rules (rotator.config.rules), run once every field is valid.
+    cross_checks: ClassVar[tuple[rules.Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        problems = rules.model_problems(self)
+        if problems:
+            # Through the context: the template's own braces would be read as placeholders.
+            text = "; ".join(problems)
+            raise PydanticCustomError(rules.RULE_ERROR, "{problems}", {"problems": text})
+        return self
+
+
+class AccountSettings(_Section):
+    """One AWS account to rotate in. Without `role_arn` the credentials act directly."""
+
+    id: AccountId
+    role_arn: RoleArn | None = None
+    external_id: NonEmptyStr | None = None
+
+    cross_checks = (rules.external_id_needs_role_arn, rules.role_in_its_account)
+
+
+class OrganizationSettings(_Section):
+    """Discover the accounts with Organizations `ListAccounts` (from the management
+    account's credentials) and assume `role_name` in each of them."""
+
+    role_name: RoleName
+    external_id: NonEmptyStr | None = None
+    include: tuple[AccountId, ...] = ()
+    exclude: tuple[AccountId, ...] = ()
+
+
+class AwsSettings(_Section):
+    """Where and how to reach IAM."""
+
+    region: NonEmptyStr = "us-east-1"
+    endpoint_url: HttpUrl | None = None
+    # None: the credentials' own account.
+    accounts: Annotated[tuple[AccountSettings, ...], AfterValidator(not_empty_list)] | None = None
+    organization: OrganizationSettings | None = None
+    concurrency: StrictInt = Field(default=8, ge=1, le=64)
+    # A client-side cap per account: IAM publishes no rate limit, it just starts throttling.
+    iam_calls_per_second: StrictFloat = Field(default=20.0, gt=0, allow_inf_nan=False)
+    # Read timeout of one IAM call attempt; with the connect timeout and the retries it
+    # bounds a call's total deadline (rotator.deadlines), which the lease must cover.
+    call_timeout: PositiveDuration = timedelta(seconds=15)
+
+    cross_checks = (rules.accounts_listed_once, rules.accounts_or_organization)
+
+
+class VaultAuthSettings(_Section):
+    """How to log in to Vault. `token` holds the resolved token (file, else VAULT_TOKEN);
+    it is hidden from `repr`. That the chosen method has what it needs is checked by the
+    loader (`rules.vault_login_problems`), not here, so that tests can build settings
+    without a token."""
+
+    method: Literal["token", "token_file", "approle"] = "token"
+    token: NonEmptyStr | None = Field(default=None, repr=False)
+    token_file: FilePath | None = None
+    role_id: NonEmptyStr | None = None
+    secret_id_file: FilePath | None = None
+
+
+class VaultSettings(_Section):
+    """The Vault (KV version 2) that consumers read the keys from."""
+
+    url: HttpUrl = "http://127.0.0.1:8200"
+    auth: VaultAuthSettings = Field(default_factory=VaultAuthSettings)
+    mount: KvMount = "secret"
+    path_template: PathTemplate = "aws/{account_id}/{user_name}"
+    # Connect and read timeout of one Vault request (rotator.deadlines).
+    timeout: PositiveDuration = timedelta(seconds=10)
+
+    def secret_path(self, account_id: str, user_name: str) -> str:
+        """The KV path (inside `mount`) that holds this user's key."""
+        return secret_path(self.path_template, account_id, user_name)
+
+
+class StateSettings(_Section):
+    """The state store. `lease_ttl`: how long a process may hold a rotation unrenewed."""
+
+    path: FilePath = Path("/var/lib/rotator/state.db")
+    lease_ttl: PositiveDuration = timedelta(minutes=5)
+
+
+class SelectionSettings(_Section):
+    """Which IAM users are considered at all."""
+
+    include_paths: Annotated[tuple[IamPath, ...], AfterValidator(not_empty_list)] = ("/",)
+    exclude_users: tuple[str, ...] = ()
+    exempt_tag: NonEmptyStr = "rotator:exempt"
+
+
+class PolicySettings(_Section):
+    """When keys are rotated and how long the old one lives on.
+
+    `overlap_limit`: how long OVERLAP may hold beyond `overlap` while consumers still
+    use the old key (at least `overlap`)."""
+
+    max_age: PositiveDuration = timedelta(days=90)
+    warn_age: Duration = timedelta(days=80)
+    overlap: Duration = timedelta(hours=24)
+    overlap_limit: Duration = timedelta(days=7)
+    delete_after: Duration = timedelta(days=7)
+    verify_timeout: PositiveDuration = timedelta(seconds=60)
+    # After a rotation FAILED, how long before a scan opens the next one for that user
+    # (a leak is contained and replaced at once regardless).
+    retry_failed_after: Duration = timedelta(hours=24)
+    # MAKE_ROOM deletes an inactive key only when it was last used (or, never used,
+    # created) this long ago: a person may have switched it off to see what breaks.
+    inactive_min_idle: Duration = timedelta(days=7)
+
+    cross_checks = (rules.warn_age_within_max_age, rules.overlap_limit_covers_overlap)
+
+
+class LeaksSettings(_Section):
+    """How leaked keys are recognised."""
+
+    quarantine_policies: tuple[PolicyArn, ...] = DEFAULT_QUARANTINE_POLICIES
+    sqs_queue_url: HttpUrl | None = None
+
+
+class ScheduleSettings(_Section):
+    """When the daemon scans (`scan`: cron or interval) and advances rotations (`tick`)."""
+
+    scan: ScheduleText = "0 * * * *"
+    tick: PositiveDuration = timedelta(seconds=60)
+
+    @property
+    def scan_schedule(self) -> Schedule:
+        """`scan` parsed into an interval or a cron expression."""
+        return parse_schedule(self.scan)
+
+
+class HttpSettings(_Section):
+    """The daemon's HTTP endpoint (health, metrics, and the trigger when enabled)."""
+
+    listen: Listen = "127.0.0.1:9464"
+    trigger_token_file: FilePath | None = None
+
+    @property
+    def host(self) -> str:
+        """The address to bind, without brackets for IPv6."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The port to bind."""
+        return split_listen(self.listen)[1]
+
+
+class NotifySettings(_Section):
+    """Where alerts go (done / failed / blocked / leaked)."""
+
+    webhook_url: HttpUrl | None = None
+    sns_topic_arn: SnsArn | None = None
+
+
+class Settings(_Section):
+    """The whole configuration, validated and frozen."""
+
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    leaks: LeaksSettings = Field(default_factory=LeaksSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+
+    cross_checks = (rules.lease_covers_a_call, rules.path_template_tells_accounts_apart)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able data for display, secrets replaced by "***"."""
+        data = self.model_dump(mode="json")
+        if data["vault"]["auth"]["token"] is not None:
+            data["vault"]["auth"]["token"] = REDACTED
+        return data
+
+
+# The sections in the order the file documents them (and problems are listed in).
+SECTIONS = tuple(Settings.model_fields)

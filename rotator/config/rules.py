@@ -1,0 +1,220 @@
+"""The rules that relate two or more settings, each written once.
+
+A rule is a function of one section's `Fields` (views.py) that yields its problems as
+`relative.path: message`. A model names its rules in `cross_checks` (models.py), and the
+same functions run in two places:
+
+- `model_problems`, from the models' validator, on every validated model, so settings
+  built in Python obey them too;
+- `raw_problems`, from the loader, on the raw file, because pydantic skips a model's
+  validators as soon as one of its fields is invalid, and an operator should see every
+  problem of the file at once. There each field is validated on its own, and a rule is
+  silent only when a field it needs is invalid itself.
+
+The loader lists rule problems from the raw run only, after the field problems of their
+section; pydantic's copy of them (error type `RULE_ERROR`) is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from rotator.config.fields import ROLE_ARN_RE, template_fields
+from rotator.config.views import Fields, ModelFields, RawFields, inner_model, is_model_list
+from rotator.deadlines import lease_problem
+from rotator.durations import format_duration
+from rotator.quoting import quoted
+
+__all__ = [
+    "RULE_ERROR",
+    "Rule",
+    "accounts_listed_once",
+    "accounts_or_organization",
+    "external_id_needs_role_arn",
+    "lease_covers_a_call",
+    "model_problems",
+    "overlap_limit_covers_overlap",
+    "path_template_tells_accounts_apart",
+    "raw_problems",
+    "role_in_its_account",
+    "vault_login_problems",
+    "warn_age_within_max_age",
+]
+
+Rule = Callable[[Fields], Iterable[str]]
+
+# The pydantic error type of a broken rule, raised by the models' validator.
+RULE_ERROR = "config_rule"
+
+
+# --- policy -------------------------------------------------------------------------------
+
+
+def warn_age_within_max_age(policy: Fields) -> Iterator[str]:
+    """A key is warned about before it is rotated."""
+    max_age, warn_age = policy.get("max_age"), policy.get("warn_age")
+    if isinstance(max_age, timedelta) and isinstance(warn_age, timedelta) and warn_age > max_age:
+        yield (
+            f"warn_age: {format_duration(warn_age)} is longer than max_age "
+            f"{format_duration(max_age)}; a key would be rotated before any warning"
+        )
+
+
+def overlap_limit_covers_overlap(policy: Fields) -> Iterator[str]:
+    """OVERLAP may outlast `overlap`, never end before it."""
+    overlap, overlap_limit = policy.get("overlap"), policy.get("overlap_limit")
+    if (
+        isinstance(overlap, timedelta)
+        and isinstance(overlap_limit, timedelta)
+        and overlap_limit < overlap
+    ):
+        yield (
+            f"overlap_limit: {format_duration(overlap_limit)} is shorter than overlap "
+            f"{format_duration(overlap)}"
+        )
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+
+def external_id_needs_role_arn(account: Fields) -> Iterator[str]:
+    """An external id is only ever sent with AssumeRole."""
+    if isinstance(account.get("external_id"), str) and account.get("role_arn") is None:
+        yield "external_id: only used with role_arn, which is not set"
+
+
+def role_in_its_account(account: Fields) -> Iterator[str]:
+    """The role is assumed *in* the account whose users it rotates."""
+    account_id, role_arn = account.get("id"), account.get("role_arn")
+    if isinstance(account_id, str) and isinstance(role_arn, str):
+        match = ROLE_ARN_RE.fullmatch(role_arn)
+        if match and match.group(1) != account_id:
+            yield f"role_arn: the role is in account {match.group(1)}, not in {account_id}"
+
+
+def accounts_listed_once(aws: Fields) -> Iterator[str]:
+    """Each account appears once in `aws.accounts` (an invalid id is not compared)."""
+    first_index: dict[str, int] = {}
+    for index, account in enumerate(aws.items("accounts")):
+        account_id = account.get("id")
+        if not isinstance(account_id, str):
+            continue
+        if account_id in first_index:
+            yield (
+                f"accounts[{index}].id: {quoted(account_id)} is already listed "
+                f"as accounts[{first_index[account_id]}]"
+            )
+        else:
+            first_index[account_id] = index
+
+
+def accounts_or_organization(aws: Fields) -> Iterator[str]:
+    """The accounts are listed, or discovered from the organization, not both."""
+    if aws.given("accounts") and aws.given("organization"):
+        yield "organization: give either aws.accounts or aws.organization"
+
+
+# --- across sections ----------------------------------------------------------------------
+
+
+def lease_covers_a_call(settings: Fields) -> Iterator[str]:
+    """The lease outlasts the longest backend call (rotator.deadlines)."""
+    lease_ttl = settings.section("state").get("lease_ttl")
+    call_timeout = settings.section("aws").get("call_timeout")
+    vault_timeout = settings.section("vault").get("timeout")
+    if (
+        isinstance(lease_ttl, timedelta)
+        and isinstance(call_timeout, timedelta)
+        and isinstance(vault_timeout, timedelta)
+    ):
+        problem = lease_problem(lease_ttl, call_timeout, vault_timeout)
+        if problem:
+            yield f"state.lease_ttl: {problem}"
+
+
+def path_template_tells_accounts_apart(settings: Fields) -> Iterator[str]:
+    """With several accounts, each user's secret path names the account."""
+    template = settings.section("vault").get("path_template")
+    # Invalid accounts count too: the operator listed them, and will fix them.
+    if not isinstance(template, str) or len(settings.section("aws").items("accounts")) < 2:
+        return
+    if "account_id" not in template_fields(template):
+        yield (
+            "vault.path_template: must contain {account_id} when several accounts are "
+            "listed, or users with the same name in two accounts would share one secret"
+        )
+
+
+# --- the loader's own rule ----------------------------------------------------------------
+
+_LOGIN_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "token": (("token", "a token (vault.auth.token or VAULT_TOKEN)"),),
+    "token_file": (("token_file", "token_file"),),
+    "approle": (("role_id", "role_id"), ("secret_id_file", "secret_id_file")),
+}
+
+
+def vault_login_problems(settings: Fields, *, need_vault: bool) -> list[str]:
+    """The Vault login method has what it needs (a value of the wrong type is there, and
+    reported as such).
+
+    Checked by the loader, not by the models: a token usually comes from the environment
+    of the command that uses Vault, so tests build settings without one, and a command
+    that never talks to Vault (plan, status) passes `need_vault=False` to need none.
+    """
+    auth = settings.section("vault").section("auth")
+    method = auth.get("method")
+    if not isinstance(method, str) or method not in _LOGIN_NEEDS:
+        return []
+    return [
+        f"vault.auth: method {quoted(method)} needs {what}"
+        for key, what in _LOGIN_NEEDS[method]
+        if not auth.given(key) and (key != "token" or need_vault)
+    ]
+
+
+# --- running them -------------------------------------------------------------------------
+
+
+def _rules_of(model: type[BaseModel]) -> tuple[Rule, ...]:
+    rules: tuple[Rule, ...] = getattr(model, "cross_checks", ())
+    return rules
+
+
+def model_problems(model: BaseModel) -> list[str]:
+    """The problems of a validated model's own rules (its sections checked theirs)."""
+    fields = ModelFields(model)
+    return [problem for rule in _rules_of(type(model)) for problem in rule(fields)]
+
+
+def raw_problems(model: type[BaseModel], raw: Mapping[str, Any], where: str = "") -> list[str]:
+    """The problems of every rule of `model` and of its sections, run on raw data.
+
+    A section's rules run before those of the section that holds it, so that within a
+    section the problems come out as the file reads: accounts item by item, then the
+    accounts as a list. `where` is the dotted path of `raw` in the file.
+    """
+    problems: list[str] = []
+    for name, field in model.model_fields.items():
+        section = inner_model(field.annotation)
+        if section is None:
+            continue
+        value = raw.get(name)
+        if is_model_list(field.annotation):
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    if isinstance(item, Mapping):
+                        problems += raw_problems(section, item, f"{_join(where, name)}[{index}]")
+        elif isinstance(value, Mapping):
+            problems += raw_problems(section, value, _join(where, name))
+    fields = RawFields(model, raw)
+    problems += [_join(where, p) for rule in _rules_of(model) for p in rule(fields)]
+    return problems
+
+
+def _join(where: str, path: str) -> str:
+    return f"{where}.{path}" if where else path
