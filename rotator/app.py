@@ -1,26 +1,25 @@
-"""Wiring and whole passes: builds the adapters from settings and runs the jobs the CLI
-and the daemon share (scan, open rotations, advance them)."""
+"""The service: whole passes on the adapters `rotator.wiring` builds. Runs the jobs the
+CLI and the daemon share: scan, contain leaked keys, open rotations, advance them, and
+handle leak events (from a file, an HTTP trigger or the SQS queue)."""
 
 from __future__ import annotations
 
 import contextlib
 import heapq
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from rotator import log
-from rotator.aws import AwsIam, AwsQueue, AwsTopic, assumed_session, organization_accounts
 from rotator.config import Settings
 from rotator.engine import Engine, Timing, new_rotation
 from rotator.errors import (
     BackendUnavailable,
     BadInput,
     NotFound,
-    PermissionDenied,
     RotationExists,
     RotatorError,
     Transient,
@@ -29,25 +28,16 @@ from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import LeakEventResult, Metrics
-from rotator.model import (
-    Decision,
-    ForcedRotation,
-    KeyStatus,
-    NewKey,
-    Rotation,
-    RotationReason,
-    StoredSecret,
-)
-from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
+from rotator.model import Decision, ForcedRotation, KeyStatus, Rotation, RotationReason
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules, exemption
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
-from rotator.ratelimit import TokenBucket
-from rotator.state import SqliteStateStore, lease_owner
-from rotator.vault import VaultStore, build_auth
+from rotator.wiring import Wiring
+
+if TYPE_CHECKING:
+    from rotator.aws import AwsIam
 
 _log = log.get_logger("rotator.app")
-T = TypeVar("T")
 
 
 @dataclass
@@ -90,69 +80,19 @@ class PassResult:
     vault_error: RotatorError | None = None
 
 
-def build_secrets(settings: Settings) -> VaultStore:
-    auth = settings.vault.auth
-    return VaultStore(
-        str(settings.vault.url),
-        settings.vault.mount,
-        settings.vault.path_template,
-        build_auth(
-            auth.method,
-            token=auth.token,
-            token_file=str(auth.token_file) if auth.token_file else None,
-            role_id=auth.role_id,
-            secret_id_file=str(auth.secret_id_file) if auth.secret_id_file else None,
-        ),
-        connections=settings.aws.concurrency,
-        timeout=settings.vault.timeout.total_seconds(),
-    )
-
-
-class CountedSecrets:
-    """A SecretStore that counts its failures in `rotator_vault_errors_total`."""
-
-    def __init__(self, inner: SecretStore, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    def _counted(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except RotatorError as exc:
-            self._metrics.vault_error(type(exc).__name__)
-            raise
-
-    def path_for(self, account_id: str, user_name: str) -> str:
-        return self._inner.path_for(account_id, user_name)
-
-    def read(self, path: str) -> StoredSecret | None:
-        return self._counted(lambda: self._inner.read(path))
-
-    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
-        return self._counted(lambda: self._inner.write(path, key, metadata, cas))
-
-    def current_version(self, path: str) -> int:
-        return self._counted(lambda: self._inner.current_version(path))
-
-    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
-        self._counted(lambda: self._inner.set_metadata(path, metadata))
-
-    def check(self) -> None:
-        self._counted(self._inner.check)
-
-    def close(self) -> None:
-        closer = getattr(self._inner, "close", None)
-        if callable(closer):
-            closer()
-
-
 class App:
-    """One configured rotator: adapters built lazily, once, from `settings`."""
+    """One configured rotator: the whole passes (scan, open, advance, contain, leak
+    events) on the adapters its `Wiring` builds.
+
+    `App(settings, clock=..., metrics=..., notifier=...)` builds the default wiring from
+    `settings`; `App(settings, wiring=...)` runs on the wiring given (which then holds the
+    clock, the metrics and the notifier). The app owns its wiring: `close` closes it."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        wiring: Wiring | None = None,
         clock: Clock | None = None,
         notifier: Notifier | None = None,
         fault: Callable[[str], None] | None = None,
@@ -161,201 +101,82 @@ class App:
         stopping: threading.Event | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
+        if wiring is None:
+            wiring = Wiring(settings, clock=clock, metrics=metrics, notifier=notifier)
+        elif wiring.settings is not settings or any(
+            given is not None for given in (clock, metrics, notifier)
+        ):
+            raise ValueError("App(wiring=...) takes settings, clock, metrics and notifier from it")
+        self._wiring = wiring
         self.settings = settings
         self._monotonic = monotonic
-        self._clock: Clock = clock or (lambda: datetime.now(UTC))
-        self._notifier = notifier
         self._fault = fault
-        self.metrics = metrics
         # Set on shutdown: no new step starts, and waits inside a step end early.
         self.stopping = stopping or threading.Event()
         self._sleep = sleep or self._interruptible_sleep
-        self._iams: dict[str, IamPort] = {}
-        self._iam_lock = threading.Lock()
-        # Adapters are built lazily, once, whichever thread asks first (RLock: building
-        # the engine builds the store and the notifier).
-        self._build_lock = threading.RLock()
-        self._buckets: dict[str, TokenBucket] = {}
-        self._accounts: list[str] | None = None
-        self._default: AwsIam | None = None
-        self._secrets: SecretStore | None = None
-        self._store: StateStore | None = None
         self._engine: Engine | None = None
-        self._dispatcher: Dispatcher | None = None
-        self._queue: AwsQueue | None = None
-        self.owner = lease_owner()
+        self._engine_lock = threading.Lock()
+        self.owner = wiring.lease_owner()
 
     def _interruptible_sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)
 
-    # --- adapters -------------------------------------------------------------------
+    # --- what the wiring built ------------------------------------------------------
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._wiring.metrics
 
     def now(self) -> datetime:
-        return self._clock()
+        return self._wiring.clock()
 
     def default_iam(self) -> AwsIam:
         """IAM for the credentials' own account."""
-        if self._default is None:
-            self._default = AwsIam(
-                region=self.settings.aws.region,
-                endpoint_url=self._endpoint(),
-                before_call=self._before_call,
-                connections=self.settings.aws.concurrency,
-                call_timeout=self.settings.aws.call_timeout.total_seconds(),
-            )
-        return self._default
-
-    def _before_call(self, operation: str, account_id: str | None = None) -> None:
-        if operation.startswith("iam:"):
-            with self._iam_lock:
-                bucket = self._buckets.get(account_id or "")
-                if bucket is None:
-                    bucket = TokenBucket(self.settings.aws.iam_calls_per_second)
-                    self._buckets[account_id or ""] = bucket
-            bucket.acquire()
-        if self.metrics is not None:
-            self.metrics.aws_call(operation)
+        return self._wiring.default_iam()
 
     def accounts(self) -> list[str]:
-        """The account ids this rotator looks after: `aws.accounts`, the organization's
-        active accounts (`aws.organization`), or the credentials' own account."""
-        if self._accounts is None:
-            aws = self.settings.aws
-            if aws.accounts:
-                self._accounts = [a.id for a in aws.accounts]
-            elif aws.organization is not None:
-                org = aws.organization
-                found = organization_accounts(region=aws.region, endpoint_url=self._endpoint())
-                self._accounts = [
-                    a
-                    for a in found
-                    if (not org.include or a in org.include) and a not in org.exclude
-                ]
-            else:
-                self._accounts = [self.default_iam().account_id()]
-        return self._accounts
-
-    def _role_for(self, account_id: str) -> tuple[str | None, str | None]:
-        aws = self.settings.aws
-        for account in aws.accounts or ():
-            if account.id == account_id:
-                return account.role_arn, account.external_id
-        if aws.organization is not None and account_id in self.accounts():
-            arn = f"arn:aws:iam::{account_id}:role/{aws.organization.role_name}"
-            return arn, aws.organization.external_id
-        if account_id in self.accounts():
-            return None, None
-        raise NotFound(f"account {account_id} is not configured")
+        """The account ids this rotator looks after (`Wiring.accounts`)."""
+        return self._wiring.accounts()
 
     def iam(self, account_id: str) -> IamPort:
-        """IAM for one configured account, reached through its role when it has one."""
-        with self._iam_lock:
-            found = self._iams.get(account_id)
-        if found is not None:
-            return found
-        role_arn, external_id = self._role_for(account_id)
-        if role_arn is None:
-            built = self.default_iam()
-            own = built.account_id()
-            if own != account_id:
-                raise PermissionDenied(
-                    "sts:AssumeRole",
-                    account_id,
-                    f"account {account_id} has no role_arn and is not the credentials' "
-                    f"own account ({own})",
-                )
-        else:
-            session = assumed_session(
-                role_arn,
-                region=self.settings.aws.region,
-                endpoint_url=self._endpoint(),
-                external_id=external_id,
-            )
-            built = AwsIam(
-                region=self.settings.aws.region,
-                endpoint_url=self._endpoint(),
-                session=session,
-                account_id=account_id,
-                before_call=lambda op: self._before_call(op, account_id),
-                connections=self.settings.aws.concurrency,
-                call_timeout=self.settings.aws.call_timeout.total_seconds(),
-            )
-        with self._iam_lock:
-            return self._iams.setdefault(account_id, built)
+        """IAM for one configured account; raises `NotFound` for any other."""
+        return self._wiring.iam(account_id)
 
     @property
     def secrets(self) -> SecretStore:
-        with self._build_lock:
-            if self._secrets is None:
-                built: SecretStore = build_secrets(self.settings)
-                if self.metrics is not None:
-                    built = CountedSecrets(built, self.metrics)
-                self._secrets = built
-            return self._secrets
+        return self._wiring.secrets
 
     @property
     def store(self) -> StateStore:
-        with self._build_lock:
-            if self._store is None:
-                self._store = SqliteStateStore(self.settings.state.path, clock=self._clock)
-            return self._store
+        return self._wiring.store
 
     @property
     def notifier(self) -> Notifier:
-        with self._build_lock:
-            return self._build_notifier()
-
-    def _build_notifier(self) -> Notifier:
-        if self._notifier is None:
-            senders: list[Callable[[Message], None]] = []
-            if self.settings.notify.webhook_url:
-                senders.append(WebhookSender(str(self.settings.notify.webhook_url)))
-            if self.settings.notify.sns_topic_arn:
-                topic = AwsTopic(
-                    self.settings.notify.sns_topic_arn,
-                    region=self.settings.aws.region,
-                    endpoint_url=self._endpoint(),
-                )
-                senders.append(TopicSender(topic.publish))
-            self._dispatcher = Dispatcher(senders)
-            self._notifier = self._dispatcher
-        return self._notifier
-
-    def _endpoint(self) -> str | None:
-        url = self.settings.aws.endpoint_url
-        return str(url) if url else None
+        return self._wiring.notifier
 
     @property
     def engine(self) -> Engine:
-        with self._build_lock:
-            return self._build_engine()
-
-    def _build_engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(
-                iam=self.iam,
-                secrets=self.secrets,
-                store=self.store,
-                timing=Timing.from_settings(self.settings),
-                owner=self.owner,
-                clock=self._clock,
-                notifier=self.notifier,
-                fault=self._fault,
-                sleep=self._sleep,
-                should_stop=self.stopping.is_set,
-                on_transition=self.metrics.observe_transition if self.metrics else None,
-                **({"monotonic": self._monotonic} if self._monotonic else {}),
-            )
-        return self._engine
+        with self._engine_lock:
+            if self._engine is None:
+                wiring = self._wiring
+                self._engine = Engine(
+                    iam=wiring.iam,
+                    secrets=wiring.secrets,
+                    store=wiring.store,
+                    timing=Timing.from_settings(self.settings),
+                    owner=self.owner,
+                    clock=wiring.clock,
+                    notifier=wiring.notifier,
+                    fault=self._fault,
+                    sleep=self._sleep,
+                    should_stop=self.stopping.is_set,
+                    on_transition=self.metrics.observe_transition if self.metrics else None,
+                    **({"monotonic": self._monotonic} if self._monotonic else {}),
+                )
+            return self._engine
 
     def close(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.close()
-        if self._store is not None:
-            self._store.close()
-        closer = getattr(self._secrets, "close", None)
-        if callable(closer):
-            closer()
+        self._wiring.close()
 
     # --- jobs -----------------------------------------------------------------------
 
@@ -759,18 +580,14 @@ class App:
         *,
         advance: Callable[[list[str]], None] | None = None,
     ) -> int:
-        """One long poll of `leaks.sqs_queue_url`. A message is deleted only after its
-        rotations are durably recorded; one that cannot be parsed is kept in the state
-        store and then deleted (never retried forever, never dropped silently); a
-        transient failure leaves it to come back after a pause. Returns messages handled."""
-        url = self.settings.leaks.sqs_queue_url
-        if url is None:
+        """One long poll of the leak queue (`leaks.sqs_queue_url`). A message is deleted
+        only after its rotations are durably recorded; one that cannot be parsed is kept
+        in the state store and then deleted (never retried forever, never dropped
+        silently); a transient failure leaves it to come back after a pause. Returns
+        messages handled."""
+        queue = self._wiring.queue
+        if queue is None:
             return 0
-        if self._queue is None:
-            self._queue = AwsQueue(
-                str(url), region=self.settings.aws.region, endpoint_url=self._endpoint()
-            )
-        queue = self._queue
         handled = 0
         opened: list[Rotation] = []
         for message in queue.receive(wait_seconds=wait_seconds):

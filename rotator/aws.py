@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -33,7 +32,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.model import AccessKey, IamUser, KeyStatus, NewKey
-from rotator.ports import KeyLastUsed
+from rotator.ports import KeyLastUsed, QueueMessage
 
 T = TypeVar("T")
 
@@ -388,16 +387,9 @@ def _user_from(account: str, item: dict[str, Any], policies: list[dict[str, Any]
     )
 
 
-@dataclass(frozen=True)
-class QueueMessage:
-    message_id: str
-    receipt: str = field(repr=False)
-    body: str = field(repr=False)
-    receive_count: int = 1
-
-
 class AwsQueue:
-    """The SQS queue that AWS Health events arrive on (EventBridge -> SQS)."""
+    """`rotator.ports.LeakQueue`: the SQS queue that AWS Health events arrive on
+    (EventBridge -> SQS)."""
 
     def __init__(
         self,

@@ -2,7 +2,8 @@
 talks to systemd and handles signals.
 
 The only module that imports APScheduler. Everything runs in this process, on one
-`App` built from the settings (rebuilt on SIGHUP):
+`App` and the `Wiring` of adapters it receives, built from the settings (rebuilt on
+SIGHUP):
 
   - `scan` on `schedule.scan` (cron or interval, with jitter) contains leaked keys,
     opens rotations and advances what is due; after it, memory the scan allocated is
@@ -60,6 +61,7 @@ from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
 from rotator.model import Decision, ForcedRotation, Rotation
 from rotator.report import rotation_json
 from rotator.systemd import Notifier as SystemdNotifier
+from rotator.wiring import Wiring
 
 _log = log.get_logger("rotator.daemon")
 
@@ -76,7 +78,8 @@ AppFactory = Callable[[Settings, Metrics, threading.Event], App]
 
 
 def build_app(settings: Settings, metrics: Metrics, stopping: threading.Event) -> App:
-    return App(settings, metrics=metrics, stopping=stopping)
+    """The service on adapters built from `settings`, each once, shared by every thread."""
+    return App(settings, wiring=Wiring(settings, metrics=metrics), stopping=stopping)
 
 
 def scan_trigger(schedule: Schedule) -> Any:

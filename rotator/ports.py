@@ -7,7 +7,7 @@ backend's: a backend type must not leak into the core.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -211,6 +211,30 @@ class StateStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueMessage:
+    message_id: str
+    receipt: str = field(repr=False)
+    body: str = field(repr=False)
+    receive_count: int = 1
+
+
+class LeakQueue(Protocol):
+    """Where AWS Health events arrive (EventBridge -> SQS), delivered at least once."""
+
+    def receive(self, *, max_messages: int = 10, wait_seconds: int = 20) -> list[QueueMessage]:
+        """One long poll: the messages that arrived, at most `max_messages`."""
+        ...
+
+    def delete(self, message: QueueMessage) -> None:
+        """The message is handled: it does not come back."""
+        ...
+
+    def postpone(self, message: QueueMessage, seconds: int) -> None:
+        """Hide the message for `seconds` (a transient failure: try again later)."""
+        ...
 
 
 class Notifier(Protocol):

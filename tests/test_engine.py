@@ -14,6 +14,7 @@ from rotator.machine import State
 from rotator.model import ForcedRotation, KeyStatus, NewKey
 from rotator.ports import IamPort
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
+from rotator.wiring import Wiring
 from tests.conftest import VaultTarget
 from tests.rig import FakeClock, make_app, settings_for, vault_secret
 
@@ -182,17 +183,12 @@ class SlowToAccept:
 
 
 def slow_app(settings: Settings, clock: FakeClock, refusals: int) -> tuple[App, SlowToAccept]:
-    wrapper: list[SlowToAccept] = []
-
-    class SlowApp(App):
-        def iam(self, account_id: str) -> IamPort:
-            if not wrapper:
-                wrapper.append(SlowToAccept(super().iam(account_id), refusals))
-            return wrapper[0]  # type: ignore[return-value]
-
-    app = SlowApp(settings, clock=clock, sleep=clock.sleep)
-    app.iam(ACCOUNT_ID)
-    return app, wrapper[0]
+    """An App whose IAM is the real one wrapped in `SlowToAccept`."""
+    aws = settings.aws
+    real = AwsIam(region=aws.region, endpoint_url=str(aws.endpoint_url))
+    slow = SlowToAccept(real, refusals)
+    wiring = Wiring(settings, clock=clock, iam=slow)
+    return App(settings, wiring=wiring, sleep=clock.sleep), slow
 
 
 def test_verify_waits_for_eventual_consistency_without_blocking(

@@ -28,7 +28,7 @@ import boto3
 import pytest
 from structlog.testing import capture_logs
 
-from rotator.app import App, build_secrets
+from rotator.app import App
 from rotator.aws import AwsIam
 from rotator.config import Settings, parse_settings
 from rotator.engine import SimulatedCrash
@@ -38,6 +38,7 @@ from rotator.model import ForcedRotation, KeyStatus, NewKey, Rotation
 from rotator.ports import IamPort, SecretStore
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
+from rotator.wiring import Wiring, build_secrets
 from tests.conftest import VaultTarget
 from tests.faultproxy import FaultProxy, vault_error, vault_path
 from tests.rig import FakeClock, config_data, run_pass, settings_for, vault_secret
@@ -91,31 +92,26 @@ SCENARIOS = {"normal": NORMAL_POINTS, "make_room": MAKE_ROOM_POINTS, "leaked": L
 _SESSION = boto3.session.Session()
 
 
-class QuickApp(App):
-    """The real App, except that the AWS clients of its own account come from the
-    module's shared session (and so skip the client-side IAM call-rate limit, which
-    `test_ratelimit` covers; these tests make a few dozen calls each)."""
-
-    @functools.cached_property
-    def _shared_iam(self) -> AwsIam:
-        aws = self.settings.aws
-        return AwsIam(
-            region=aws.region,
-            endpoint_url=str(aws.endpoint_url) if aws.endpoint_url else None,
-            session=_SESSION,
-        )
-
-    def default_iam(self) -> AwsIam:
-        return self._shared_iam
-
-
 def build(
     settings: Settings,
-    clock: FakeClock,
+    clock: FakeClock | None = None,
     fault: Callable[[str], None] | None = None,
-    cls: type[App] = QuickApp,
+    *,
+    iam: IamPort | None = None,
+    secrets: SecretStore | None = None,
 ) -> App:
-    return cls(settings, clock=clock, sleep=clock.sleep, fault=fault)
+    """The real App, except that the AWS clients of its own account come from the
+    module's shared session (and so skip the client-side IAM call-rate limit, which
+    `test_ratelimit` covers; these tests make a few dozen calls each), and that `iam`
+    and `secrets`, when given, replace the adapters the settings describe."""
+    aws = settings.aws
+    shared = AwsIam(
+        region=aws.region,
+        endpoint_url=str(aws.endpoint_url) if aws.endpoint_url else None,
+        session=_SESSION,
+    )
+    wiring = Wiring(settings, clock=clock, default_iam=shared, iam=iam, secrets=secrets)
+    return App(settings, wiring=wiring, sleep=clock.sleep if clock else None, fault=fault)
 
 
 def fresh_report(aws: LocalAws) -> None:
@@ -515,17 +511,8 @@ class RacedSecrets:
         return self._inner.write(path, key, metadata, cas)
 
 
-def raced_app(race: Callable[[str], None]) -> type[App]:
-    class RacedApp(QuickApp):
-        @functools.cached_property
-        def _raced(self) -> RacedSecrets:
-            return RacedSecrets(build_secrets(self.settings), race)
-
-        @property
-        def secrets(self) -> SecretStore:
-            return self._raced
-
-    return RacedApp
+def raced_secrets(settings: Settings, race: Callable[[str], None]) -> RacedSecrets:
+    return RacedSecrets(build_secrets(settings), race)
 
 
 def test_cas_conflict_rereads_and_writes_over_the_other_version(
@@ -546,7 +533,8 @@ def test_cas_conflict_rereads_and_writes_over_the_other_version(
 
     watch = Watch(aws, vault, original=frozenset({old.access_key_id}))
     with capture_logs() as logs:
-        app = build(settings_for(aws, vault, tmp_path), clock, fault=watch, cls=raced_app(race))
+        settings = settings_for(aws, vault, tmp_path)
+        app = build(settings, clock, fault=watch, secrets=raced_secrets(settings, race))
         watch.app = app
         run_pass(app)
     r = latest(settings_for(aws, vault, tmp_path))
@@ -577,7 +565,7 @@ def test_unreadable_secret_at_the_path_fails_without_leaving_the_new_key(
         vault.server.request("POST", f"/v1/{vault.mount}/data/{path}", body)
 
     settings = settings_for(aws, vault, tmp_path)
-    app = build(settings, clock, cls=raced_app(race))
+    app = build(settings, clock, secrets=raced_secrets(settings, race))
     run_pass(app)
     r = latest(settings)
     assert r.state is State.FAILED
@@ -701,18 +689,6 @@ class FlakyIam:
         return flaky
 
 
-def flaky_app(flaky: FlakyIam) -> type[App]:
-    """An App class whose IAM (for every account it knows) is `flaky`, shared by every
-    app of the test so that the count of failed calls carries over between passes."""
-
-    class FlakyApp(QuickApp):
-        def iam(self, account_id: str) -> IamPort:
-            super().iam(account_id)  # the account must still be one this app knows
-            return flaky  # type: ignore[return-value]
-
-    return FlakyApp
-
-
 def flaky_iam(aws: LocalAws, operation: str, times: int, *, lost_answer: bool) -> FlakyIam:
     inner = AwsIam(region="us-east-1", endpoint_url=aws.endpoint_url, session=_SESSION)
     return FlakyIam(inner, operation, times, lost_answer)
@@ -735,11 +711,12 @@ def test_throttling_waits_with_backoff_then_completes(
     clock = FakeClock()
     _, original = seed(aws, "normal", clock)
     settings = settings_for(aws, vault, tmp_path)
+    # One FlakyIam for every app of the test (the IAM of every account each app knows),
+    # so that the count of failed calls carries over between passes.
     flaky = flaky_iam(aws, operation, 2, lost_answer=False)
-    cls = flaky_app(flaky)
     delays = []
     for attempt in (1, 2):
-        run_pass(build(settings, clock, cls=cls))
+        run_pass(build(settings, clock, iam=flaky))
         r = latest(settings)
         assert r.state is state
         assert r.attempts == attempt
@@ -749,12 +726,12 @@ def test_throttling_waits_with_backoff_then_completes(
         delays.append(r.next_action_at - clock.now)
         # Not due yet: a pass changes nothing and does not call the throttled operation.
         calls = flaky.calls
-        run_pass(build(settings, clock, cls=cls))
+        run_pass(build(settings, clock, iam=flaky))
         assert latest(settings) == r
         assert flaky.calls == calls
         clock.now = r.next_action_at
     assert delays[1] > delays[0]  # the backoff grows
-    run_pass(build(settings, clock, cls=cls))
+    run_pass(build(settings, clock, iam=flaky))
     r = latest(settings)
     assert r.state is State.DONE, r.last_error
     assert r.attempts == 0
@@ -774,9 +751,9 @@ def test_create_access_key_answer_lost_leaves_no_orphan(
     clock = FakeClock()
     _, original = seed(aws, "normal", clock)
     settings = settings_for(aws, vault, tmp_path)
-    cls = flaky_app(flaky_iam(aws, "create_access_key", 1, lost_answer=True))
+    flaky = flaky_iam(aws, "create_access_key", 1, lost_answer=True)
     watch = Watch(aws, vault, original=original)
-    app = build(settings, clock, fault=watch, cls=cls)
+    app = build(settings, clock, fault=watch, iam=flaky)
     watch.app = app
     run_pass(app)
     r = latest(settings)
@@ -788,7 +765,7 @@ def test_create_access_key_answer_lost_leaves_no_orphan(
     assert orphan.startswith("AKIA")
     assert r.next_action_at is not None
     clock.now = r.next_action_at
-    app = build(settings, clock, fault=watch, cls=cls)
+    app = build(settings, clock, fault=watch, iam=flaky)
     watch.app = app
     run_pass(app)
     r = latest(settings)
@@ -841,7 +818,7 @@ def test_two_processes_advancing_the_same_rotations_create_one_key_each(
     config = tmp_path / "settings.json"
     config.write_text(json.dumps(data))
     settings = parse_settings(data, {})
-    app = QuickApp(settings)
+    app = build(settings)
     try:
         ids = [r.id for r in app.scan_and_open().opened]
     finally:
