@@ -32,6 +32,7 @@ from rotator.model import Decision, ForcedRotation, KeyStatus, Rotation, Rotatio
 from rotator.planner import Proposal, propose
 from rotator.policy import Rules, exemption
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
+from rotator.urgency import urgent
 from rotator.wiring import Wiring
 
 if TYPE_CHECKING:
@@ -412,7 +413,8 @@ class App:
         reason = request.reason
         account = request.account_id or self.accounts()[0]
         iam = self.iam(account)
-        keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
+        with urgent() if leaked else contextlib.nullcontext():
+            keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
         if not leaked and not request.force:
             # A typo like `rotate break-glass-admin` must not go straight through.
             exempt = exemption(iam.user_details(user_name), Rules.from_settings(self.settings))
@@ -465,7 +467,8 @@ class App:
         (deactivating is idempotent, and the rotator never turns a leaked key back on).
         False when the key no longer exists: nothing to contain."""
         try:
-            self.iam(account_id).set_key_status(user_name, key_id, KeyStatus.INACTIVE)
+            with urgent():  # ahead of every scan and replacement call queued for IAM
+                self.iam(account_id).set_key_status(user_name, key_id, KeyStatus.INACTIVE)
         except NotFound:
             _log.warning("leak.nothing_to_contain", user=user_name, key_id=key_id, reason=reason)
             return False
@@ -524,7 +527,8 @@ class App:
                 result.duplicates += 1
                 continue
             try:
-                owner = leaked.user_name or iam.key_last_used(key_id).user_name
+                with urgent():
+                    owner = leaked.user_name or iam.key_last_used(key_id).user_name
                 if not owner:
                     outcome = (
                         f"key {key_id}: belongs to no IAM user in {account}: nothing to contain"

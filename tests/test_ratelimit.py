@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from rotator.ratelimit import TokenBucket
+from rotator.urgency import urgent
 
 
 class Clock:
@@ -59,3 +60,15 @@ def test_rate_must_be_positive() -> None:
     """A rate of zero is refused at construction."""
     with pytest.raises(ValueError, match="rate"):
         TokenBucket(rate=0)
+
+
+def test_an_urgent_call_skips_the_queue_and_later_calls_pay_for_it() -> None:
+    """With the bucket empty, a containment call made inside `urgent()` goes at once,
+    and the next ordinary call waits for that token too: the average rate holds."""
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=1, clock=clock, sleep=clock.sleep)
+    assert bucket.acquire() == 0  # the burst
+    with urgent():
+        assert bucket.acquire() == 0  # on credit, no wait
+        assert bucket.acquire() == 0
+    assert bucket.acquire() == pytest.approx(0.3)  # its own token and the two borrowed
