@@ -273,13 +273,6 @@ class AwsIam:
             for item in page.get("UserDetailList", []):
                 yield _user_from(account, item, item.get("AttachedManagedPolicies", []))
 
-    def iter_users(self) -> Iterator[IamUser]:
-        account = self.account_id()
-        pages = self._iam.get_paginator("list_users").paginate(**_PAGE)
-        for page in self._pages("ListUsers", pages):
-            for item in page.get("Users", []):
-                yield _user_from(account, item, [])
-
     def user_details(self, user_name: str) -> IamUser:
         account = self.account_id()
         item = self._do("GetUser", lambda: self._iam.get_user(UserName=user_name), user_name)

@@ -79,9 +79,5 @@ class LeaseLost(StaleRotation):
     took it over): it must make no further side effect and no further write."""
 
 
-class LeaseHeld(RotatorError):
-    """Another live process is advancing this rotation right now."""
-
-
 class BadInput(RotatorError):
     """Input from a user or a script (an event, a request body, a time) is malformed."""

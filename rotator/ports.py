@@ -46,10 +46,6 @@ class IamPort(Protocol):
         Keys are not filled in."""
         ...
 
-    def iter_users(self) -> Iterator[IamUser]:
-        """Every user from `ListUsers`, without tags or policies (the fallback path)."""
-        ...
-
     def user_details(self, user_name: str) -> IamUser:
         """One user with tags and attached policies; raises `NotFound`."""
         ...

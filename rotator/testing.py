@@ -250,14 +250,14 @@ class FakeIam:
             NotFound(f"{action}: The Access Key with id {access_key_id} cannot be found")
         )
 
-    def _iam_user(self, user: _User, *, details: bool) -> IamUser:
+    def _iam_user(self, user: _User) -> IamUser:
         return IamUser(
             account_id=self._account_id,
             user_name=user.user_name,
             arn=user.arn,
             path=user.path,
-            tags=dict(user.tags) if details else {},
-            attached_policy_arns=frozenset(user.policies) if details else frozenset(),
+            tags=dict(user.tags),
+            attached_policy_arns=frozenset(user.policies),
         )
 
     # --- identity -----------------------------------------------------------------
@@ -298,14 +298,7 @@ class FakeIam:
     def iter_users_with_details(self) -> Iterator[IamUser]:
         self._call("iam:GetAccountAuthorizationDetails")
         with self._lock:
-            users = [self._iam_user(u, details=True) for _, u in sorted(self._users.items())]
-        yield from users
-
-    def iter_users(self) -> Iterator[IamUser]:
-        # ListUsers returns no tags (IAM's listing calls return a subset of attributes).
-        self._call("iam:ListUsers")
-        with self._lock:
-            users = [self._iam_user(u, details=False) for _, u in sorted(self._users.items())]
+            users = [self._iam_user(u) for _, u in sorted(self._users.items())]
         yield from users
 
     def user_details(self, user_name: str) -> IamUser:
@@ -315,7 +308,7 @@ class FakeIam:
         self._call("iam:ListUserTags")
         self._call("iam:ListAttachedUserPolicies")
         with self._lock:
-            return self._iam_user(self._user("iam:GetUser", user_name), details=True)
+            return self._iam_user(self._user("iam:GetUser", user_name))
 
     # --- credential report ----------------------------------------------------------
 

@@ -176,7 +176,6 @@ def test_iam_writes_are_limited_to_users_and_account_reads_are_the_only_star_res
         "iam:GetAccountAuthorizationDetails",
         "iam:GenerateCredentialReport",
         "iam:GetCredentialReport",
-        "iam:ListUsers",
     }
     for statement in _statements(IAM_DIR / "rotator-policy.json"):
         actions = set(_as_list(statement["Action"]))
