@@ -29,8 +29,7 @@ from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import LeakEventResult, Metrics
 from rotator.model import Decision, ForcedRotation, KeyStatus, Rotation, RotationReason
-from rotator.planner import Proposal, propose
-from rotator.policy import Rules, exemption
+from rotator.policy import Proposal, Rules, exemption, propose
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
 from rotator.urgency import urgent
 from rotator.wiring import Wiring

@@ -40,7 +40,7 @@ from rotator.outcome import (
     unresolved,
     waiting,
 )
-from rotator.report import iso, plan_document, plan_text, rotation_json, rotations_text
+from rotator.render import iso, plan_document, plan_text, rotation_json, rotations_text
 
 if TYPE_CHECKING:
     from rotator.app import App

@@ -59,8 +59,8 @@ from rotator.http import Server, read_token
 from rotator.memory import give_back
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
 from rotator.model import Decision, ForcedRotation, Rotation
-from rotator.report import rotation_json
-from rotator.systemd import Notifier as SystemdNotifier
+from rotator.render import rotation_json
+from rotator.systemd import SystemdNotify
 from rotator.wiring import Wiring
 
 _log = log.get_logger("rotator.daemon")
@@ -109,12 +109,12 @@ class Daemon:
         self,
         load: Callable[[], Settings],
         *,
-        systemd: SystemdNotifier | None = None,
+        systemd: SystemdNotify | None = None,
         app_factory: AppFactory = build_app,
     ) -> None:
         self._load = load
         self._app_factory = app_factory
-        self._systemd = systemd or SystemdNotifier()
+        self._systemd = systemd or SystemdNotify()
         self.metrics = Metrics()
         self._stopping = threading.Event()
         self._wake = threading.Event()

@@ -23,7 +23,7 @@ from rotator.app import App
 from rotator.config import Settings, parse_settings
 from rotator.machine import State
 from rotator.model import KeyStatus, Rotation
-from rotator.report import plan_text, rotations_text, table
+from rotator.render import plan_text, rotations_text, table
 from rotator.sandbox import ACCOUNT_ID, FAKE_AWS_ENV, QUARANTINE_V2, LocalAws, LocalVault, SeedKey
 
 D = timedelta(days=1)

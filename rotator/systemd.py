@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 
 
-class Notifier:
+class SystemdNotify:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET", "")

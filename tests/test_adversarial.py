@@ -17,7 +17,7 @@ from rotator.app import App
 from rotator.engine import SimulatedCrash
 from rotator.machine import State
 from rotator.model import KeyStatus, Rotation
-from rotator.planner import propose
+from rotator.policy import propose
 from rotator.sandbox import ACCOUNT_ID, LocalAws, SeedKey
 from rotator.state import SqliteStateStore
 from tests.conftest import VaultTarget
