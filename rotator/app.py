@@ -161,7 +161,7 @@ class App:
                 wiring = self._wiring
                 self._engine = Engine(
                     iam=wiring.iam,
-                    secrets=wiring.secrets,
+                    secrets=wiring.secrets_on_demand(),
                     store=wiring.store,
                     timing=Timing.from_settings(self.settings),
                     owner=self.owner,

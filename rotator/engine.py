@@ -550,6 +550,14 @@ class Engine:
     def _refused(self, r: Rotation, error: str) -> Rotation:
         if self._dangling(r):
             return self._retry_later(r, error)
+        if r.leaked:
+            # The leaked key is off and the user may have no other: failing would leave
+            # them without a key for good. Ask an operator and look again.
+            return self._block(
+                r,
+                f"{error}. The leaked key stays off; its replacement continues once this "
+                "is fixed (looked at again every few minutes, or at once by run --once)",
+            )
         return self._fail(r, error)
 
     def _not_found(self, r: Rotation, exc: NotFound) -> Rotation:
@@ -701,6 +709,10 @@ class Engine:
             self._path(r)
         except BadInput as exc:
             return self._block(r, str(exc))
+        if r.state is State.BLOCKED and r.leaked:
+            # A leak replacement blocked by a Vault that refused it stays BLOCKED, quietly,
+            # until Vault accepts the rotator again.
+            self._secrets.check()
         keys = self._keys(r)
         if (
             not r.leaked
@@ -717,6 +729,8 @@ class Engine:
                 "scan that proposed this rotation): nothing to rotate",
             )
         if len(keys) < 2:
+            if r.state is State.BLOCKED:
+                return self._move(r, State.MAKE_ROOM, "a slot is free now")
             return self._move(r, State.CREATE, f"{2 - len(keys)} free slot(s)")
         inactive = [k for k in keys if not k.active]
         # An inactive key is deleted to make room only when it is this rotation's own

@@ -266,6 +266,12 @@ class Wiring:
     def secrets(self) -> SecretStore:
         return self._secrets.get()
 
+    def secrets_on_demand(self) -> SecretStore:
+        """The secret store, built at its first use rather than now: a leaked key is
+        contained and its replacement recorded even when Vault cannot be configured
+        (no token yet); the replacement's first Vault step says what is missing."""
+        return _SecretsOnDemand(self)
+
     def _build_secrets(self) -> SecretStore:
         built = self._given_secrets if self._given_secrets is not None else self._vault.get()
         if self.metrics is not None:
@@ -324,3 +330,28 @@ class Wiring:
         vault = self._vault.built()
         if vault is not None:
             vault.close()
+
+
+class _SecretsOnDemand:
+    """A SecretStore that asks the Wiring for the real one at each call."""
+
+    def __init__(self, wiring: Wiring) -> None:
+        self._wiring = wiring
+
+    def path_for(self, account_id: str, user_name: str) -> str:
+        return self._wiring.secrets.path_for(account_id, user_name)
+
+    def read(self, path: str) -> StoredSecret | None:
+        return self._wiring.secrets.read(path)
+
+    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+        return self._wiring.secrets.write(path, key, metadata, cas)
+
+    def current_version(self, path: str) -> int:
+        return self._wiring.secrets.current_version(path)
+
+    def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
+        self._wiring.secrets.set_metadata(path, metadata)
+
+    def check(self) -> None:
+        self._wiring.secrets.check()

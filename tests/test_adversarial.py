@@ -503,3 +503,24 @@ def test_run_once_looks_at_a_blocked_rotation_before_its_recheck(
     clock.advance(timedelta(minutes=1))
     run_pass(make_app(settings, clock))
     assert latest(settings).state is not State.BLOCKED, latest(settings).last_error
+
+
+def test_a_blocked_rotation_resumes_when_an_operator_deletes_a_key_instead(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """An operator frees the slot by deleting the other key (not deactivating it): the
+    BLOCKED rotation goes back through MAKE_ROOM and ends DONE (it once stayed BLOCKED
+    on an illegal BLOCKED -> CREATE transition)."""
+    clock = FakeClock()
+    _, k2 = aws.add_user(USER, keys=[SeedKey(120 * D), SeedKey(100 * D)], now=clock.now)
+    settings = settings_for(aws, vault, tmp_path)
+    run_pass(make_app(settings, clock))
+    assert latest(settings).state is State.BLOCKED
+    aws.backend.delete_access_key(k2.access_key_id, USER)
+    clock.advance(timedelta(minutes=1))
+    run_pass(make_app(settings, clock))
+    done = latest(settings)
+    assert done.state is State.DONE, done.last_error
+    held = vault_secret(vault, PATH)
+    assert held is not None
+    assert aws.keys(USER) == {held["data"]["aws_access_key_id"]: KeyStatus.ACTIVE}

@@ -453,3 +453,32 @@ def test_keys_created_after_the_quarantine_was_first_seen_are_not_judged_leaked(
         assert "created after the quarantine policy was first seen" in item["reason"], item
     assert all(i["status"] == "Inactive" for i in mine if i["suspect"]), mine
     assert any("oz is still quarantined" in n for n in doc["notes"]), doc.get("notes")
+
+
+# --- a leak reported where no Vault token is configured yet ---------------------------------
+
+
+def test_a_leak_is_contained_and_its_replacement_waits_blocked_without_a_vault_token(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An incident responder on a machine with no Vault token: `rotate --leaked` sets the
+    key Inactive, records the replacement and stops BLOCKED saying the token is missing
+    (exit 1, not an "invalid configuration" that hides the containment); once a token
+    is there, `run --once` finishes the replacement."""
+    [leaked] = aws.add_user("nadia", keys=[SeedKey(20 * D)])
+    monkeypatch.delenv("VAULT_TOKEN", raising=False)
+    config = write_config(aws, vault, tmp_path, vault={"auth": {"method": "token"}})
+    done = cli(config, "rotate", "nadia", "--key", leaked.access_key_id, "--leaked")
+    assert done.returncode == 1, done.stderr
+    assert aws.keys("nadia") == {leaked.access_key_id: KeyStatus.INACTIVE}
+    blocked = status_of(config, "nadia")
+    assert (blocked["state"], blocked["leaked"]) == ("BLOCKED", True), blocked
+    assert "VAULT_TOKEN" in blocked["last_error"], blocked
+    assert "replacement continues once this is fixed" in blocked["last_error"]
+
+    monkeypatch.setenv("VAULT_TOKEN", vault.token)
+    later = cli(config, "run", "--once")
+    assert later.returncode == 0, trail_text(status_of(config, "nadia"))
+    new_id = served_key(aws, vault, "nadia")
+    assert aws.keys("nadia") == {new_id: KeyStatus.ACTIVE}
+    assert status_of(config, "nadia")["state"] == "DONE"
