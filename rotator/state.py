@@ -281,11 +281,13 @@ class SqliteStateStore:
         self._busy_timeout = busy_timeout
         # One connection per thread: SQLite itself serialises writers (BEGIN IMMEDIATE
         # with a busy timeout) and lets readers run beside them in WAL mode, so threads
-        # never queue behind each other's fsync on a Python lock.
+        # never queue behind each other's fsync on a Python lock. A thread that ended
+        # never uses its connection again: it is closed when the next one opens (a
+        # daemon serves each HTTP request on a thread of its own).
         self._local = threading.local()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._closed = False
         self._host = socket.gethostname()
         self._pid_ns = _pid_namespace()
@@ -586,7 +588,7 @@ class SqliteStateStore:
         """Close every connection; later calls raise `BackendUnavailable`. Idempotent."""
         with self._lock:
             self._closed = True
-            connections, self._connections = self._connections, []
+            connections, self._connections = list(self._connections.values()), {}
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -674,7 +676,12 @@ class SqliteStateStore:
             if self._closed:
                 conn.close()
                 raise BackendUnavailable(f"state store {self._path} is closed")
-            self._connections.append(conn)
+            ended = [t for t in self._connections if not t.is_alive()]
+            orphans = [self._connections.pop(t) for t in ended]
+            self._connections[threading.current_thread()] = conn
+        for orphan in orphans:
+            with contextlib.suppress(sqlite3.Error):
+                orphan.close()
         self._local.conn = conn
         return conn
 

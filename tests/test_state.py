@@ -3,6 +3,7 @@ leases between processes, migrations and file hygiene."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -718,6 +719,38 @@ def test_one_store_is_safe_to_share_between_threads(store: SqliteStateStore) -> 
         t.join()
     assert errors == []
     assert len(store.events("r1")) == 1 + 8 * 25
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_threads_that_come_and_go_leave_no_connection_behind(
+    store: SqliteStateStore, db_path: Path
+) -> None:
+    """A thread that ended never uses its connection again: the next connection opened
+    closes it. A daemon serving each HTTP request (a readiness probe every few seconds)
+    on a thread of its own keeps a bounded number of files open, not one more per
+    request."""
+
+    def open_files() -> int:
+        fds = Path("/proc/self/fd")
+        names = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(fd))
+        return sum(1 for name in names if name.startswith(str(db_path)))
+
+    def read() -> None:
+        store.list_open()
+
+    store.list_open()
+    before = open_files()
+    for _ in range(50):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    # This thread's connection, and at most the last ended thread's (closed by the next).
+    assert open_files() <= 2 * before
+    store.close()
+    assert open_files() == 0
 
 
 def test_locked_database_raises_transient(db_path: Path) -> None:
