@@ -1,16 +1,18 @@
-"""Where the daemon's and a worker's resident memory goes: RSS after each step.
+"""Where the daemon's resident memory goes: RSS after each step.
 
 Run by `benchmarks/run.py` as a child process (one fresh interpreter per mode):
 
     python benchmarks/memprobe.py steps        # cumulative VmRSS after each step
     python benchmarks/memprobe.py only MODULE  # VmRSS after importing MODULE alone
-    python benchmarks/memprobe.py tracemalloc  # Python heap of a worker's imports and
+    python benchmarks/memprobe.py tracemalloc  # Python heap of the daemon's imports and
                                                # clients, grouped by top-level package
 
-Prints one JSON document. The steps first follow what the daemon loads (its imports:
-no AWS SDK, no Vault client), then what a worker adds on top: boto3, hvac, the rest of
-rotator, the boto3 clients an `AwsIam` builds (iam, iam without retries, sts; each
-client loads and parses its service model), then the Vault client.
+Prints one JSON document. The steps follow what `rotator daemon` loads, one process
+doing every job: the command line and configuration, the scheduler and metrics, the AWS
+SDK, the Vault client, the rest of rotator (app, engine, state store, HTTP server, the
+daemon), then the boto3 clients an `AwsIam` builds (iam, iam without retries, sts; each
+client loads and parses its service model) and the Vault client. What a scan allocates
+on top is measured by `benchmarks/memory.py`.
 """
 
 from __future__ import annotations
@@ -50,31 +52,28 @@ def steps() -> list[dict[str, Any]]:
     import prometheus_client  # noqa: F401
 
     mark("daemon: apscheduler + prometheus_client")
-    import sqlite3  # noqa: F401
-
-    import rotator.cli
-    import rotator.daemon
-
-    mark("daemon: the rest (cli, daemon, http, state) = the daemon's imports")
     import boto3  # noqa: F401
     import botocore.session  # noqa: F401
 
-    mark("worker: + boto3/botocore")
+    mark("daemon: + boto3/botocore")
     import hvac  # noqa: F401
 
-    mark("worker: + hvac (requests)")
-    import rotator.worker  # noqa: F401
+    mark("daemon: + hvac (requests)")
+    import sqlite3  # noqa: F401
 
-    mark("worker: + rotator.worker, app, engine, adapters")
+    import rotator.cli
+    import rotator.daemon  # noqa: F401
+
+    mark("daemon: + the rest (app, engine, state, http, daemon) = all its imports")
     from rotator.aws import AwsIam
 
     AwsIam(region="us-east-1", endpoint_url="http://127.0.0.1:9", account_id="123456789012")
-    mark("worker: + AwsIam: 3 boto3 clients (iam, iam-once, sts)")
+    mark("daemon: + AwsIam: 3 boto3 clients (iam, iam-once, sts)")
     from rotator.vault import VaultStore, build_auth
 
     auth = build_auth("token", token="x", token_file=None, role_id=None, secret_id_file=None)
     VaultStore("http://127.0.0.1:9", "secret", "aws/{account_id}/{user_name}", auth)
-    mark("worker: + VaultStore (hvac client)")
+    mark("daemon: + VaultStore (hvac client)")
     return out
 
 

@@ -639,8 +639,7 @@ def _check_pod(pod: dict[str, Any], memory_floor_mib: int) -> dict[str, Any]:
     assert csc["readOnlyRootFilesystem"] is True
     assert csc["allowPrivilegeEscalation"] is False
     assert csc["capabilities"]["drop"] == ["ALL"]
-    # The limit leaves room for what may run at once (a busy process: 130 MiB, as in a
-    # 10,000-user scan).
+    # The limit leaves room for the busiest moment measured (`memory_floor_mib`).
     requested = _mebibytes(container["resources"]["requests"]["memory"])
     limit = _mebibytes(container["resources"]["limits"]["memory"])
     assert 50 < requested <= limit
@@ -673,7 +672,9 @@ def test_deployment_runs_one_non_root_daemon_with_health_probes() -> None:
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
-    container = _check_pod(pod, memory_floor_mib=50 + 3 * 130)  # daemon + three workers
+    # One process: benchmarks/memory.py measured a 20,000-user scan peaking near 210 MiB;
+    # the limit must hold that and a fifth more.
+    container = _check_pod(pod, memory_floor_mib=256)
     assert container["args"][-1] == "daemon"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     settings = parse_settings(_embedded_config(), {})
