@@ -191,6 +191,25 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class ScanLease:
+    """The right to scan one account: across every daemon sharing a state store, only
+    its holder scans that account, so N daemons make one scan per account per period.
+    The holder renews it on every tick; when it stops doing so (a daemon died) another
+    takes it over once it expires, with a greater `token` (the fencing token).
+
+    `last_scan_at`: when the account's last scan finished, by whichever daemon (None
+    before the first). `taken_over`: this acquisition took the lease from another
+    owner whose lease had expired (a renewal, or a first holder, is not a takeover)."""
+
+    account_id: str
+    owner: str
+    token: int
+    expires_at: datetime
+    last_scan_at: datetime | None = None
+    taken_over: bool = False
+
+
+@dataclass(frozen=True)
 class Event:
     """One recorded transition (or a note on a rotation that stayed in its state)."""
 

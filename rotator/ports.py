@@ -20,6 +20,7 @@ from rotator.model import (
     Lease,
     NewKey,
     Rotation,
+    ScanLease,
     StoredSecret,
 )
 
@@ -201,6 +202,30 @@ class StateStore(Protocol):
         ...
 
     def release_lease(self, rotation_id: str, owner: str) -> None: ...
+
+    def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
+        """Take or renew the scan lease of `account_id` for `ttl` from now by the store's
+        clock; None when another owner holds an unexpired one. A renewal by the holder
+        of an unexpired lease keeps its token; any other acquisition gets a greater token
+        than every earlier one of that account, and `taken_over` says whether it took
+        the lease from a different owner."""
+        ...
+
+    def scan_finished(self, lease: ScanLease) -> ScanLease:
+        """Record that a scan of the lease's account finished now (store clock) and
+        return the lease with that `last_scan_at`. Fenced: raises `LeaseLost`, writing
+        nothing, unless `lease` is still the account's current, unexpired scan lease."""
+        ...
+
+    def release_scan_lease(self, account_id: str, owner: str) -> None:
+        """End the scan lease now if `owner` holds it (a daemon stopping); a no-op
+        otherwise. The lease is left with no owner (""), so the next holder's taking it
+        is no takeover; the token and `last_scan_at` stay."""
+        ...
+
+    def scan_leases(self) -> list[ScanLease]:
+        """Every account's scan lease as stored (expired ones too), by account id."""
+        ...
 
     def check(self) -> None:
         """Raise unless the store is writable."""

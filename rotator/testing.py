@@ -52,6 +52,7 @@ from rotator.model import (
     Lease,
     NewKey,
     Rotation,
+    ScanLease,
     StoredSecret,
 )
 from rotator.paths import ACCESS_KEY_FIELD, SECRET_KEY_FIELD, secret_path
@@ -647,6 +648,7 @@ class FakeStateStore:
         self._dead: dict[tuple[str, str], _DeadLetter] = {}
         self._leaks: dict[tuple[str, str], tuple[str, str | None, datetime, str]] = {}
         self._quarantines: dict[str, dict[str, tuple[str, datetime]]] = {}
+        self._scans: dict[str, ScanLease] = {}
         self._closed = False
         self._lock = threading.RLock()
 
@@ -858,6 +860,51 @@ class FakeStateStore:
             row = self._leases.get(rotation_id)
             if row is not None and row.owner == owner:
                 row.expires_at = self._now()
+
+    # --- scan leases -----------------------------------------------------------------
+
+    def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        with self._lock:
+            self._open()
+            now = self._now()
+            held = self._scans.get(account_id)
+            token, last, taken_over = 1, None, False
+            if held is not None:
+                live = held.expires_at > now
+                if live and held.owner != owner:
+                    return None
+                token = held.token if live and held.owner == owner else held.token + 1
+                # A released lease has no owner: taking it is no takeover.
+                last, taken_over = held.last_scan_at, held.owner not in (owner, "")
+            lease = ScanLease(account_id, owner, token, now + ttl, last, taken_over)
+            self._scans[account_id] = replace(lease, taken_over=False)
+            return lease
+
+    def scan_finished(self, lease: ScanLease) -> ScanLease:
+        with self._lock:
+            self._open()
+            now = self._now()
+            held = self._scans.get(lease.account_id)
+            if held is None or held.owner != lease.owner or held.token != lease.token:
+                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} was taken over")
+            if held.expires_at <= now:
+                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} has expired")
+            self._scans[lease.account_id] = replace(held, last_scan_at=now)
+            return replace(lease, last_scan_at=now)
+
+    def release_scan_lease(self, account_id: str, owner: str) -> None:
+        with self._lock:
+            self._open()
+            held = self._scans.get(account_id)
+            if held is not None and held.owner == owner:
+                self._scans[account_id] = replace(held, owner="", expires_at=self._now())
+
+    def scan_leases(self) -> list[ScanLease]:
+        with self._lock:
+            self._open()
+            return [self._scans[a] for a in sorted(self._scans)]
 
     # --- leak bookkeeping -------------------------------------------------------------
 

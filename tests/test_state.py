@@ -928,7 +928,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
 ) -> None:
     """A store written by the first schema gains the dead-letter table on open, keeps its
     rotations and events, and records the new schema version."""
-    from rotator import state as state_module
+    from rotator.state import sqlite as state_module
 
     old = rotation()
     conn = sqlite3.connect(db_path)
@@ -950,7 +950,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     store = SqliteStateStore(db_path, clock=clock)
     try:
         with raw(db_path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert store.get(old.id) == old
         assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
         store.add_dead_letter("sqs", "m-1", "not JSON", "{")

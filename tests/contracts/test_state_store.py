@@ -486,6 +486,128 @@ def test_a_lease_needs_an_existing_rotation_and_a_positive_ttl(store: StateStore
         store.acquire_lease("r1", "A", timedelta(0))
 
 
+# --- scan leases -------------------------------------------------------------------------
+
+OTHER_ACCOUNT = "444455556666"
+
+
+def test_a_first_scan_lease_is_no_takeover_and_keeps_every_other_daemon_out(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """The first holder of an account's scan lease gets token 1, no takeover and no last
+    scan, expiring ttl from now; while it lives another owner gets None, and the lease
+    of another account is independent."""
+    first = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert first is not None
+    assert (first.owner, first.token, first.last_scan_at, first.taken_over) == ("A", 1, None, False)
+    assert first.expires_at == T0 + TTL
+    assert store.hold_scan_lease(ACCOUNT, "B", TTL) is None
+    other = store.hold_scan_lease(OTHER_ACCOUNT, "B", TTL)
+    assert other is not None
+    assert other.owner == "B"
+
+
+def test_the_holder_renews_its_scan_lease_keeping_the_token(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A holder that renews before expiry keeps its token (no takeover), and the lease
+    then runs ttl from the renewal: another owner is still kept out after the first ttl."""
+    first = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert first is not None
+    clock.advance(timedelta(seconds=20))
+    again = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert again is not None
+    assert (again.token, again.taken_over) == (first.token, False)
+    assert again.expires_at == T0 + timedelta(seconds=20) + TTL
+    clock.advance(timedelta(seconds=20))
+    assert store.hold_scan_lease(ACCOUNT, "B", TTL) is None
+
+
+def test_an_expired_scan_lease_is_taken_over_with_a_greater_token_and_its_last_scan(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A daemon that stops renewing loses the account: once the ttl has passed another
+    owner takes the lease with a greater token, `taken_over`, and the last scan time;
+    the old holder is then kept out and its fenced `scan_finished` raises LeaseLost."""
+    first = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert first is not None
+    scanned = store.scan_finished(first)
+    clock.advance(TTL)
+    taken = store.hold_scan_lease(ACCOUNT, "B", TTL)
+    assert taken is not None
+    assert taken.token > first.token
+    assert taken.taken_over is True
+    assert taken.last_scan_at == scanned.last_scan_at == T0
+    assert store.hold_scan_lease(ACCOUNT, "A", TTL) is None
+    with pytest.raises(LeaseLost):
+        store.scan_finished(first)
+    assert store.scan_leases()[0].last_scan_at == T0
+
+
+def test_scan_finished_records_the_store_time_only_under_a_live_lease(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """`scan_finished` under the live lease records now (the store's clock) for every
+    daemon to read; under an expired lease, even with nobody else holding it, it raises
+    LeaseLost and the last scan time stays."""
+    lease = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert lease is not None
+    clock.advance(timedelta(seconds=5))
+    done = store.scan_finished(lease)
+    assert done.last_scan_at == T0 + timedelta(seconds=5)
+    assert done.last_scan_at.utcoffset() == timedelta(0)
+    clock.advance(TTL)
+    with pytest.raises(LeaseLost):
+        store.scan_finished(lease)
+    [row] = store.scan_leases()
+    assert row.last_scan_at == T0 + timedelta(seconds=5)
+
+
+def test_a_released_scan_lease_is_free_at_once_and_taking_it_is_no_takeover(
+    store: StateStore,
+) -> None:
+    """Releasing (a daemon stopping) frees the account at once: the next owner gets a
+    greater token and no takeover. Only the holder's release counts."""
+    first = store.hold_scan_lease(ACCOUNT, "A", TTL)
+    assert first is not None
+    store.release_scan_lease(ACCOUNT, "B")
+    assert store.hold_scan_lease(ACCOUNT, "B", TTL) is None
+    store.release_scan_lease(ACCOUNT, "A")
+    second = store.hold_scan_lease(ACCOUNT, "B", TTL)
+    assert second is not None
+    assert second.token > first.token
+    assert second.taken_over is False
+
+
+def test_scan_leases_lists_every_account_with_holder_expiry_and_last_scan(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """`scan_leases` shows each account's row ordered by account, expired ones too, with
+    the holder, the expiry and the last scan; a released row has no owner."""
+    assert store.scan_leases() == []
+    a = store.hold_scan_lease(OTHER_ACCOUNT, "A", TTL)
+    b = store.hold_scan_lease(ACCOUNT, "B", TTL)
+    assert a is not None
+    assert b is not None
+    store.scan_finished(b)
+    store.release_scan_lease(OTHER_ACCOUNT, "A")
+    clock.advance(TTL * 2)
+    rows = store.scan_leases()
+    assert [(r.account_id, r.owner, r.last_scan_at) for r in rows] == [
+        (ACCOUNT, "B", T0),
+        (OTHER_ACCOUNT, "", None),
+    ]
+    assert rows[0].expires_at == T0 + TTL
+    assert all(not r.taken_over for r in rows)
+
+
+def test_a_scan_lease_needs_a_positive_ttl(store: StateStore) -> None:
+    """A ttl of zero is refused and nothing is held."""
+    with pytest.raises(ValueError, match="ttl"):
+        store.hold_scan_lease(ACCOUNT, "A", timedelta(0))
+    assert store.scan_leases() == []
+
+
 # --- leak bookkeeping --------------------------------------------------------------------
 
 

@@ -21,9 +21,10 @@ sqlite3. What it guarantees, and how:
 - Files are private: missing parent directories are created 0700, the database and its
   `-wal`/`-shm` companions are 0600 whatever the umask.
 
-One connection per store, guarded by a lock, so one store may be shared by threads;
-separate stores (or processes) on the same file coordinate through SQLite's locks, and
-every write starts with `BEGIN IMMEDIATE` so it takes the write lock before reading.
+One connection per thread (a daemon's pool threads share one store; a connection whose
+thread ended is closed); connections, stores and processes on the same file coordinate
+through SQLite's locks, and every write starts with `BEGIN IMMEDIATE` so it takes the
+write lock before reading.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -52,7 +54,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.machine import TERMINAL, State
-from rotator.model import Event, Lease, Rotation, RotationReason
+from rotator.model import Event, Lease, Rotation, RotationReason, ScanLease
 from rotator.ports import Clock
 
 # The state values below are our own enum's values (no user input), so building SQL
@@ -178,6 +180,22 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             policy     TEXT NOT NULL,
             first_seen TEXT NOT NULL,
             PRIMARY KEY (account_id, user_name)
+        )
+        """,
+    ),
+    (
+        # Who scans each account: daemons sharing a store make one scan per account per
+        # period. Released leases keep their row (owner ''), token and last scan.
+        """
+        CREATE TABLE scan_leases (
+            account_id   TEXT PRIMARY KEY,
+            owner        TEXT NOT NULL,
+            host         TEXT NOT NULL,
+            pid_ns       TEXT NOT NULL,
+            pid          INTEGER NOT NULL,
+            token        INTEGER NOT NULL,
+            expires_at   TEXT NOT NULL,
+            last_scan_at TEXT
         )
         """,
     ),
@@ -567,6 +585,82 @@ class SqliteStateStore:
                 "UPDATE leases SET expires_at = ? WHERE rotation_id = ? AND owner = ?",
                 (_encode_ts(self._clock()), rotation_id, owner),
             )
+
+    def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
+        """Take or renew an account's scan lease, on the rules of `acquire_lease`."""
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        now = self._clock()
+        with self._write("hold_scan_lease") as conn:
+            held = conn.execute(
+                "SELECT owner, host, pid_ns, pid, expires_at, token, last_scan_at "
+                "FROM scan_leases WHERE account_id = ?",
+                (account_id,),
+            ).fetchone()
+            token, last, taken_over = 1, None, False
+            if held is not None:
+                if not self._may_take(held[:5], owner, now):
+                    return None
+                renewal = held[0] == owner and _parse_ts(held[4]) > now
+                token = _int(held[5]) if renewal else _int(held[5]) + 1
+                # A released lease has no owner: taking it is no takeover.
+                last, taken_over = _parse_opt_ts(held[6]), held[0] not in (owner, "")
+            conn.execute(
+                "INSERT INTO scan_leases "
+                "(account_id, owner, host, pid_ns, pid, token, expires_at, last_scan_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (account_id) DO UPDATE SET owner = excluded.owner, "
+                "host = excluded.host, pid_ns = excluded.pid_ns, pid = excluded.pid, "
+                "token = excluded.token, expires_at = excluded.expires_at",
+                (
+                    account_id,
+                    owner,
+                    self._host,
+                    self._pid_ns,
+                    os.getpid(),
+                    token,
+                    _encode_ts(now + ttl),
+                    _encode_opt_ts(last),
+                ),
+            )
+        return ScanLease(account_id, owner, token, now + ttl, last, taken_over)
+
+    def scan_finished(self, lease: ScanLease) -> ScanLease:
+        """Record the end of a scan, fenced by `lease` (raises `LeaseLost` otherwise)."""
+        now = self._clock()
+        with self._write("scan_finished") as conn:
+            row = conn.execute(
+                "SELECT owner, token, expires_at FROM scan_leases WHERE account_id = ?",
+                (lease.account_id,),
+            ).fetchone()
+            if row is None or row[0] != lease.owner or _int(row[1]) != lease.token:
+                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} was taken over")
+            if _parse_ts(row[2]) <= now:
+                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} has expired")
+            conn.execute(
+                "UPDATE scan_leases SET last_scan_at = ? WHERE account_id = ?",
+                (_encode_ts(now), lease.account_id),
+            )
+        return replace(lease, last_scan_at=now)
+
+    def release_scan_lease(self, account_id: str, owner: str) -> None:
+        with self._write("release_scan_lease") as conn:
+            conn.execute(
+                "UPDATE scan_leases SET owner = '', expires_at = ? "
+                "WHERE account_id = ? AND owner = ?",
+                (_encode_ts(self._clock()), account_id, owner),
+            )
+
+    def scan_leases(self) -> list[ScanLease]:
+        with self._read("scan_leases") as conn:
+            rows = conn.execute(
+                "SELECT account_id, owner, token, expires_at, last_scan_at "
+                "FROM scan_leases ORDER BY account_id"
+            ).fetchall()
+        return [
+            ScanLease(str(r[0]), str(r[1]), _int(r[2]), _parse_ts(r[3]), _parse_opt_ts(r[4]))
+            for r in rows
+        ]
 
     def check(self) -> None:
         """Commit a small write; raise `BackendUnavailable` naming the file if it fails.

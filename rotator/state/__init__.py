@@ -1,0 +1,13 @@
+"""State stores behind `rotator.ports.StateStore`: SQLite (`rotator.state.sqlite`, the
+embedded default) and PostgreSQL (`rotator.state.postgres`, for several daemons sharing
+the work). This package re-exports the SQLite store only: importing it never loads a
+PostgreSQL driver."""
+
+from rotator.state.sqlite import (
+    MAX_DEAD_LETTERS,
+    SCHEMA_VERSION,
+    SqliteStateStore,
+    lease_owner,
+)
+
+__all__ = ["MAX_DEAD_LETTERS", "SCHEMA_VERSION", "SqliteStateStore", "lease_owner"]
