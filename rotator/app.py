@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 import heapq
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from rotator import log
@@ -28,7 +28,14 @@ from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import State
 from rotator.metrics import LeakEventResult, Metrics
-from rotator.model import Decision, ForcedRotation, KeyStatus, Rotation, RotationReason
+from rotator.model import (
+    Decision,
+    ForcedRotation,
+    KeyStatus,
+    Rotation,
+    RotationReason,
+    ScanLease,
+)
 from rotator.policy import Proposal, Rules, exemption, propose
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
 from rotator.urgency import urgent
@@ -181,16 +188,22 @@ class App:
     # --- jobs -----------------------------------------------------------------------
 
     def scan(
-        self, *, as_of: datetime | None = None, with_state: bool = True, record: bool = True
+        self,
+        *,
+        as_of: datetime | None = None,
+        with_state: bool = True,
+        record: bool = True,
+        accounts: Iterable[str] | None = None,
     ) -> ScanResult:
-        """Scan every account; one failing account never stops the others.
+        """Scan every account (or only `accounts`); one failing account never stops the
+        others.
 
         `with_state` reads which keys replaced contained leaks and when each quarantine
         policy was first seen (plan may run without a state store), and records the
         quarantines this scan saw (`plan` passes `record=False`: it changes nothing)."""
         rules = Rules.from_settings(self.settings)
         result = ScanResult()
-        for account in self.accounts():
+        for account in self.accounts() if accounts is None else accounts:
             try:
                 replacements: set[str] = set()
                 since: dict[str, datetime] = {}
@@ -317,13 +330,49 @@ class App:
                     running[pool.submit(one, rid)] = rid
         return [results[r] for r in ids if r in results]
 
-    def scan_and_open(self, *, dry_run: bool = False) -> PassResult:
-        """Scan every account and open a rotation for each due, leaked or blocked user."""
+    def hold_scan_leases(self, ttl: timedelta) -> dict[str, ScanLease]:
+        """Take or renew the scan lease of every configured account; return those this
+        process holds, by account. Daemons sharing the state store scan only the
+        accounts whose lease they hold, so N daemons make one scan per account."""
+        held: dict[str, ScanLease] = {}
+        for account in self.accounts():
+            lease = self.store.hold_scan_lease(account, self.owner, ttl)
+            if lease is None:
+                continue
+            if lease.taken_over:
+                _log.warning("scan.lease_taken_over", account=account, token=lease.token)
+                if self.metrics is not None:
+                    self.metrics.lease_taken_over("scan")
+            held[account] = lease
+        if self.metrics is not None:
+            self.metrics.observe_scan_leases(self.store.scan_leases(), set(held))
+        return held
+
+    def release_scan_leases(self, accounts: Iterable[str]) -> None:
+        """Give the accounts' scan leases up now (a daemon stopping): another daemon
+        takes them at its next tick instead of after they expire."""
+        for account in accounts:
+            self.store.release_scan_lease(account, self.owner)
+
+    def scan_and_open(
+        self, *, dry_run: bool = False, leases: Mapping[str, ScanLease] | None = None
+    ) -> PassResult:
+        """Scan every account (with `leases`: only those accounts, recording each
+        finished scan under its lease) and open a rotation for each due, leaked or
+        blocked user."""
         result = PassResult()
         started = self.now()
-        scanned = self.scan(record=not dry_run)
+        scanned = self.scan(record=not dry_run, accounts=None if leases is None else list(leases))
         result.inventories = scanned.inventories
         result.failures = scanned.failures
+        for inventory in scanned.inventories:
+            lease = None if leases is None else leases.get(inventory.account_id)
+            if lease is None:
+                continue
+            try:
+                self.store.scan_finished(lease)
+            except RotatorError as exc:  # LeaseLost: another daemon holds the account now
+                _log.warning("scan.not_recorded", account=inventory.account_id, error=str(exc))
         if self.metrics is not None:
             self.metrics.observe_scan_duration((self.now() - started).total_seconds())
             self.metrics.observe_scan(result.inventories, self.now())

@@ -54,11 +54,11 @@ from rotator import log
 from rotator.app import App, PassResult
 from rotator.config import Settings
 from rotator.cron import Schedule
-from rotator.errors import ConfigError, RotatorError, Transient
+from rotator.errors import BackendUnavailable, ConfigError, RotatorError, Transient
 from rotator.http import Server, read_token
 from rotator.memory import give_back
 from rotator.metrics import CONTENT_TYPE_LATEST, Metrics
-from rotator.model import Decision, ForcedRotation, Rotation
+from rotator.model import Decision, ForcedRotation, Rotation, ScanLease
 from rotator.render import rotation_json
 from rotator.systemd import SystemdNotify
 from rotator.wiring import Wiring
@@ -71,6 +71,11 @@ STOP_TIMEOUT = 8.0  # seconds running steps may take to finish after SIGTERM
 TRIGGER_WORKERS = 4
 TRIGGER_WAIT = 30.0
 VAULT_CHECK_EVERY = 10.0  # seconds between two background looks at Vault
+STATE_CHECK_EVERY = 5.0  # seconds between two background looks at the state store
+# A daemon holds each account it scans for this many ticks (renewed every tick): after it
+# dies, another daemon sharing the state store scans the account within that time.
+SCAN_LEASE_TICKS = 3
+SCAN_LEASE_MIN = timedelta(seconds=30)
 LEAK_POLL_WAIT = 5  # seconds one SQS long poll waits for a message
 LEAK_RETRY_CAP = 60.0  # the longest pause after the leak queue failed
 
@@ -125,6 +130,13 @@ class Daemon:
         # "ok", or why Vault cannot be used, as the background check or the last scan
         # found (a scan sees a refused token or a missing mount too).
         self._vault: str = "not checked yet"
+        # "ok", or why the state store cannot be used: while it cannot, the daemon makes
+        # no side effect at all (every pass starts by reading it) and is not ready.
+        self._state: str = "not checked yet"
+        # The accounts whose scan lease this daemon holds, and when any daemon last
+        # finished a scan of each account (the store's record), as the last tick saw.
+        self._held: dict[str, ScanLease] = {}
+        self._fleet_scans: dict[str, datetime | None] = {}
         self.settings = load()
         self._token = self._read_token(self.settings)
         self._app = app_factory(self.settings, self.metrics, self._stopping)
@@ -230,8 +242,10 @@ class Daemon:
         pause = 1.0
         while not self._stopping.is_set():
             app = self.app
+            self._check_state()
             try:
-                app.store.check()
+                if self._state != "ok":
+                    raise BackendUnavailable(self._state)
                 accounts = app.accounts()
             except RotatorError as exc:
                 if self._stopping.is_set():
@@ -260,6 +274,7 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1},
         )
         period = scan_period(settings.schedule.scan_schedule, datetime.now(UTC))
+        self.metrics.observe_scan_period(period.total_seconds())
         scheduler.add_job(
             self.scan_job,
             scan_trigger(settings.schedule.scan_schedule),
@@ -283,7 +298,8 @@ class Daemon:
         """Start (or start again) the long-running threads: the Vault check and the
         leak-queue poller. Each catches its own failures; a thread found dead here
         (which would be a bug) is logged and replaced."""
-        for name, target in (("vault-check", self._vault_loop), ("leak-poller", self._leak_loop)):
+        threads = (("backend-check", self._backend_loop), ("leak-poller", self._leak_loop))
+        for name, target in threads:
             thread = self._threads.get(name)
             if thread is not None and thread.is_alive():
                 continue
@@ -305,6 +321,7 @@ class Daemon:
             self._scheduler.shutdown(wait=True)
         self._triggers.shutdown(wait=True)
         self._replacements.shutdown(wait=True)
+        self._release_scan_leases()
         for thread in self._threads.values():
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -321,8 +338,15 @@ class Daemon:
         every step left needs it) and give the scan's memory back."""
         started = time.monotonic()
         app = self.app
+        if not self._state_usable("scan"):
+            return
         try:
-            result = app.scan_and_open()
+            leases = self._hold_scan_leases(app)
+            if not leases:
+                _log.info("daemon.scan_skipped", reason="other daemons hold every account")
+                self._tick(app)
+                return
+            result = app.scan_and_open(leases=leases)
         except RotatorError as exc:
             if not self._stopping.is_set():
                 self._scan_failed(str(exc))
@@ -393,18 +417,71 @@ class Daemon:
         self._systemd.status(f"last scan failed: {error}")
 
     def tick_job(self) -> None:
-        """Advance what is due; most ticks cost one state-store read."""
+        """Renew the scan leases this daemon holds (take over those of a daemon that
+        died, scanning at once what it left unscanned), then advance what is due; most
+        ticks cost one state-store read and one lease write per account."""
         app = self.app
+        if not self._state_usable("tick"):
+            return
         try:
-            rotations = app.store.list_open()
-            self.metrics.observe_open(rotations)
-            if self._any_due(rotations):
-                app.tick()
+            before = set(self._held)
+            held = self._hold_scan_leases(app)
+            if self._missed_scan(set(held) - before):
+                self._scan_now()
+            self._tick(app)
         except RotatorError as exc:
             if not self._stopping.is_set():
                 _log.error("daemon.tick_failed", error=str(exc))
         except Exception:  # a bug: say so, keep the daemon up
             _log.exception("daemon.tick_crashed")
+
+    def _tick(self, app: App) -> None:
+        rotations = app.store.list_open()
+        self.metrics.observe_open(rotations)
+        if self._any_due(rotations):
+            app.tick()
+
+    # --- scan leases --------------------------------------------------------------------
+
+    def _scan_lease_ttl(self) -> timedelta:
+        return max(SCAN_LEASE_TICKS * self.settings.schedule.tick, SCAN_LEASE_MIN)
+
+    def _hold_scan_leases(self, app: App) -> dict[str, ScanLease]:
+        held = app.hold_scan_leases(self._scan_lease_ttl())
+        gained, lost = set(held) - set(self._held), set(self._held) - set(held)
+        if gained or lost:
+            _log.info(
+                "daemon.scan_leases", held=sorted(held), gained=sorted(gained), lost=sorted(lost)
+            )
+        self._held = held
+        self._fleet_scans = {
+            lease.account_id: lease.last_scan_at for lease in app.store.scan_leases()
+        }
+        return held
+
+    def _missed_scan(self, gained: set[str]) -> bool:
+        """Whether an account this daemon just took over was not scanned within the
+        last period (its previous holder died before its scan)."""
+        now = datetime.now(UTC)
+        period = scan_period(self.settings.schedule.scan_schedule, now)
+        return any(
+            (last := self._fleet_scans.get(account)) is None or now - last > period
+            for account in gained
+        )
+
+    def _scan_now(self) -> None:
+        if self._scheduler is not None and self._scheduler.running:
+            _log.info("daemon.scan_catch_up", reason="took over an account not scanned this period")
+            self._scheduler.modify_job("scan", next_run_time=datetime.now(UTC))
+
+    def _release_scan_leases(self) -> None:
+        held, self._held = self._held, {}
+        if not held:
+            return
+        try:
+            self.app.release_scan_leases(held)
+        except RotatorError as exc:  # they expire by themselves
+            _log.warning("daemon.scan_leases_not_released", error=str(exc))
 
     @staticmethod
     def _any_due(rotations: Iterable[Rotation]) -> bool:
@@ -417,8 +494,11 @@ class Daemon:
         pause = 1.0
         while not self._stopping.is_set():
             app = self.app
-            if app.settings.leaks.sqs_queue_url is None:
-                self._stopping.wait(LEAK_POLL_WAIT)  # a reload may configure a queue
+            if app.settings.leaks.sqs_queue_url is None or self._state != "ok":
+                # A reload may configure a queue. While the state store is away no
+                # message is taken: each receive would count towards the queue's
+                # redrive limit, and a leak event must not reach its dead-letter queue.
+                self._stopping.wait(LEAK_POLL_WAIT)
                 continue
             try:
                 app.poll_leak_queue(
@@ -439,9 +519,52 @@ class Daemon:
         (which needs Vault and may wait for IAM to accept the new key)."""
         self._replacements.submit(app.advance_all, rotation_ids)
 
-    def _vault_loop(self) -> None:
-        while not self._stopping.wait(VAULT_CHECK_EVERY):
-            self._check_vault()
+    def _backend_loop(self) -> None:
+        """Look at the state store every STATE_CHECK_EVERY seconds and at Vault every
+        VAULT_CHECK_EVERY, so that probes and jobs read the answer instead of waiting
+        for a slow backend."""
+        last_vault = time.monotonic()
+        while not self._stopping.wait(STATE_CHECK_EVERY):
+            self._check_state()
+            if time.monotonic() - last_vault >= VAULT_CHECK_EVERY:
+                last_vault = time.monotonic()
+                self._check_vault()
+            self._observe_ready()
+
+    def _check_state(self) -> None:
+        try:
+            self.app.store.check()
+        except RotatorError as exc:
+            if self._state == "ok":
+                _log.error(
+                    "daemon.state_store_unavailable",
+                    error=str(exc),
+                    detail="no scan, tick or leak-queue poll runs until it answers again",
+                )
+            self._state = str(exc)
+            self.metrics.backend("state", False)
+        except Exception as exc:  # a bug: say so, report the store as not usable
+            _log.exception("daemon.state_check_crashed")
+            self._state = type(exc).__name__
+            self.metrics.backend("state", False)
+        else:
+            if self._state != "ok":
+                _log.info("daemon.state_store_back")
+            self._state_ok()
+
+    def _state_ok(self) -> None:
+        self._state = "ok"
+        self.metrics.backend("state", True)
+
+    def _state_usable(self, job: str) -> bool:
+        if self._state == "ok":
+            return True
+        _log.warning("daemon.job_skipped", job=job, state_store=self._state)
+        return False
+
+    def _observe_ready(self) -> None:
+        if self._scheduler is not None:
+            self.metrics.ready(self.readyz()[0] == 200)
 
     def _check_vault(self) -> None:
         try:
@@ -453,6 +576,7 @@ class Daemon:
             self._vault = type(exc).__name__
         else:
             self._vault = "ok"
+        self.metrics.backend("vault", self._vault == "ok")
 
     # --- reload -------------------------------------------------------------------------
 
@@ -494,19 +618,18 @@ class Daemon:
     def readyz(self) -> tuple[int, dict[str, Any]]:
         """200 "ok" when every check passes; 200 "degraded" when only Vault fails (leaked
         keys are still contained, other rotations wait); 503 "unavailable" when the
-        state store or the scan fails."""
-        checks: dict[str, str] = {}
-        try:
-            self.app.store.check()
-            checks["state_store"] = "ok"
-        except RotatorError as exc:
-            checks["state_store"] = str(exc)
-        checks["vault"] = self._vault
-        period = scan_period(self.settings.schedule.scan_schedule, datetime.now(UTC))
-        if self._last_scan_ok is None:
+        state store cannot be used or no account was scanned (by this daemon or another
+        sharing the store) within two scan periods. Reads what the background checks
+        and the jobs found: a probe never waits for a backend."""
+        checks: dict[str, str] = {"state_store": self._state, "vault": self._vault}
+        now = datetime.now(UTC)
+        period = scan_period(self.settings.schedule.scan_schedule, now)
+        scans = [t for t in (self._last_scan_ok, *self._fleet_scans.values()) if t is not None]
+        last = max(scans, default=None)
+        if last is None:
             checks["scan"] = self._last_scan_error or "no scan has completed yet"
-        elif datetime.now(UTC) - self._last_scan_ok > 2 * period:
-            checks["scan"] = f"last successful scan {self._last_scan_ok.isoformat()} is too old"
+        elif now - last > 2 * period:
+            checks["scan"] = f"last successful scan {last.isoformat()} is too old"
         else:
             checks["scan"] = "ok"
         ready = checks["state_store"] == "ok" and checks["scan"] == "ok"

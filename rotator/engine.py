@@ -1304,10 +1304,12 @@ class Engine:
             return self._save(
                 r, waiting_on=waiting, next_action_at=min(now + self._timing.recheck, limit)
             )
-        reason = "overlap over"
-        if still_used:
-            reason = f"overlap limit reached although the old key was used at {last}; deactivating"
-        return self._move(r, State.DEACTIVATE, reason)
+        if not still_used:
+            return self._move(r, State.DEACTIVATE, "overlap over", waiting_on=None)
+        # Kept on the rotation (status shows it; the metrics count it): consumers were
+        # still on the old key when the overlap limit ended it.
+        reason = f"overlap limit reached although the old key was used at {last}; deactivating"
+        return self._move(r, State.DEACTIVATE, reason, waiting_on=reason)
 
     def _retention(self, r: Rotation) -> timedelta:
         """How long the deactivated old key is kept for a rollback. A leaked key is

@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rotator.inventory import Inventory
 from rotator.machine import OPEN, TERMINAL, State
-from rotator.model import Decision, Rotation
+from rotator.model import Decision, Rotation, ScanLease
 
 __all__ = ["CONTENT_TYPE_LATEST", "LEAK_EVENT_RESULTS", "LeakEventResult", "Metrics"]
 
@@ -34,6 +34,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._not_switched_accounts: set[str] = set()
+        self._leak_accounts: set[str] = set()
         self.keys = Gauge(
             "rotator_keys",
             "Access keys by decision at the last scan.",
@@ -97,8 +99,71 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("rotator_ready", "1 when the daemon is ready.", registry=r)
+        self.backend_up = Gauge(
+            "rotator_backend_up",
+            "1 when the backend answered the daemon's last look at it (state, aws, vault).",
+            ["backend"],
+            registry=r,
+        )
+        self.leaked_active = Gauge(
+            "rotator_leaked_keys_active",
+            "Leaked keys this daemon knows of that are still Active (containment pending "
+            "or failing), by account.",
+            ["account"],
+            registry=r,
+        )
+        self.oldest_leak = Gauge(
+            "rotator_oldest_active_leak_seconds",
+            "How long the oldest leaked key this daemon knows of has been Active since "
+            "it was detected (0 when there is none).",
+            registry=r,
+        )
+        self.not_switched = Gauge(
+            "rotator_consumers_not_switched",
+            "Open rotations in OVERLAP whose consumers still use the old key, by account.",
+            ["account"],
+            registry=r,
+        )
+        self.deactivated_in_use = Counter(
+            "rotator_deactivated_in_use_total",
+            "Old keys deactivated at the overlap limit although consumers still used them.",
+            ["account"],
+            registry=r,
+        )
+        self.scan_period = Gauge(
+            "rotator_scan_period_seconds", "Time between two scheduled scans.", registry=r
+        )
+        self.account_last_scan = Gauge(
+            "rotator_account_last_scan_timestamp_seconds",
+            "Unix time of the last finished scan of the account, by any daemon sharing "
+            "the state store (as the store records it).",
+            ["account"],
+            registry=r,
+        )
+        self.scan_lease_held = Gauge(
+            "rotator_scan_lease_held",
+            "1 when this daemon holds the account's scan lease (it alone scans the account).",
+            ["account"],
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "rotator_lease_takeovers_total",
+            "Leases this daemon took over from another holder whose lease had expired, by "
+            "kind (scan, rotation).",
+            ["kind"],
+            registry=r,
+        )
+        self.fenced_writes = Counter(
+            "rotator_fenced_writes_total",
+            "Writes the state store refused because this daemon's lease had been taken "
+            "over or had expired (the work stopped, as fencing requires).",
+            registry=r,
+        )
         for state in sorted(OPEN):
             self.open_rotations.labels(state=state.value).set(0)
+        for kind in ("scan", "rotation"):
+            self.lease_takeovers.labels(kind=kind)
+        self.oldest_leak.set(0)
         # The daemon's queue poller is the source /metrics shows: every result starts at
         # 0, so that an alert on its increase sees the first event too.
         for result in LEAK_EVENT_RESULTS:
@@ -134,11 +199,58 @@ class Metrics:
         self.up.set(1 if ready else 0)
 
     def observe_open(self, rotations: Iterable[Rotation]) -> None:
+        rotations = list(rotations)
         counts: Mapping[State, int] = TallyCounter(r.state for r in rotations)
         for state in sorted(OPEN):
             self.open_rotations.labels(state=state.value).set(counts.get(state, 0))
+        waiting = TallyCounter(
+            r.account_id for r in rotations if r.state is State.OVERLAP and r.waiting_on
+        )
+        for account in {r.account_id for r in rotations} | self._not_switched_accounts:
+            self.not_switched.labels(account=account).set(waiting.get(account, 0))
+        self._not_switched_accounts |= set(waiting)
+
+    def backend(self, name: str, up: bool) -> None:
+        """The daemon's last look at a backend ("state", "aws", "vault")."""
+        self.backend_up.labels(backend=name).set(1 if up else 0)
+
+    def observe_leaks_active(
+        self, detected: Mapping[tuple[str, str], datetime], now: datetime
+    ) -> None:
+        """`detected`: (account, key id) -> when it was detected, for every leaked key
+        known to be still Active."""
+        per_account = TallyCounter(account for account, _ in detected)
+        for account in set(per_account) | self._leak_accounts:
+            self.leaked_active.labels(account=account).set(per_account.get(account, 0))
+        self._leak_accounts |= set(per_account)
+        oldest = min(detected.values(), default=None)
+        self.oldest_leak.set(0 if oldest is None else max(0.0, (now - oldest).total_seconds()))
+
+    def observe_scan_period(self, seconds: float) -> None:
+        self.scan_period.set(seconds)
+
+    def observe_scan_leases(self, leases: Iterable[ScanLease], held: set[str]) -> None:
+        """The scan leases as the store holds them: which accounts this daemon holds
+        (`held`), and when each account was last scanned by any daemon."""
+        for lease in leases:
+            labels = {"account": lease.account_id}
+            self.scan_lease_held.labels(**labels).set(1 if lease.account_id in held else 0)
+            if lease.last_scan_at is not None:
+                self.account_last_scan.labels(**labels).set(lease.last_scan_at.timestamp())
+
+    def lease_taken_over(self, kind: Literal["scan", "rotation"]) -> None:
+        self.lease_takeovers.labels(kind=kind).inc()
+
+    def write_fenced(self) -> None:
+        self.fenced_writes.inc()
 
     def observe_transition(self, rotation: Rotation, from_state: State) -> None:
+        if (
+            from_state is State.OVERLAP
+            and rotation.state is State.DEACTIVATE
+            and rotation.waiting_on
+        ):
+            self.deactivated_in_use.labels(account=rotation.account_id).inc()
         if rotation.state in TERMINAL and from_state not in TERMINAL:
             labels = {
                 "account": rotation.account_id,

@@ -188,6 +188,9 @@ class Lease:
     rotation_id: str
     owner: str
     token: int
+    # This acquisition took the lease from another owner that had neither released it
+    # nor renewed it in time (a process that died or stalled). Not part of equality.
+    taken_over: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

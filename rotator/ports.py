@@ -193,7 +193,9 @@ class StateStore(Protocol):
         """Take or renew the lease on a rotation for `ttl` from now by the store's clock;
         None when another live owner holds it. A renewal by the holder of an unexpired
         lease keeps its token; any other acquisition gets a greater token than every
-        earlier one of that rotation. Raises `NotFound` for an unknown rotation."""
+        earlier one of that rotation, and `taken_over` says whether it took the lease
+        from another owner that had not released it. Raises `NotFound` for an unknown
+        rotation."""
         ...
 
     def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease | None:
@@ -201,7 +203,10 @@ class StateStore(Protocol):
         rotation's current, unexpired lease; None otherwise, changing nothing."""
         ...
 
-    def release_lease(self, rotation_id: str, owner: str) -> None: ...
+    def release_lease(self, rotation_id: str, owner: str) -> None:
+        """End the lease now if `owner` holds it; a no-op otherwise. The token stays and
+        the lease has no owner (""): taking it next is no takeover."""
+        ...
 
     def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
         """Take or renew the scan lease of `account_id` for `ttl` from now by the store's

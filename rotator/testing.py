@@ -826,15 +826,17 @@ class FakeStateStore:
             if rotation_id not in self._rows:
                 raise NotFound(f"rotation {rotation_id} not found")
             held = self._leases.get(rotation_id)
-            token = 1
+            token, taken_over = 1, False
             if held is not None:
                 live = held.expires_at > now
                 if live and held.owner != owner:
                     return None
                 # Only the holder's renewal of a live lease keeps the token.
                 token = held.token if live else held.token + 1
+                # A released lease has no owner: taking it is no takeover.
+                taken_over = held.owner not in (owner, "")
             self._leases[rotation_id] = _LeaseRow(owner, token, now + ttl)
-            return Lease(rotation_id, owner, token)
+            return Lease(rotation_id, owner, token, taken_over)
 
     def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease | None:
         if ttl <= timedelta(0):
@@ -859,7 +861,7 @@ class FakeStateStore:
             self._open()
             row = self._leases.get(rotation_id)
             if row is not None and row.owner == owner:
-                row.expires_at = self._now()
+                row.owner, row.expires_at = "", self._now()
 
     # --- scan leases -----------------------------------------------------------------
 

@@ -532,12 +532,14 @@ class SqliteStateStore:
                 "WHERE rotation_id = ?",
                 (rotation_id,),
             ).fetchone()
-            token = 1
+            token, taken_over = 1, False
             if held is not None:
                 if not self._may_take(held[:5], owner, now):
                     return None
                 renewal = held[0] == owner and _parse_ts(held[4]) > now
                 token = _int(held[5]) if renewal else _int(held[5]) + 1
+                # A released lease has no owner: taking it is no takeover.
+                taken_over = held[0] not in (owner, "")
             conn.execute(
                 "INSERT INTO leases (rotation_id, owner, host, pid_ns, pid, expires_at, token) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -554,7 +556,7 @@ class SqliteStateStore:
                     token,
                 ),
             )
-        return Lease(rotation_id, owner, token)
+        return Lease(rotation_id, owner, token, taken_over)
 
     def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease | None:
         """Extend `lease` by `ttl` from now while it is still the current, unexpired one;
@@ -579,10 +581,11 @@ class SqliteStateStore:
 
     def release_lease(self, rotation_id: str, owner: str) -> None:
         """End the lease now if `owner` holds it; a no-op otherwise. The row stays, with
-        its token, so that the next holder's token is greater still."""
+        its token, so that the next holder's token is greater still, and with no owner
+        (""), so that taking it next is no takeover."""
         with self._write("release_lease") as conn:
             conn.execute(
-                "UPDATE leases SET expires_at = ? WHERE rotation_id = ? AND owner = ?",
+                "UPDATE leases SET owner = '', expires_at = ? WHERE rotation_id = ? AND owner = ?",
                 (_encode_ts(self._clock()), rotation_id, owner),
             )
 

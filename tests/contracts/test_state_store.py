@@ -423,6 +423,29 @@ def test_release_ends_the_lease_and_the_next_holder_gets_a_greater_token(
     assert third.token > second.token
 
 
+def test_only_taking_a_lease_its_holder_neither_released_nor_renewed_is_a_takeover(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """`taken_over` is set when the lease is taken from another owner whose lease
+    expired (it died or stalled); a first lease, a renewal and taking a released lease
+    are no takeover."""
+    store.create(rotation(), "planned")
+    first = store.acquire_lease("r1", "A", TTL)
+    assert first is not None
+    assert first.taken_over is False
+    renewed = store.acquire_lease("r1", "A", TTL)
+    assert renewed is not None
+    assert renewed.taken_over is False
+    clock.advance(TTL)
+    taken = store.acquire_lease("r1", "B", TTL)
+    assert taken is not None
+    assert taken.taken_over is True
+    store.release_lease("r1", "B")
+    after_release = store.acquire_lease("r1", "C", TTL)
+    assert after_release is not None
+    assert after_release.taken_over is False
+
+
 def test_renew_lease_never_takes_back_a_lost_lease(store: StateStore, clock: FakeClock) -> None:
     """Renewing an expired lease, or one another owner took over, returns None and
     leaves the current holder's lease as it was."""
