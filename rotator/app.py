@@ -124,6 +124,8 @@ class App:
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
         self.owner = wiring.lease_owner()
+        self._leak_lock = threading.Lock()
+        self._leaks_pending: dict[tuple[str, str], datetime] = {}
 
     def _interruptible_sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)
@@ -367,7 +369,7 @@ class App:
         result.failures = scanned.failures
         for inventory in scanned.inventories:
             lease = None if leases is None else leases.get(inventory.account_id)
-            if lease is None:
+            if lease is None or dry_run:
                 continue
             try:
                 self.store.scan_finished(lease)
@@ -514,16 +516,31 @@ class App:
         """Set a leaked key Inactive now: one IAM call, no lease, no Vault, no state store
         (deactivating is idempotent, and the rotator never turns a leaked key back on).
         False when the key no longer exists: nothing to contain."""
+        self._leak_pending((account_id, key_id), True)
         try:
             with urgent():  # ahead of every scan and replacement call queued for IAM
                 self.iam(account_id).set_key_status(user_name, key_id, KeyStatus.INACTIVE)
         except NotFound:
+            self._leak_pending((account_id, key_id), False)
             _log.warning("leak.nothing_to_contain", user=user_name, key_id=key_id, reason=reason)
             return False
+        self._leak_pending((account_id, key_id), False)
         _log.warning("leak.contained", user=user_name, key_id=key_id, reason=reason)
         if self.metrics is not None:
             self.metrics.observe_contained(account_id)
         return True
+
+    def _leak_pending(self, key: tuple[str, str], pending: bool) -> None:
+        """Track leaked keys whose containment has not succeeded yet (a failed attempt
+        leaves its key here until a later one succeeds), for the metrics: a leaked key
+        still Active minutes after detection is what the fleet must be alerted on."""
+        with self._leak_lock:
+            if pending:
+                self._leaks_pending.setdefault(key, self.now())
+            else:
+                self._leaks_pending.pop(key, None)
+            if self.metrics is not None:
+                self.metrics.observe_leaks_active(self._leaks_pending)
 
     def report_leak(self, account_id: str, user_name: str, key_id: str, reason: str) -> Rotation:
         """Contain a leaked key now, then open a leak rotation to replace it (or turn the

@@ -255,6 +255,7 @@ class Daemon:
                 self._stopping.wait(pause)
                 pause = min(pause * 2, 30.0)
                 continue
+            self.metrics.backend("aws", True)
             self._check_vault()
             _log.info("daemon.backends_ok", accounts=accounts, vault=self._vault)
             if self._vault != "ok":
@@ -373,6 +374,7 @@ class Daemon:
         # detection it succeeded.
         self._last_scan_ok = datetime.now(UTC)
         self._last_scan_error = None
+        self.metrics.backend("aws", True)  # at least one account answered
         decisions = Counter(d.decision for inv in result.inventories for d in inv.decisions)
         summary = ", ".join(
             f"{decisions.get(k, 0)} {k.value}"
@@ -413,6 +415,7 @@ class Daemon:
     def _scan_failed(self, error: str) -> None:
         self._last_scan_error = error
         self.metrics.scan_failed()
+        self.metrics.backend("aws", False)  # no account answered
         _log.error("daemon.scan_failed", error=error)
         self._systemd.status(f"last scan failed: {error}")
 

@@ -6,6 +6,7 @@ rotator observed."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter as TallyCounter
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -163,7 +164,11 @@ class Metrics:
             self.open_rotations.labels(state=state.value).set(0)
         for kind in ("scan", "rotation"):
             self.lease_takeovers.labels(kind=kind)
-        self.oldest_leak.set(0)
+        # An age, computed when scraped: it grows while the key stays Active.
+        self._oldest_leak_at: float | None = None
+        self.oldest_leak.set_function(
+            lambda: 0.0 if self._oldest_leak_at is None else time.time() - self._oldest_leak_at
+        )
         # The daemon's queue poller is the source /metrics shows: every result starts at
         # 0, so that an alert on its increase sees the first event too.
         for result in LEAK_EVENT_RESULTS:
@@ -214,9 +219,7 @@ class Metrics:
         """The daemon's last look at a backend ("state", "aws", "vault")."""
         self.backend_up.labels(backend=name).set(1 if up else 0)
 
-    def observe_leaks_active(
-        self, detected: Mapping[tuple[str, str], datetime], now: datetime
-    ) -> None:
+    def observe_leaks_active(self, detected: Mapping[tuple[str, str], datetime]) -> None:
         """`detected`: (account, key id) -> when it was detected, for every leaked key
         known to be still Active."""
         per_account = TallyCounter(account for account, _ in detected)
@@ -224,7 +227,7 @@ class Metrics:
             self.leaked_active.labels(account=account).set(per_account.get(account, 0))
         self._leak_accounts |= set(per_account)
         oldest = min(detected.values(), default=None)
-        self.oldest_leak.set(0 if oldest is None else max(0.0, (now - oldest).total_seconds()))
+        self._oldest_leak_at = None if oldest is None else oldest.timestamp()
 
     def observe_scan_period(self, seconds: float) -> None:
         self.scan_period.set(seconds)

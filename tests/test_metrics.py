@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from rotator.errors import BackendUnavailable, BadInput
 from rotator.metrics import Metrics
 from rotator.model import KeyStatus
 from rotator.sandbox import ACCOUNT_ID, LocalAws, LocalVault, SeedKey, free_port
+from rotator.testing import FakeIam, FakeStateStore
+from rotator.wiring import Wiring
 from tests.conftest import VaultTarget
 from tests.rig import FakeClock, settings_for
 from tests.test_incident import health_event
@@ -157,3 +160,109 @@ def test_leak_events_from_a_file_are_counted_with_source_file(
     assert counted[("file", "contained")] == 1
     assert counted[("file", "rejected")] == 1
     assert counted[("sqs", "contained")] == 0
+
+
+def _fleet_app(tmp_path: Path, iam: Any, store: Any, metrics: Metrics) -> App:
+    settings = parse_settings(
+        {"state": {"path": str(tmp_path / "state.db")}}, {"VAULT_TOKEN": "not-used"}
+    )
+    return App(settings, wiring=Wiring(settings, iam=iam, store=store, metrics=metrics))
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    value = metrics.registry.get_sample_value(name, labels)
+    return None if value is None else float(value)
+
+
+def test_a_leaked_key_whose_containment_fails_stays_counted_active_until_contained(
+    tmp_path: Path,
+) -> None:
+    """While IAM refuses the UpdateAccessKey that contains a leaked key, the key counts
+    in rotator_leaked_keys_active and rotator_oldest_active_leak_seconds grows; the
+    attempt that succeeds brings both back to 0."""
+    iam_down = {"on": True}
+
+    def before(operation: str) -> None:
+        if operation == "iam:UpdateAccessKey" and iam_down["on"]:
+            raise BackendUnavailable("IAM is not answering")
+
+    iam = FakeIam(before_call=before)
+    [key] = iam.add_user("alice", keys=[SeedKey(age=timedelta(days=3))])
+    metrics = Metrics()
+    app = _fleet_app(tmp_path, iam, FakeStateStore(), metrics)
+    with pytest.raises(BackendUnavailable):
+        app.contain(ACCOUNT_ID, "alice", key.access_key_id, "test leak")
+    assert _sample(metrics, "rotator_leaked_keys_active", account=ACCOUNT_ID) == 1.0
+    first = _sample(metrics, "rotator_oldest_active_leak_seconds")
+    assert first is not None
+    assert first >= 0.0
+    time.sleep(0.05)
+    later = _sample(metrics, "rotator_oldest_active_leak_seconds")
+    assert later is not None
+    assert later > first
+    iam_down["on"] = False
+    assert app.contain(ACCOUNT_ID, "alice", key.access_key_id, "test leak")
+    assert iam.keys("alice")[key.access_key_id] is KeyStatus.INACTIVE
+    assert _sample(metrics, "rotator_leaked_keys_active", account=ACCOUNT_ID) == 0.0
+    assert _sample(metrics, "rotator_oldest_active_leak_seconds") == 0.0
+
+
+def test_scan_leases_show_which_accounts_this_daemon_holds_and_when_each_was_scanned(
+    tmp_path: Path,
+) -> None:
+    """Two services on one store: the first holds the account's scan lease (1 on its
+    rotator_scan_lease_held, 0 on the other's); a finished scan sets the account's last
+    scan time on every daemon that looks at the store next."""
+    store = FakeStateStore()
+    iam = FakeIam()
+    iam.add_user("alice", keys=[SeedKey(age=timedelta(days=3))])
+    ours, theirs = Metrics(), Metrics()
+    first = _fleet_app(tmp_path, iam, store, ours)
+    second = _fleet_app(tmp_path, iam, store, theirs)
+    held = first.hold_scan_leases(timedelta(minutes=3))
+    assert list(held) == [ACCOUNT_ID]
+    assert second.hold_scan_leases(timedelta(minutes=3)) == {}
+    assert _sample(ours, "rotator_scan_lease_held", account=ACCOUNT_ID) == 1.0
+    assert _sample(theirs, "rotator_scan_lease_held", account=ACCOUNT_ID) == 0.0
+    result = first.scan_and_open(leases=held)
+    assert [inv.account_id for inv in result.inventories] == [ACCOUNT_ID]
+    second.hold_scan_leases(timedelta(minutes=3))
+    [row] = store.scan_leases()
+    assert row.last_scan_at is not None
+    last = _sample(theirs, "rotator_account_last_scan_timestamp_seconds", account=ACCOUNT_ID)
+    assert last == row.last_scan_at.timestamp()
+
+
+def test_consumers_still_on_the_old_key_are_counted_while_waiting_and_when_cut_off() -> None:
+    """An OVERLAP rotation waiting on consumers counts in rotator_consumers_not_switched
+    (back to 0 once it moves on); OVERLAP -> DEACTIVATE with the wait still recorded (the
+    overlap limit ended it) counts in rotator_deactivated_in_use_total, a plain end of
+    the overlap does not."""
+    from dataclasses import replace as changed
+    from datetime import UTC, datetime
+
+    from rotator.machine import State
+    from rotator.model import Rotation, RotationReason
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    waiting = Rotation(
+        id="r1",
+        account_id=ACCOUNT_ID,
+        user_name="alice",
+        reason=RotationReason.AGE,
+        state=State.OVERLAP,
+        created_at=t0,
+        updated_at=t0,
+        waiting_on="consumers have not switched",
+    )
+    metrics = Metrics()
+    metrics.observe_open([waiting])
+    assert _sample(metrics, "rotator_consumers_not_switched", account=ACCOUNT_ID) == 1.0
+    cut_off = changed(waiting, state=State.DEACTIVATE, waiting_on="overlap limit reached")
+    metrics.observe_transition(cut_off, State.OVERLAP)
+    metrics.observe_transition(
+        changed(waiting, id="r2", state=State.DEACTIVATE, waiting_on=None), State.OVERLAP
+    )
+    metrics.observe_open([cut_off])
+    assert _sample(metrics, "rotator_consumers_not_switched", account=ACCOUNT_ID) == 0.0
+    assert _sample(metrics, "rotator_deactivated_in_use_total", account=ACCOUNT_ID) == 1.0
