@@ -118,7 +118,7 @@ class ForcedRotation:
     force: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields (`overlap` in seconds), e.g. for a worker process."""
+        """Plain JSON-able fields (`overlap` in seconds); `from_dict` reads them back."""
         data = asdict(self)
         data["overlap"] = self.overlap.total_seconds() if self.overlap is not None else None
         return data
@@ -221,3 +221,8 @@ class Event:
     from_state: State | None
     to_state: State
     reason: str
+    # The lease it was written under (owner `host:pid:random`, fencing token); None for
+    # a write that needs none (a rotation's creation, an operator's command). Along one
+    # trail the tokens never go down: two processes never advanced it at once.
+    owner: str | None = None
+    token: int | None = None

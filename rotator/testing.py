@@ -679,9 +679,17 @@ class FakeStateStore:
             f"open rotation {other}"
         )
 
-    def _append(self, rotation_id: str, from_state: State | None, to: State, reason: str) -> None:
+    def _append(
+        self,
+        rotation_id: str,
+        from_state: State | None,
+        to: State,
+        reason: str,
+        lease: Lease | None = None,
+    ) -> None:
+        owner, token = (None, None) if lease is None else (lease.owner, lease.token)
         self._events.setdefault(rotation_id, []).append(
-            Event(rotation_id, self._now(), from_state, to, reason)
+            Event(rotation_id, self._now(), from_state, to, reason, owner, token)
         )
 
     def _fence(self, rotation_id: str, lease: Lease) -> None:
@@ -785,7 +793,7 @@ class FakeStateStore:
                 raise self._exists_error(stored, other)
             self._rows[stored.id] = (row[0], stored)
             if from_state is not None and from_state != stored.state:
-                self._append(stored.id, from_state, stored.state, reason)
+                self._append(stored.id, from_state, stored.state, reason, lease)
 
     def record(
         self, rotation_id: str, state: State, reason: str, *, lease: Lease | None = None
@@ -796,7 +804,7 @@ class FakeStateStore:
                 raise NotFound(f"rotation {rotation_id} not found")
             if lease is not None:
                 self._fence(rotation_id, lease)
-            self._append(rotation_id, state, state, reason)
+            self._append(rotation_id, state, state, reason, lease)
 
     def events(self, rotation_id: str) -> list[Event]:
         with self._lock:

@@ -199,6 +199,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    (
+        # Each event names the lease it was written under: the trail shows which
+        # process did each step, and that no two ever interleaved.
+        "ALTER TABLE events ADD COLUMN owner TEXT",
+        "ALTER TABLE events ADD COLUMN token INTEGER",
+    ),
 )
 
 # Dead letters kept at most; the oldest go first (a flood of junk must not fill the disk).
@@ -486,7 +492,7 @@ class SqliteStateStore:
             if cursor.rowcount == 0:
                 raise NotFound(f"rotation {rotation.id} not found")
             if from_state is not None and from_state != rotation.state:
-                self._append_event(conn, rotation.id, from_state, rotation.state, reason)
+                self._append_event(conn, rotation.id, from_state, rotation.state, reason, lease)
 
     def record(
         self, rotation_id: str, state: State, reason: str, *, lease: Lease | None = None
@@ -497,12 +503,12 @@ class SqliteStateStore:
             self._require(conn, rotation_id)
             if lease is not None:
                 self._fence(conn, rotation_id, lease)
-            self._append_event(conn, rotation_id, state, state, reason)
+            self._append_event(conn, rotation_id, state, state, reason, lease)
 
     def events(self, rotation_id: str) -> list[Event]:
         """The rotation's events in the order they were recorded."""
         sql = (
-            "SELECT rotation_id, at, from_state, to_state, reason FROM events "
+            "SELECT rotation_id, at, from_state, to_state, reason, owner, token FROM events "
             "WHERE rotation_id = ? ORDER BY id"
         )
         with self._read("events") as conn:
@@ -514,6 +520,8 @@ class SqliteStateStore:
                 from_state=None if r[2] is None else State(r[2]),
                 to_state=State(r[3]),
                 reason=str(r[4]),
+                owner=_opt_str(r[5]),
+                token=_opt_int(r[6]),
             )
             for r in rows
         ]
@@ -878,16 +886,19 @@ class SqliteStateStore:
         from_state: State | None,
         to_state: State,
         reason: str,
+        lease: Lease | None = None,
     ) -> None:
         conn.execute(
-            "INSERT INTO events (rotation_id, at, from_state, to_state, reason) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO events (rotation_id, at, from_state, to_state, reason, owner, token) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 rotation_id,
                 _encode_ts(self._clock()),
                 None if from_state is None else from_state.value,
                 to_state.value,
                 reason,
+                None if lease is None else lease.owner,
+                None if lease is None else lease.token,
             ),
         )
 

@@ -446,6 +446,34 @@ def test_only_taking_a_lease_its_holder_neither_released_nor_renewed_is_a_takeov
     assert after_release.taken_over is False
 
 
+def test_each_event_names_the_lease_it_was_written_under(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """A write under a lease records its owner and token in the event; a write with no
+    lease (the creation, an operator's command) records neither. After a takeover the
+    trail shows the new owner with a greater token."""
+    r = store.create(rotation(), "planned")
+    first = store.acquire_lease("r1", "A", TTL)
+    assert first is not None
+    moved = replace(r, state=State.MAKE_ROOM)
+    store.save(moved, "room", from_state=State.PLANNED, lease=first)
+    store.record("r1", State.MAKE_ROOM, "a note", lease=first)
+    clock.advance(TTL)
+    second = store.acquire_lease("r1", "B", TTL)
+    assert second is not None
+    store.save(replace(moved, state=State.CREATE), "create", State.MAKE_ROOM, lease=second)
+    store.record("r1", State.CREATE, "operator note")
+    trail = [(e.reason, e.owner, e.token) for e in store.events("r1")]
+    assert trail == [
+        ("planned", None, None),
+        ("room", "A", first.token),
+        ("a note", "A", first.token),
+        ("create", "B", second.token),
+        ("operator note", None, None),
+    ]
+    assert second.token > first.token
+
+
 def test_renew_lease_never_takes_back_a_lost_lease(store: StateStore, clock: FakeClock) -> None:
     """Renewing an expired lease, or one another owner took over, returns None and
     leaves the current holder's lease as it was."""
