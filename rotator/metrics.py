@@ -238,8 +238,9 @@ class Metrics:
         for lease in leases:
             labels = {"account": lease.account_id}
             self.scan_lease_held.labels(**labels).set(1 if lease.account_id in held else 0)
-            if lease.last_scan_at is not None:
-                self.account_last_scan.labels(**labels).set(lease.last_scan_at.timestamp())
+            # 0 before the first finished scan: an account never scanned is overdue.
+            last = 0.0 if lease.last_scan_at is None else lease.last_scan_at.timestamp()
+            self.account_last_scan.labels(**labels).set(last)
 
     def lease_taken_over(self, kind: Literal["scan", "rotation"]) -> None:
         self.lease_takeovers.labels(kind=kind).inc()
