@@ -285,7 +285,15 @@ class Wiring:
     def _build_store(self) -> StateStore:
         if self._given_store is not None:
             return self._given_store
-        return SqliteStateStore(self.settings.state.path, clock=self.clock)
+        state = self.settings.state
+        if state.url is not None:
+            # Imported here: a rotator on SQLite never loads the PostgreSQL driver.
+            from rotator.state.postgres import PostgresStateStore
+
+            # No clock: leases between daemons on several hosts are judged by the
+            # database's clock, the one clock they all share.
+            return PostgresStateStore(state.url)
+        return SqliteStateStore(state.path, clock=self.clock)
 
     @property
     def notifier(self) -> Notifier:

@@ -758,3 +758,112 @@ def test_config_path_precedence(
 def test_settings_default_constructor_has_no_token() -> None:
     """Settings() builds without I/O or environment: the token stays unset."""
     assert Settings().vault.auth.token is None
+
+
+# --- the PostgreSQL state store's URL -----------------------------------------------------
+
+DB_PASSWORD = "db-pw-5f3a9c1e"
+
+
+def test_state_url_is_unset_by_default_and_sqlite_path_stays() -> None:
+    """Without `state.url` the store is SQLite at `state.path`; both URL schemes libpq
+    reads are accepted as they are."""
+    s = parse_settings(None, TOKEN_ENV)
+    assert s.state.url is None
+    assert s.state.path == Path("/var/lib/rotator/state.db")
+    for url in ("postgresql://rotator@db:5432/rotator", "postgres://rotator@db/rotator"):
+        assert parse_settings({"state": {"url": url}}, TOKEN_ENV).state.url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://rotator:{DB_PASSWORD}@db:5432/rotator",
+        f"postgres://rotator@db/rotator?sslmode=require&password={DB_PASSWORD}",
+    ],
+)
+def test_a_password_in_the_files_state_url_is_refused_pointing_to_pgpassword(url: str) -> None:
+    """A password written in `state.url` (user info or `password=` parameter) is refused,
+    saying to use PGPASSWORD or a libpq password file; no message repeats it."""
+    problems = problems_of({"state": {"url": url}})
+    assert problems == [
+        "state.url: must not hold a password, which anyone who can read this file would "
+        "read: give it in PGPASSWORD or a libpq password file (~/.pgpass, or the file "
+        "PGPASSFILE names), or set the whole URL in ROTATOR_STATE_URL"
+    ]
+
+
+def test_a_password_in_the_file_is_refused_even_when_rotator_state_url_replaces_it() -> None:
+    """The environment's URL replaces the file's, but the file still holds a password in
+    clear: that is refused all the same."""
+    file_url = f"postgresql://rotator:{DB_PASSWORD}@db-from-file/rotator"
+    env = {**TOKEN_ENV, "ROTATOR_STATE_URL": "postgresql://rotator@db-from-env/rotator"}
+    problems = problems_of({"state": {"url": file_url}}, env)
+    assert [p.split(":")[0] for p in problems] == ["state.url"]
+    assert "must not hold a password" in problems[0]
+
+
+def test_a_state_url_that_is_not_postgresql_is_refused_without_its_password() -> None:
+    """Another scheme is refused, and the message does not repeat the URL."""
+    problems = problems_of({"state": {"url": f"mysql://rotator:{DB_PASSWORD}@db/rotator"}})
+    assert problems[0] == (
+        "state.url: must start with postgresql:// or postgres:// "
+        "(e.g. postgresql://rotator@db.example.com:5432/rotator)"
+    )
+    assert all(DB_PASSWORD not in p for p in problems)
+
+
+def test_rotator_state_url_overrides_the_file_and_may_hold_a_password() -> None:
+    """ROTATOR_STATE_URL replaces the file's `state.url` (it is not merely a default),
+    and its password is accepted but kept out of repr."""
+    env_url = f"postgresql://rotator:{DB_PASSWORD}@db-from-env:5432/rotator"
+    s = parse_settings(
+        {"state": {"url": "postgresql://rotator@db-from-file/rotator"}},
+        {**TOKEN_ENV, "ROTATOR_STATE_URL": env_url},
+    )
+    assert s.state.url == env_url
+    assert DB_PASSWORD not in repr(s)
+    assert parse_settings(None, {**TOKEN_ENV, "ROTATOR_STATE_URL": env_url}).state.url == env_url
+
+
+def test_a_bad_rotator_state_url_is_reported_naming_the_variable() -> None:
+    """An invalid URL from the environment names ROTATOR_STATE_URL, not its text."""
+    problems = problems_of(None, {**TOKEN_ENV, "ROTATOR_STATE_URL": f"db:{DB_PASSWORD}@x"})
+    assert len(problems) == 1
+    assert problems[0].startswith("state.url: ")
+    assert problems[0].endswith("(from ROTATOR_STATE_URL)")
+    assert DB_PASSWORD not in problems[0]
+
+
+def test_redacted_dict_masks_the_state_url_password_only() -> None:
+    """`redacted_dict` (what `config check --show` prints) shows the URL with the
+    password replaced by ***, in the user info and in a `password` parameter."""
+    env_url = f"postgresql://rotator:{DB_PASSWORD}@db:5432/rotator?password={DB_PASSWORD}"
+    s = parse_settings(None, {**TOKEN_ENV, "ROTATOR_STATE_URL": env_url})
+    shown = s.redacted_dict()
+    assert shown["state"]["url"] == "postgresql://rotator:***@db:5432/rotator?password=***"
+    assert DB_PASSWORD not in json.dumps(shown)
+
+
+def test_config_check_show_never_prints_the_state_url_password(tmp_path: Path) -> None:
+    """`rotator config check --show` with ROTATOR_STATE_URL holding a password prints
+    the URL without it; the same URL in the file is refused (exit 2), also unprinted."""
+    from tests.rig import rotator
+
+    path = write(tmp_path, "state:\n  url: postgresql://rotator@db-from-file/rotator\n")
+    env_url = f"postgresql://rotator:{DB_PASSWORD}@db-from-env:5432/rotator"
+    env = {"VAULT_TOKEN": "test-token-not-real", "ROTATOR_STATE_URL": env_url}
+    done = rotator("--config", str(path), "config", "check", "--show", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout[: done.stdout.rindex("}") + 1])["state"]["url"] == (
+        "postgresql://rotator:***@db-from-env:5432/rotator"
+    )
+    assert DB_PASSWORD not in done.stdout + done.stderr
+
+    write(tmp_path, f"state:\n  url: {env_url}\n")
+    refused = rotator(
+        "--config", str(path), "config", "check", "--show", env={**env, "ROTATOR_STATE_URL": ""}
+    )
+    assert refused.returncode == 2
+    assert "state.url: must not hold a password" in refused.stderr
+    assert DB_PASSWORD not in refused.stdout + refused.stderr

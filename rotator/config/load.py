@@ -1,9 +1,14 @@
-"""Reading the settings: the file, the environment defaults, and one list of every problem.
+"""Reading the settings: the file, the environment, and one list of every problem.
 
 `load_settings` reads the file, `parse_settings` validates what YAML produced. Either
 returns a frozen `Settings` or raises one `ConfigError` listing every problem, each
 starting with its dotted path in the file, grouped by section in the order the file
 documents them: within a section the field problems first, then the cross-field ones.
+
+The environment fills in what the file leaves unset (`VAULT_ADDR`, `VAULT_TOKEN`,
+`AWS_ENDPOINT_URL`, `AWS_REGION`), except `ROTATOR_STATE_URL`, which replaces
+`state.url` whatever the file says: it may hold the database's password, which the file
+may not.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ from pydantic import ValidationError
 
 from rotator.config.messages import dotted, pydantic_problems
 from rotator.config.models import REDACTED, SECTIONS, Settings
-from rotator.config.rules import raw_problems, vault_login_problems
+from rotator.config.rules import (
+    STATE_URL_ENV,
+    raw_problems,
+    state_url_problems,
+    url_passwords,
+    vault_login_problems,
+)
 from rotator.config.views import RawFields
 from rotator.errors import ConfigError
 from rotator.quoting import kind_of
@@ -154,8 +165,10 @@ def _validate(
     except ValidationError as exc:
         problems.extend(pydantic_problems(exc, sources))
     problems.extend(vault_login_problems(RawFields(Settings, raw), need_vault=need_vault))
+    problems.extend(state_url_problems(RawFields(Settings, data or {})))
     problems.extend(raw_problems(Settings, raw))
     secrets = [_secret_value(raw), env.get("VAULT_TOKEN")]
+    secrets += [*_url_passwords(data or {}), *_url_passwords(raw)]
     return settings, _scrub(_in_file_order(problems), secrets)
 
 
@@ -205,6 +218,12 @@ def _with_env_defaults(
     fill(("vault", "auth"), "token", ("VAULT_TOKEN",))
     fill(("aws",), "endpoint_url", ("AWS_ENDPOINT_URL",))
     fill(("aws",), "region", ("AWS_REGION", "AWS_DEFAULT_REGION"))
+    # Not a default but an override: the deployment's URL (often from a secret, with
+    # its password) wins over the one in the file, which may not hold a password.
+    state = raw.get("state", {})
+    if env.get(STATE_URL_ENV) and isinstance(state, Mapping):
+        raw["state"] = {**state, "url": env[STATE_URL_ENV]}
+        sources["state.url"] = STATE_URL_ENV
     return raw, sources
 
 
@@ -215,6 +234,12 @@ def _secret_value(raw: Mapping[str, Any]) -> object:
     vault = raw.get("vault")
     auth = vault.get("auth") if isinstance(vault, Mapping) else None
     return auth.get("token") if isinstance(auth, Mapping) else None
+
+
+def _url_passwords(raw: Mapping[str, Any]) -> list[str]:
+    state = raw.get("state")
+    url = state.get("url") if isinstance(state, Mapping) else None
+    return url_passwords(url) if isinstance(url, str) else []
 
 
 def _scrub(problems: list[str], secrets: list[object]) -> list[str]:

@@ -1,6 +1,7 @@
 """pydantic's validation errors in the operator's language: `path.in.file: what is wrong`,
 with the value as YAML shows it, a suggestion for a misspelt key, and the environment
-variable a bad value came from. The Vault token is described by its kind, never shown.
+variable a bad value came from. The Vault token and the state store's URL (which may
+hold a password) are described by their kind, never shown.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rotator.quoting import kind_of, shown
 
 __all__ = ["dotted", "pydantic_problems"]
 
-_SECRET_LOCS = {("vault", "auth", "token")}
+_SECRET_LOCS = {("vault", "auth", "token"), ("state", "url")}
 
 _EXPECTED = {
     "string_type": "a string",

@@ -148,10 +148,28 @@ class VaultSettings(_Section):
         return secret_path(self.path_template, account_id, user_name)
 
 
+def _state_url(value: str) -> str:
+    """A PostgreSQL URL as libpq reads it. The value is not repeated in the message:
+    text that is no URL has no password we could find and mask."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "must start with postgresql:// or postgres:// "
+            "(e.g. postgresql://rotator@db.example.com:5432/rotator)"
+        )
+    return value
+
+
+StateUrl = Annotated[str, AfterValidator(_state_url)]
+
+
 class StateSettings(_Section):
-    """The state store. `lease_ttl`: how long a process may hold a rotation unrenewed."""
+    """The state store: SQLite at `path` (one host), or PostgreSQL at `url` when it is set
+    (several daemons sharing the work; `path` is then unused). `url` is hidden from
+    `repr`: it may hold a password, when it comes from ROTATOR_STATE_URL. `lease_ttl`:
+    how long a process may hold a rotation unrenewed."""
 
     path: FilePath = Path("/var/lib/rotator/state.db")
+    url: StateUrl | None = Field(default=None, repr=False)
     lease_ttl: PositiveDuration = timedelta(minutes=5)
 
 
@@ -248,6 +266,8 @@ class Settings(_Section):
         data = self.model_dump(mode="json")
         if data["vault"]["auth"]["token"] is not None:
             data["vault"]["auth"]["token"] = REDACTED
+        if data["state"]["url"] is not None:
+            data["state"]["url"] = rules.redacted_url(data["state"]["url"])
         return data
 
 

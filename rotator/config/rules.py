@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel
 
@@ -31,6 +32,7 @@ from rotator.quoting import quoted
 
 __all__ = [
     "RULE_ERROR",
+    "STATE_URL_ENV",
     "Rule",
     "accounts_listed_once",
     "accounts_or_organization",
@@ -40,7 +42,10 @@ __all__ = [
     "overlap_limit_covers_overlap",
     "path_template_tells_accounts_apart",
     "raw_problems",
+    "redacted_url",
     "role_in_its_account",
+    "state_url_problems",
+    "url_passwords",
     "vault_login_problems",
     "warn_age_within_max_age",
 ]
@@ -174,6 +179,61 @@ def vault_login_problems(settings: Fields, *, need_vault: bool) -> list[str]:
         f"vault.auth: method {quoted(method)} needs {what}"
         for key, what in _LOGIN_NEEDS[method]
         if not auth.given(key) and (key != "token" or need_vault)
+    ]
+
+
+# --- the state store's URL ----------------------------------------------------------------
+
+# The environment variable whose URL replaces `state.url`; unlike the file, it may hold
+# a password (set from a Kubernetes Secret, a systemd credential...).
+STATE_URL_ENV = "ROTATOR_STATE_URL"
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a libpq URL carries, in its user info (`user:password@`) or as a
+    `password` parameter, each as written and as decoded: [] when it holds none."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password is not None else []
+        found += [value for key, value in parse_qsl(parts.query) if key == "password"]
+    except ValueError:
+        return []
+    return [form for p in found if p for form in dict.fromkeys((p, unquote(p)))]
+
+
+def redacted_url(url: str) -> str:
+    """`url` with every password in it replaced by `***`, to show or log."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+        query = parts.query
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key == "password" for key, _ in pairs):
+            redacted = [(k, "***" if k == "password" else v) for k, v in pairs]
+            query = urlencode(redacted, safe="*/", quote_via=quote)
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "(a URL that cannot be read)"
+
+
+def state_url_problems(file: Fields) -> list[str]:
+    """No password is written in `state.url` of the file, where anyone who may read the
+    file reads it; libpq takes it from PGPASSWORD or a password file instead. `file` is
+    what the file says, without the environment: a URL from ROTATOR_STATE_URL may hold
+    one (and a password in the file is refused even when that variable replaces it).
+
+    Checked by the loader, not by the models: only the loader can tell the file from the
+    environment, and settings built with the environment's URL must keep it."""
+    url = file.section("state").get("url")
+    if not isinstance(url, str) or not url_passwords(url):
+        return []
+    return [
+        "state.url: must not hold a password, which anyone who can read this file would "
+        "read: give it in PGPASSWORD or a libpq password file (~/.pgpass, or the file "
+        f"PGPASSFILE names), or set the whole URL in {STATE_URL_ENV}"
     ]
 
 

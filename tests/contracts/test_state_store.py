@@ -27,7 +27,9 @@ from rotator.machine import TERMINAL, State
 from rotator.model import Rotation, RotationReason
 from rotator.ports import StateStore
 from rotator.state import MAX_DEAD_LETTERS, SqliteStateStore
+from rotator.state.postgres import PostgresStateStore
 from rotator.testing import FakeClock, FakeStateStore
+from tests.pgserver import postgres_server, postgres_url  # noqa: F401 - fixtures _postgres uses
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 ACCOUNT = "111122223333"
@@ -41,11 +43,17 @@ def _sqlite(request: pytest.FixtureRequest, clock: FakeClock) -> StateStore:
     return SqliteStateStore(tmp_path / "state.db", clock=clock)
 
 
-# Each entry opens a fresh, empty store whose clock is `clock`. PostgreSQL joins as
-# `"postgres": _postgres`, an opener that takes its server from a session fixture.
+def _postgres(request: pytest.FixtureRequest, clock: FakeClock) -> StateStore:
+    """A fresh database on the session's PostgreSQL server (tests/pgserver.py)."""
+    return PostgresStateStore(request.getfixturevalue("postgres_url"), clock=clock)
+
+
+# Each entry opens a fresh, empty store whose clock is `clock`. A store that needs a
+# server (PostgreSQL) takes it from a session fixture inside its opener.
 STORES: dict[str, Opener] = {
     "fake": lambda request, clock: FakeStateStore(clock),
     "real": _sqlite,
+    "postgres": _postgres,
 }
 
 
