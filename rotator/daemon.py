@@ -256,6 +256,7 @@ class Daemon:
                 pause = min(pause * 2, 30.0)
                 continue
             self.metrics.backend("aws", True)
+            self.metrics.observe_accounts(accounts)
             self._check_vault()
             _log.info("daemon.backends_ok", accounts=accounts, vault=self._vault)
             if self._vault != "ok":

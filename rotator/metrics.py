@@ -6,6 +6,7 @@ rotator observed."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Iterable, Mapping
@@ -17,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rotator.inventory import Inventory
 from rotator.machine import OPEN, TERMINAL, State
-from rotator.model import Decision, Rotation, ScanLease
+from rotator.model import Decision, Rotation, RotationReason, ScanLease
 
 __all__ = ["CONTENT_TYPE_LATEST", "LEAK_EVENT_RESULTS", "LeakEventResult", "Metrics"]
 
@@ -232,15 +233,39 @@ class Metrics:
     def observe_scan_period(self, seconds: float) -> None:
         self.scan_period.set(seconds)
 
+    def observe_accounts(self, accounts: Iterable[str]) -> None:
+        """Create every per-account series at 0 as soon as the accounts are known, so
+        that an alert on `increase()` sees a counter's first step too."""
+        for account in accounts:
+            for reason in RotationReason:
+                self.opened.labels(account=account, reason=reason.value)
+                for state in sorted(TERMINAL):
+                    labels = {"account": account, "reason": reason.value, "result": state.value}
+                    self.finished.labels(**labels)
+            self.leaks_contained.labels(account=account)
+            self.deactivated_in_use.labels(account=account)
+            self.leaked_active.labels(account=account).set(0)
+
     def observe_scan_leases(self, leases: Iterable[ScanLease], held: set[str]) -> None:
         """The scan leases as the store holds them: which accounts this daemon holds
-        (`held`), and when each account was last scanned by any daemon."""
+        (`held`), and when each account was last scanned by any daemon. The key gauges
+        of an account this daemon no longer scans are dropped: the daemon scanning it
+        now exports them, and a stale copy here would disagree."""
         for lease in leases:
             labels = {"account": lease.account_id}
             self.scan_lease_held.labels(**labels).set(1 if lease.account_id in held else 0)
+            if lease.account_id not in held:
+                self._forget_scan(lease.account_id)
             # 0 before the first finished scan: an account never scanned is overdue.
             last = 0.0 if lease.last_scan_at is None else lease.last_scan_at.timestamp()
             self.account_last_scan.labels(**labels).set(last)
+
+    def _forget_scan(self, account: str) -> None:
+        for decision in Decision:
+            with contextlib.suppress(KeyError):
+                self.keys.remove(account, decision.value)
+        with contextlib.suppress(KeyError):
+            self.oldest_active_key_age.remove(account)
 
     def lease_taken_over(self, kind: Literal["scan", "rotation"]) -> None:
         self.lease_takeovers.labels(kind=kind).inc()

@@ -266,3 +266,35 @@ def test_consumers_still_on_the_old_key_are_counted_while_waiting_and_when_cut_o
     metrics.observe_open([cut_off])
     assert _sample(metrics, "rotator_consumers_not_switched", account=ACCOUNT_ID) == 0.0
     assert _sample(metrics, "rotator_deactivated_in_use_total", account=ACCOUNT_ID) == 1.0
+
+
+def test_per_account_series_exist_at_zero_once_the_accounts_are_known() -> None:
+    """After `observe_accounts`, the FAILED counter and the contained-leak counter of
+    each account exist at 0 before anything happened, so `increase()` sees the first
+    step; nothing is created for an account not named."""
+    metrics = Metrics()
+    metrics.observe_accounts([ACCOUNT_ID])
+    labels = {"account": ACCOUNT_ID, "reason": "age", "result": "FAILED"}
+    assert _sample(metrics, "rotator_rotations_finished_total", **labels) == 0.0
+    assert _sample(metrics, "rotator_leaked_keys_contained_total", account=ACCOUNT_ID) == 0.0
+    assert _sample(metrics, "rotator_leaked_keys_contained_total", account="999999999999") is None
+
+
+def test_a_daemon_that_no_longer_scans_an_account_drops_its_key_gauges(tmp_path: Path) -> None:
+    """The key gauges of an account come from the daemon that scans it: once another
+    daemon holds the account's scan lease, this one's copies disappear instead of
+    going stale beside the scanning daemon's."""
+    iam = FakeIam()
+    iam.add_user("alice", keys=[SeedKey(age=timedelta(days=3))])
+    store = FakeStateStore()
+    metrics = Metrics()
+    app = _fleet_app(tmp_path, iam, store, metrics)
+    held = app.hold_scan_leases(timedelta(minutes=3))
+    app.scan_and_open(leases=held)
+    assert _sample(metrics, "rotator_keys", account=ACCOUNT_ID, decision="ok") == 1.0
+    app.release_scan_leases(held)
+    other = _fleet_app(tmp_path, iam, store, Metrics())
+    assert list(other.hold_scan_leases(timedelta(minutes=3))) == [ACCOUNT_ID]
+    assert app.hold_scan_leases(timedelta(minutes=3)) == {}
+    assert _sample(metrics, "rotator_keys", account=ACCOUNT_ID, decision="ok") is None
+    assert _sample(metrics, "rotator_oldest_active_key_age_seconds", account=ACCOUNT_ID) is None
