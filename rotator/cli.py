@@ -637,8 +637,9 @@ def daemon(obj: Context) -> None:
 
     \b
     GET  /healthz   alive
-    GET  /readyz    200 when the state store is writable and a scan succeeded lately:
-                    status "ok", or "degraded" while Vault cannot be used; else 503
+    GET  /readyz    200 when the state store answers and an account was scanned (by
+                    any daemon sharing the store) within two scan periods: status
+                    "ok", or "degraded" while Vault cannot be used; else 503
     GET  /metrics   Prometheus text format
     POST /v1/rotations   rotation trigger (only with http.trigger_token_file)
 
@@ -653,6 +654,13 @@ def daemon(obj: Context) -> None:
     leaks.sqs_queue_url) on a thread of its own that retries with a growing pause, and
     triggered rotations advance on a pool of four. Memory a scan allocated is given
     back to the operating system when it ends.
+
+    Several daemons may share one state store (state.url: PostgreSQL; see the README,
+    "Running several daemons"): each account is scanned by the daemon holding its scan
+    lease, each rotation advanced by the daemon holding its lease, and a daemon that
+    dies is replaced within the lease times. While the state store cannot be reached a
+    daemon does nothing (no scan, tick or leak-queue poll), is not ready, and resumes by
+    itself.
     """
     from rotator.daemon import Daemon
 
