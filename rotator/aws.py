@@ -12,14 +12,17 @@ from __future__ import annotations
 import email.utils
 import threading
 import time
+import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.client import responses as HTTP_REASONS
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 import botocore.session
 
 from rotator.deadlines import IAM_WRITE_ATTEMPTS, iam_connect_timeout
@@ -63,12 +66,46 @@ _DENIED_CODES = frozenset(
     }
 )
 _REPORT_NOT_READY = frozenset({"ReportNotPresent", "ReportInProgress", "ReportExpired"})
+# Statuses below 500 worth another try whatever the code says (a proxy or a load balancer
+# in front of AWS may answer them with a body botocore cannot read): the request timed
+# out before it was taken, or was throttled.
+_RETRYABLE_4XX = frozenset({408, 429})
 # IAM returns at most 1000 entries per page; fewer pages means fewer calls.
 _PAGE = {"PaginationConfig": {"PageSize": 1000}}
 
 
 def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _readable_error(response_dict: Any = None, operation_model: Any = None, **_: Any) -> None:
+    """botocore `before-parse` hook. An error answer that is not XML (a proxy's or load
+    balancer's page, an empty body) makes botocore's XML parsers raise
+    `ResponseParserError`, which keeps no status: a 429 or a 504 would read like a 418.
+    Give such an answer AWS's error document with its status as the code, as botocore
+    does itself for an empty or HTML 5xx, so that `translate` can judge it by status."""
+    if response_dict is None or operation_model is None:
+        return
+    status = response_dict.get("status_code", 0)
+    protocol = operation_model.service_model.resolved_protocol
+    if status < 300 or protocol not in ("query", "rest-xml", "ec2"):
+        return  # JSON protocols already turn any body into an error with the status
+    try:
+        # botocore parses this same body with the same parser right after.
+        ElementTree.fromstring(response_dict.get("body") or b"")  # noqa: S314
+        return
+    except ElementTree.ParseError:
+        pass
+    reason = HTTP_REASONS.get(status, "")
+    response_dict["body"] = (
+        f"<ErrorResponse><Error><Code>{status}</Code><Message>{reason}</Message></Error>"
+        "</ErrorResponse>"
+    ).encode()
+
+
+def _readable_errors(client: Any) -> None:
+    """Hook `_readable_error` into `client`."""
+    client.meta.events.register("before-parse", _readable_error)
 
 
 def translate(
@@ -97,7 +134,16 @@ def translate(
         return BackendUnavailable(f"cannot reach AWS for {action}: {exc}")
     if isinstance(exc, botocore.exceptions.ReadTimeoutError):
         return Transient(f"{action}: read timeout")
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        # botocore refused to send the request (a value IAM cannot take): a bug or bad
+        # input, never worth retrying; and nothing was sent, so nothing was applied.
+        refused = RotatorError(f"{action}: refused before sending: {exc}")
+        refused.answered = refused.not_applied = True
+        return refused
+    if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.parsers.ResponseParserError):
+        # A ResponseParserError left now is a success answer that could not be read (an
+        # error answer is made readable by `_readable_error`): botocore says further
+        # retries may succeed.
         return Transient(f"{action}: {type(exc).__name__}")
     return exc
 
@@ -117,13 +163,17 @@ def _translate_answer(
     if code == "LimitExceeded":
         return CapConflict(f"{action}: {message}")
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if isinstance(status, int) and status >= 500:
+    if isinstance(status, int) and (status >= 500 or status in _RETRYABLE_4XX):
         return Transient(f"{action}: {code}: {message}")
     # An error this code does not know: a bug or a refusal. Stop and say so.
     return RotatorError(f"{action}: refused: {code}: {message}")
 
 
-_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_BOTO_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    botocore.parsers.ResponseParserError,
+)
 
 
 class AwsIam:
@@ -183,6 +233,7 @@ class AwsIam:
     def _client(self, service: str, config: botocore.config.Config, **creds: str) -> Any:
         session: Any = self._session
         client = session.client(service, endpoint_url=self._endpoint_url, config=config, **creds)
+        _readable_errors(client)
         client.meta.events.register("before-send", self._count)
         client.meta.events.register("after-call", self._observe_clock)
         return client
@@ -259,7 +310,7 @@ class AwsIam:
                     f"sts:GetCallerIdentity: new key not accepted yet ({code})"
                 ) from exc
             raise translate(exc, "sts", "GetCallerIdentity") from exc
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, botocore.parsers.ResponseParserError) as exc:
             raise translate(exc, "sts", "GetCallerIdentity") from exc
         return str(ident["Arn"])
 
@@ -313,7 +364,7 @@ class AwsIam:
             if exc.response.get("Error", {}).get("Code") in _REPORT_NOT_READY:
                 return None
             raise translate(exc, "iam", "GetCredentialReport") from exc
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, botocore.parsers.ResponseParserError) as exc:
             raise translate(exc, "iam", "GetCredentialReport") from exc
         content = answer["Content"]
         return content if isinstance(content, bytes) else str(content).encode()
@@ -402,6 +453,7 @@ class AwsQueue:
         )
         boto: Any = session or boto3.session.Session()
         self._sqs = boto.client("sqs", endpoint_url=endpoint_url, config=config)
+        _readable_errors(self._sqs)
 
     def _do(self, operation: str, fn: Callable[[], T]) -> T:
         try:
@@ -462,6 +514,7 @@ class AwsTopic:
         )
         boto: Any = session or boto3.session.Session()
         self._sns = boto.client("sns", endpoint_url=endpoint_url, config=config)
+        _readable_errors(self._sns)
 
     def publish(self, subject: str, message: str) -> None:
         try:
@@ -489,9 +542,11 @@ def assumed_session(
         raise translate(botocore.exceptions.NoCredentialsError(), "sts", "AssumeRole")
 
     def create_client(service: str, **kwargs: Any) -> Any:
-        return source.create_client(
+        client = source.create_client(
             service, region_name=region, endpoint_url=endpoint_url, **kwargs
         )
+        _readable_errors(client)
+        return client
 
     extra: dict[str, Any] = {"RoleSessionName": "rotator"}
     if external_id:
@@ -527,6 +582,7 @@ def organization_accounts(
         endpoint_url=endpoint_url,
         config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 5}),
     )
+    _readable_errors(orgs)
     out: list[str] = []
     try:
         for page in orgs.get_paginator("list_accounts").paginate():

@@ -52,6 +52,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log
 from rotator.app import App, PassResult
+from rotator.backoff import retry_pause
 from rotator.config import Settings
 from rotator.cron import Schedule
 from rotator.errors import BackendUnavailable, ConfigError, RotatorError, Transient
@@ -78,6 +79,7 @@ SCAN_LEASE_TICKS = 3
 SCAN_LEASE_MIN = timedelta(seconds=30)
 LEAK_POLL_WAIT = 5  # seconds one SQS long poll waits for a message
 LEAK_RETRY_CAP = 60.0  # the longest pause after the leak queue failed
+BACKEND_RETRY_CAP = 30.0  # the longest pause between two looks at the backends at start
 
 AppFactory = Callable[[Settings, Metrics, threading.Event], App]
 
@@ -239,7 +241,7 @@ class Daemon:
         pause) until they do or a stop signal arrives. Vault is not waited for: a Vault
         that cannot be used makes the daemon degraded (leaked keys are still contained),
         not unready."""
-        pause = 1.0
+        failures = 0
         while not self._stopping.is_set():
             app = self.app
             self._check_state()
@@ -250,10 +252,11 @@ class Daemon:
             except RotatorError as exc:
                 if self._stopping.is_set():
                     break
+                failures += 1
+                pause = retry_pause(failures, base=1.0, cap=BACKEND_RETRY_CAP)
                 _log.warning("daemon.backend_unavailable", error=str(exc), retry_in=pause)
                 self._systemd.status(f"waiting for backends: {exc}")
                 self._stopping.wait(pause)
-                pause = min(pause * 2, 30.0)
                 continue
             self.metrics.backend("aws", True)
             self.metrics.observe_accounts(accounts)
@@ -495,7 +498,7 @@ class Daemon:
     def _leak_loop(self) -> None:
         """Long-poll the leak queue for as long as the daemon runs. Every failure is
         logged and retried after a growing pause; nothing a message holds stops it."""
-        pause = 1.0
+        failures = 0
         while not self._stopping.is_set():
             app = self.app
             if app.settings.leaks.sqs_queue_url is None or self._state != "ok":
@@ -508,14 +511,17 @@ class Daemon:
                 app.poll_leak_queue(
                     wait_seconds=LEAK_POLL_WAIT, advance=partial(self._replace_later, app)
                 )
-                pause = 1.0
+                failures = 0
                 continue
             except RotatorError as exc:
+                failures += 1
+                pause = retry_pause(failures, base=1.0, cap=LEAK_RETRY_CAP)
                 _log.error("daemon.leak_queue_failed", error=str(exc), retry_in=pause)
             except Exception:  # a bug: say so, keep polling
+                failures += 1
+                pause = retry_pause(failures, base=1.0, cap=LEAK_RETRY_CAP)
                 _log.exception("daemon.leak_queue_crashed", retry_in=pause)
             self._stopping.wait(pause)
-            pause = min(pause * 2, LEAK_RETRY_CAP)
 
     def _replace_later(self, app: App, rotation_ids: list[str]) -> None:
         """Advance leak replacements on their own pool: the poller goes back to the

@@ -2,9 +2,11 @@
 
 Every step reads the real state in IAM and Vault first and does nothing when its effect
 is already there, so rerunning a step after a crash is harmless. The secret of a new key
-lives only in the memory of the call that created it: it goes from `CreateAccessKey`
-straight to Vault, and if the process dies in between, recovery finds the key Vault does
-not hold and deletes it (its secret is lost for good; an unused key must not linger).
+goes from `CreateAccessKey` straight to Vault: until Vault holds it, only the call that
+created it keeps it, and the log scrubber knows it meanwhile (`log.register_secret`) so
+that no log line can show it. It never reaches the state store, an event or an error.
+If the process dies before Vault holds it, recovery finds the key Vault does not hold
+and deletes it (its secret is lost for good; an unused key must not linger).
 
 Invariants this module keeps (DESIGN.md):
   1. never a third key: CREATE runs only with a free slot, re-read just before;
@@ -41,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rotator import log
+from rotator.backoff import retry_pause
 from rotator.deadlines import call_deadline, iam_create_deadline, vault_call_deadline
 from rotator.durations import format_duration
 from rotator.errors import (
@@ -81,17 +84,25 @@ class Timing:
     verify_timeout: timedelta
     lease_ttl: timedelta = timedelta(minutes=5)
     # Retries of transient failures: the delay doubles from `retry_base` up to
-    # `retry_cap`; after `max_attempts` a rotation that holds nothing dangling fails
-    # (a leak rotation never does: its old key is off, the user needs the replacement).
+    # `retry_cap` (`backoff`); after `max_attempts` a rotation that holds nothing
+    # dangling fails (a leak rotation never does: its old key is off, the user needs
+    # the replacement).
     retry_base: timedelta = timedelta(seconds=10)
     retry_cap: timedelta = timedelta(minutes=15)
     max_attempts: int = 8
     # A leak rotation's user may have no working key until the replacement lands: it
     # looks again at least this often.
     leak_retry_cap: timedelta = timedelta(minutes=2)
-    # Vault writes in STORE: tries, and the first pause between them (doubling).
+    # Vault writes in STORE, while the new key's secret is held in memory: tries, and
+    # the pause between them in seconds, doubling from `store_pause` up to
+    # `store_pause_cap` (0.5, 1, 2 with these values).
     store_tries: int = 4
     store_pause: float = 0.5
+    store_pause_cap: float = 2.0
+    # A new key IAM does not accept yet (VERIFY): the next look doubles from this up to
+    # the cap, until `verify_timeout` has passed since the key was stored.
+    verify_retry_base: timedelta = timedelta(seconds=1)
+    verify_retry_cap: timedelta = timedelta(seconds=8)
     # While consumers still use the old key, how often OVERLAP looks again.
     recheck: timedelta = timedelta(minutes=15)
     # The longest one backend call may take (rotator.deadlines): a side effect starts
@@ -130,9 +141,25 @@ class Timing:
         )
 
     def backoff(self, attempts: int, *, leaked: bool = False) -> timedelta:
-        """The pause before retry number `attempts` (1, 2, …): doubling, capped."""
-        delay: timedelta = self.retry_base * (2 ** min(attempts - 1, 30))
-        return min(delay, self.leak_retry_cap if leaked else self.retry_cap)
+        """The pause before a rotation's retry number `attempts` (1, 2, …):
+        `rotator.backoff.retry_pause` from `retry_base`, capped by `retry_cap`, or by
+        `leak_retry_cap` for a leak rotation (its user may have no working key)."""
+        cap = self.leak_retry_cap if leaked else self.retry_cap
+        return _pause(attempts, self.retry_base, cap)
+
+    def verify_backoff(self, attempts: int) -> timedelta:
+        """The pause before VERIFY looks again at a new key IAM did not accept yet."""
+        return _pause(attempts, self.verify_retry_base, self.verify_retry_cap)
+
+    def store_backoff(self, attempt: int) -> float:
+        """Seconds STORE sleeps after its failed Vault write number `attempt` (1, 2, …)."""
+        return retry_pause(attempt, base=self.store_pause, cap=self.store_pause_cap)
+
+
+def _pause(attempt: int, base: timedelta, cap: timedelta) -> timedelta:
+    """`retry_pause` in timedeltas."""
+    seconds = retry_pause(attempt, base=base.total_seconds(), cap=cap.total_seconds())
+    return timedelta(seconds=seconds)
 
 
 # Moves that prove progress (a key is stored, or the rotation ended): only they reset the
@@ -212,8 +239,9 @@ def arn_is_user(arn: str, account_id: str, user_name: str) -> bool:
 
 
 class Engine:
-    """Advances rotations. One engine serves many threads; each rotation is advanced by
-    at most one of them at a time (the lease)."""
+    """Advances rotations. One engine serves every thread of its process; each rotation
+    is advanced by at most one thread at a time, of this process or any other (the
+    lease)."""
 
     def __init__(
         self,
@@ -856,7 +884,6 @@ class Engine:
 
     def _store_new(self, r: Rotation, new: NewKey) -> Rotation:
         path = self._path(r)
-        pause = self._timing.store_pause
         error = ""
         refusal: RotatorError | None = None
         # Whether a write may have outlived its try (no answer came): it may still land.
@@ -872,8 +899,7 @@ class Engine:
                 error = str(exc)
                 _log.warning("vault.write_failed", rotation_id=r.id, attempt=attempt, error=error)
                 if attempt < self._timing.store_tries:
-                    self._sleep(pause)
-                    pause *= 2
+                    self._sleep(self._timing.store_backoff(attempt))
             except RotatorError as exc:
                 # Vault refuses us, the path holds something that is not a key pair, or
                 # someone else's newer key is there: retrying will not help.
@@ -1168,7 +1194,7 @@ class Engine:
             arn = self._iam(r.account_id).caller_arn(held.as_new_key())
         except Transient as exc:
             # A new key is eventually consistent. Come back shortly instead of holding
-            # a worker idle: other rotations can progress meanwhile. The deadline counts
+            # a thread idle: other rotations can progress meanwhile. The deadline counts
             # from when the key was stored, so it holds across processes and restarts.
             now = self.now()
             if now - started >= self._timing.verify_timeout:
@@ -1178,7 +1204,7 @@ class Engine:
                 r,
                 attempts=attempts,
                 last_error=f"new key not accepted yet: {exc}",
-                next_action_at=now + timedelta(seconds=min(2 ** (attempts - 1), 8)),
+                next_action_at=now + self._timing.verify_backoff(attempts),
             )
         if not arn_is_user(arn, r.account_id, r.user_name):
             return self._verify_failed(

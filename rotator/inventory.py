@@ -18,12 +18,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from rotator.backoff import retry_pause
 from rotator.errors import PermissionDenied, Transient
 from rotator.model import AccessKey, IamUser, KeyDecision, KeyStatus
 from rotator.policy import Rules, decide_user, needs_action, quarantine
 from rotator.ports import IamPort
 
 _NO_VALUE = {"N/A", "no_information", "not_supported", ""}
+# Credential-report polling: seconds between polls, doubling from the first to the cap.
+_POLL_PAUSE = 0.2
+_POLL_PAUSE_CAP = 5.0
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,13 @@ def fetch_credential_report(
     timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> bytes:
-    """Generate the report and poll its state with bounded exponential backoff.
+    """Generate the report and poll its state with bounded exponential backoff
+    (`retry_pause`: 0.2 s doubling up to 5 s); `Transient` once the pauses between
+    polls add up to `timeout` seconds.
 
     AWS reuses a report younger than four hours, so this is usually one call to
     generate and one to fetch."""
-    delay, waited = 0.2, 0.0
+    waited, polls = 0.0, 0
     while True:
         state = iam.generate_credential_report()
         if state == "COMPLETE":
@@ -88,9 +94,10 @@ def fetch_credential_report(
                 return content
         if waited >= timeout:
             raise Transient(f"credential report not ready after {timeout:g}s (state {state})")
-        sleep(delay)
-        waited += delay
-        delay = min(delay * 2, 5.0)
+        polls += 1
+        pause = retry_pause(polls, base=_POLL_PAUSE, cap=_POLL_PAUSE_CAP)
+        sleep(pause)
+        waited += pause
 
 
 def _seconds(moment: datetime) -> datetime:

@@ -6,8 +6,9 @@ Secrets must never reach a log line. Three layers keep them out:
   - `redact` drops any field whose name says it holds a secret and scrubs every value
     registered with `register_secret` (each new key's secret, from CreateAccessKey until
     the rotation no longer holds it, `forget_secret`);
-  - botocore's loggers are held at INFO or above: at DEBUG they print response bodies,
-    and a `CreateAccessKey` body holds the secret.
+  - botocore's loggers (and the other libraries' in `_QUIET_LOGGERS`) are held at
+    WARNING or above, whatever the configured level: at DEBUG botocore prints response
+    bodies, and a `CreateAccessKey` body holds the secret.
 Exceptions are rendered without local variables, which may hold a secret.
 """
 
@@ -93,8 +94,8 @@ def configure(
     fields: Mapping[str, str] | None = None,
 ) -> None:
     """Set up structlog and the standard library. `fmt` is "json", "console", or None
-    (console on a TTY, JSON otherwise). `fields` go into every line of this process
-    (a worker names its job)."""
+    (console on a TTY, JSON otherwise). `fields` go into every line this process writes
+    (none by default)."""
     out = stream or sys.stderr
     if fmt is None:
         fmt = "console" if out.isatty() else "json"

@@ -1,10 +1,12 @@
 """Notifications: a Slack-compatible webhook and an SNS topic, on done, failed,
 blocked, leaked_contained and consumers_not_switched.
 
-Sending happens on a background thread with retries and backoff, so a slow or broken
-receiver never blocks a rotation. Texts are built from user names, key ids and states
-only, and pass through the log scrubber once more before they leave: no secret is ever
-sent.
+Sending happens on a background thread, so a slow or broken receiver never blocks a
+rotation. A send that failed for a passing reason (`Transient`: a 5xx, 408 or 429
+answer, a timeout, an unreachable receiver) is retried with backoff; a refusal (any
+other 4xx: a wrong URL, a revoked webhook) is not, since sending again cannot help.
+Texts are built from user names, key ids and states only, and pass through the log
+scrubber once more before they leave: no secret is ever sent.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rotator import log
-from rotator.errors import RotatorError
+from rotator.backoff import retry_pause
+from rotator.errors import BackendUnavailable, RotatorError, Transient
 from rotator.model import Rotation
 
 _log = log.get_logger("rotator.notify")
@@ -58,7 +61,8 @@ def message_for(event: str, rotation: Rotation, text: str) -> Message:
 
 class WebhookSender:
     """POSTs `{"text": ..., ...}`: the shape Slack, Mattermost and Teams incoming
-    webhooks accept."""
+    webhooks accept. Raises `Transient` when sending again later may work, and a
+    plain `RotatorError` when the receiver refused the message."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self._url = url
@@ -74,9 +78,26 @@ class WebhookSender:
             with urllib.request.urlopen(request, timeout=self._timeout) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
-            raise RotatorError(f"webhook answered HTTP {exc.code}") from exc
-        except OSError as exc:
-            raise RotatorError(f"webhook unreachable: {exc.__class__.__name__}") from exc
+            raise _answered(exc.code) from exc
+        except OSError as exc:  # URLError, a timeout, a connection reset
+            raise BackendUnavailable(f"webhook unreachable: {exc.__class__.__name__}") from exc
+
+
+# Answers below 500 that are worth another try: the request timed out, or was throttled.
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+def _answered(status: int) -> RotatorError:
+    """The error for a webhook's non-2xx answer. Any 4xx but 408 and 429 is a refusal
+    (a wrong or revoked URL, a body it does not take): retrying cannot help."""
+    error: RotatorError
+    if status >= 500 or status in _RETRYABLE_4XX:
+        error = Transient(f"webhook answered HTTP {status}")
+    else:
+        error = RotatorError(f"webhook refused the message: HTTP {status}")
+    error.answered = True
+    error.not_applied = 400 <= status < 500
+    return error
 
 
 class TopicSender:
@@ -88,8 +109,11 @@ class TopicSender:
 
 
 class Dispatcher:
-    """`rotator.ports.Notifier`: queues messages and sends them from one worker thread,
-    each sender retried with exponential backoff, then given up with an error log."""
+    """`rotator.ports.Notifier`: queues messages and sends them from one background
+    thread. A sender that fails with `Transient` is tried up to `tries` times, pausing
+    `retry_pause` seconds between tries (from `first_pause`, doubling, at most
+    `max_pause`: 1, 2, 4 s by default); any other failure, a refusal or a bug, is
+    given up at once. Either way an error is logged, and nothing reaches a rotation."""
 
     def __init__(
         self,
@@ -97,11 +121,13 @@ class Dispatcher:
         *,
         tries: int = 4,
         first_pause: float = 1.0,
+        max_pause: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._senders = list(senders)
         self._tries = tries
         self._first_pause = first_pause
+        self._max_pause = max_pause
         self._sleep = sleep
         self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=1000)
         self._thread: threading.Thread | None = None
@@ -136,25 +162,29 @@ class Dispatcher:
                 self._queue.task_done()
 
     def _send(self, sender: Callable[[Message], None], message: Message) -> None:
-        pause = self._first_pause
+        user = message.fields["user_name"]
         for attempt in range(1, self._tries + 1):
             try:
                 sender(message)
-                _log.info(
-                    "notify.sent", notify_event=message.event, user=message.fields["user_name"]
-                )
-                return
-            except Exception as exc:  # a receiver's failure must never reach a rotation
+            except Transient as exc:
                 _log.warning(
                     "notify.retry", notify_event=message.event, attempt=attempt, error=str(exc)
                 )
                 if attempt < self._tries:
-                    self._sleep(pause)
-                    pause *= 2
-        _log.error("notify.gave_up", notify_event=message.event, user=message.fields["user_name"])
+                    self._sleep(retry_pause(attempt, base=self._first_pause, cap=self._max_pause))
+                continue
+            except Exception as exc:  # a receiver's failure must never reach a rotation
+                error = str(exc)
+                if not isinstance(exc, RotatorError):
+                    error = f"unexpected {type(exc).__name__}: {exc}"  # a bug: say so
+                _log.error("notify.refused", notify_event=message.event, user=user, error=error)
+                return
+            _log.info("notify.sent", notify_event=message.event, user=user)
+            return
+        _log.error("notify.gave_up", notify_event=message.event, user=user)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Send what is queued (up to `timeout` seconds), then stop the worker."""
+        """Send what is queued (up to `timeout` seconds), then stop the sending thread."""
         with self._lock:
             thread = self._thread
         if thread is None:

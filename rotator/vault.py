@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import hvac
+import hvac.adapters
 import hvac.exceptions
 import requests
 import requests.adapters
@@ -236,6 +237,38 @@ def build_auth(
 # ---------------------------------------------------------------------- errors
 
 
+class _StatusAdapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]
+    """hvac's JSON adapter, except that an error raised for an answer keeps its HTTP
+    status in `status_code`. hvac's exceptions carry none, and one class,
+    `UnexpectedError`, stands for every status hvac has no class for: a 504 from a load
+    balancer (worth a retry) and a 405 (a refusal) would read alike."""
+
+    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> None:
+        try:
+            super()._raise_for_error(method, url, response)
+        except hvac.exceptions.VaultError as exc:
+            exc.status_code = response.status_code
+            raise
+
+
+# Vault's answers below 500 that are worth another try: the request timed out (408, a
+# proxy's), a performance standby has not caught up yet (412: Vault's documentation says
+# to retry it, with a little backoff), or a rate limit quota was hit (429).
+_RETRYABLE_4XX = frozenset({408, 412, 429})
+
+
+def _status(exc: hvac.exceptions.VaultError) -> int | None:
+    """The HTTP status of Vault's answer (`_StatusAdapter` records it)."""
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _refused(error: RotatorError) -> RotatorError:
+    """Mark `error` as Vault's refusal: it answered, and the call had no effect."""
+    error.answered = error.not_applied = True
+    return error
+
+
 def _vault_errors(exc: hvac.exceptions.VaultError) -> str:
     """Vault's own error strings, flattened. Only `errors` is used: hvac puts the whole
     response body in the message when `errors` is absent, and a body can hold data."""
@@ -261,12 +294,16 @@ def _reason(exc: requests.RequestException) -> str:
 
 def _translate(exc: Exception, url: str, action: str, resource: str) -> RotatorError:
     """One hvac/requests error as the project's own. The caller chains it `from exc`.
-    An hvac error is Vault's own answer (`answered`); a 4xx one refused the call."""
+    An hvac error is Vault's own answer (`answered`); a 4xx one refused the call.
+
+    Retry vocabulary: `Transient` for a sealed, unavailable or overloaded Vault (5xx,
+    408, 412, 429), a timeout or a connection error; a 4xx this module does not know is
+    a refusal, a plain `RotatorError`: a bug or a misconfiguration, never retried."""
     translated = _translate_kind(exc, url, action, resource)
     if isinstance(exc, hvac.exceptions.VaultError):
         translated.answered = True
-        status = getattr(exc, "status_code", None) or getattr(exc, "code", None)
-        translated.not_applied = isinstance(status, int) and 400 <= status < 500
+        status = _status(exc)
+        translated.not_applied = status is not None and 400 <= status < 500
     return translated
 
 
@@ -283,6 +320,7 @@ def _translate_kind(exc: Exception, url: str, action: str, resource: str) -> Rot
     if not isinstance(exc, hvac.exceptions.VaultError):
         return RotatorError(f"Vault at {url}: {action} on {resource} failed ({type(exc).__name__})")
     detail = _vault_errors(exc)
+    status = _status(exc)
     if isinstance(exc, hvac.exceptions.VaultDown):
         # 503: sealed, or no active node (leader election): nothing works until it ends.
         return BackendUnavailable(f"Vault at {url} is sealed or unavailable: {detail or '503'}")
@@ -295,16 +333,19 @@ def _translate_kind(exc: Exception, url: str, action: str, resource: str) -> Rot
             hvac.exceptions.InternalServerError,
             hvac.exceptions.BadGateway,
         ),
-    ):
+    ) or (status is not None and (status >= 500 or status in _RETRYABLE_4XX)):
         return Transient(
-            f"Vault at {url}: {action} on {resource} failed: {detail or type(exc).__name__}"
+            f"Vault at {url}: {action} on {resource} failed: "
+            f"{detail or status or type(exc).__name__}"
         )
     if isinstance(exc, (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized)):
         return PermissionDenied(action, resource)
     if isinstance(exc, hvac.exceptions.InvalidPath):
         return NotFound(f"Vault at {url}: {resource} not found: {detail or '404'}")
+    # A 4xx this module does not know (405, 409, 413...): a bug or a refusal. Stop and
+    # say so.
     return RotatorError(
-        f"Vault at {url}: {action} on {resource} refused: {detail or type(exc).__name__}"
+        f"Vault at {url}: {action} on {resource} refused: {detail or status or type(exc).__name__}"
     )
 
 
@@ -366,8 +407,12 @@ class VaultStore:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, connections))
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        self._client: Any = hvac.Client(url=self.url, token="", timeout=timeout, session=session)
-        self._login_client: Any = hvac.Client(url=self.url, token="", timeout=timeout)
+        self._client: Any = hvac.Client(
+            url=self.url, token="", timeout=timeout, session=session, adapter=_StatusAdapter
+        )
+        self._login_client: Any = hvac.Client(
+            url=self.url, token="", timeout=timeout, adapter=_StatusAdapter
+        )
         self._lock = threading.RLock()
         self._token: str | None = None
         self._lifetime: _Lifetime | None = None
@@ -417,8 +462,7 @@ class VaultStore:
                 f"Vault secret {resource} (version {version}) lacks "
                 f"{ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
             )
-            unusable.answered = unusable.not_applied = True  # Vault answered the read
-            raise unusable
+            raise _refused(unusable)  # Vault answered the read
         custom = meta.get("custom_metadata") or {}
         return StoredSecret(
             access_key_id=key_id,
@@ -442,8 +486,7 @@ class VaultStore:
                         f"Vault secret {resource} is no longer at version {cas}: "
                         "someone else wrote it"
                     )
-                    conflict.answered = conflict.not_applied = True
-                    raise conflict from exc
+                    raise _refused(conflict) from exc
                 raise
 
         resp = self._call(op, action="vault:create/update", resource=resource)
@@ -582,7 +625,7 @@ class VaultStore:
                 if verdict == "retry":
                     continue
                 detail = "the Vault token is invalid or expired" if verdict == "dead" else ""
-                raise PermissionDenied(action, resource, detail) from exc
+                raise _refused(PermissionDenied(action, resource, detail)) from exc
             except (hvac.exceptions.VaultError, requests.RequestException) as exc:
                 raise _translate(exc, self.url, action, resource) from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -692,8 +735,11 @@ class VaultStore:
 
     def _dead_token(self) -> NoReturn:
         self._lifetime = None
-        raise PermissionDenied(
-            "vault:read",
-            "auth/token/lookup-self",
-            "the Vault token is invalid or expired (or lacks the default policy)",
+        # Vault refused the token: the call it was for is not sent, or was refused.
+        raise _refused(
+            PermissionDenied(
+                "vault:read",
+                "auth/token/lookup-self",
+                "the Vault token is invalid or expired (or lacks the default policy)",
+            )
         )

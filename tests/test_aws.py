@@ -3,15 +3,26 @@ not paginate users) and against the moto server."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from botocore.stub import Stubber
 
 from rotator.aws import AwsIam
-from rotator.errors import BackendUnavailable, CapConflict, NotFound, PermissionDenied, Transient
+from rotator.errors import (
+    BackendUnavailable,
+    CapConflict,
+    NotFound,
+    PermissionDenied,
+    RotatorError,
+    Transient,
+)
 from rotator.model import KeyStatus
 from rotator.sandbox import LocalAws, SeedKey, free_port
+from tests.faultproxy import Action, DropAfterApply, FaultProxy, Respond, aws_action, aws_error
+
+MakeProxy = Callable[[str], FaultProxy]
 
 ACCOUNT = "123456789012"
 
@@ -158,3 +169,143 @@ def test_missing_user_is_not_found(aws: LocalAws) -> None:
     iam = AwsIam(region="us-east-1", endpoint_url=aws.endpoint_url)
     with pytest.raises(NotFound):
         iam.user_details("nobody")
+
+
+# --- the retry vocabulary, against moto through the fault-injecting proxy ------------
+
+
+def proxied(aws: LocalAws, fault_proxy: MakeProxy, reply: Action) -> tuple[AwsIam, FaultProxy]:
+    """An AwsIam whose ListAccessKeys calls get `reply` from the proxy in front of moto
+    (one attempt: what the SDK's own retries would do is not the question here)."""
+    aws.add_user("alice", keys=[SeedKey(timedelta(days=3))])
+    proxy = fault_proxy(aws.endpoint_url)
+    proxy.add(aws_action("ListAccessKeys"), reply)
+    return AwsIam(region="us-east-1", endpoint_url=proxy.url, max_attempts=1), proxy
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        aws_error("ValidationError", 400),
+        aws_error("InvalidInput", 400),
+        aws_error("OptInRequired", 403),
+        aws_error("NoSuchFeature", 404),
+        aws_error("MalformedSomething", 422),
+        Respond(418, b"I'm a teapot"),
+        Respond(403, b"<!DOCTYPE html><html><body>Blocked by policy<br></body></html>"),
+    ],
+    ids=[
+        "ValidationError",
+        "InvalidInput",
+        "OptInRequired-403",
+        "unknown-404",
+        "422",
+        "418-plain",
+        "403-proxy-page",
+    ],
+)
+def test_an_unknown_4xx_is_a_refusal_never_retried(
+    aws: LocalAws, fault_proxy: MakeProxy, reply: Action
+) -> None:
+    """A 4xx whose code aws.py does not know, or that is not AWS's XML at all (a proxy's
+    page), is a bug or a refusal: a plain RotatorError (not Transient, so nobody retries
+    it), marked answered and not applied, naming the action; the call was sent once."""
+    iam, proxy = proxied(aws, fault_proxy, reply)
+    with pytest.raises(RotatorError) as info:
+        iam.list_access_keys("alice")
+    assert not isinstance(info.value, Transient)
+    assert type(info.value) is RotatorError
+    assert (info.value.answered, info.value.not_applied) == (True, True)
+    assert "iam:ListAccessKeys: refused" in str(info.value)
+    assert iam.calls["iam:ListAccessKeys"] == 1
+    assert len(proxy.outcomes(aws_action("ListAccessKeys"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "not_applied"),
+    [
+        (aws_error("Throttling", 400), True),
+        (Respond(429, b"Too Many Requests"), True),
+        (Respond(429, b""), True),
+        (aws_error("SlowDownPlease", 429), True),
+        (Respond(408, b"Request Timeout"), True),
+        (aws_error("ServiceFailure", 500), False),
+        (aws_error("SomethingBroke", 500), False),
+        (Respond(502, b"Bad Gateway"), False),
+        (Respond(504, b"Gateway Timeout"), False),
+    ],
+    ids=[
+        "Throttling",
+        "429-plain",
+        "429-empty",
+        "429-unknown-code",
+        "408",
+        "500",
+        "500-unknown",
+        "502",
+        "504",
+    ],
+)
+def test_throttling_timeouts_and_5xx_are_transient(
+    aws: LocalAws, fault_proxy: MakeProxy, reply: Action, not_applied: bool
+) -> None:
+    """Throttling (by code, or a 429 whatever its code or body), a 408 and any 5xx are
+    Transient: worth retrying later. A 5xx may have been applied; a 408 or 429 was not."""
+    iam, _ = proxied(aws, fault_proxy, reply)
+    with pytest.raises(Transient) as info:
+        iam.list_access_keys("alice")
+    assert info.value.answered
+    assert info.value.not_applied is not_applied
+
+
+def test_a_success_answer_that_cannot_be_read_is_transient_not_a_botocore_error(
+    aws: LocalAws, fault_proxy: MakeProxy
+) -> None:
+    """A 200 whose body is not IAM's XML (a proxy's page): Transient, the project's own
+    error, with botocore's only as the cause."""
+    iam, _ = proxied(aws, fault_proxy, Respond(200, b"<html>Welcome to the hotel wifi"))
+    with pytest.raises(Transient) as info:
+        iam.list_access_keys("alice")
+    assert type(info.value).__module__ == "rotator.errors"
+    assert type(info.value.__cause__).__module__.startswith("botocore")
+
+
+def test_a_connection_closed_before_the_answer_is_transient_and_may_have_been_applied(
+    aws: LocalAws, fault_proxy: MakeProxy
+) -> None:
+    """IAM applied the call but the answer never came: Transient (BackendUnavailable),
+    neither answered nor known to be unapplied."""
+    iam, _ = proxied(aws, fault_proxy, DropAfterApply())
+    with pytest.raises(BackendUnavailable) as info:
+        iam.list_access_keys("alice")
+    assert (info.value.answered, info.value.not_applied) == (False, False)
+
+
+def test_the_known_4xx_codes_keep_their_own_errors_through_a_real_answer(
+    aws: LocalAws, fault_proxy: MakeProxy
+) -> None:
+    """The 4xx codes aws.py knows stay what they mean (not a generic refusal): the key
+    cap is CapConflict, a missing user NotFound, AccessDenied PermissionDenied."""
+    for reply, error in (
+        (aws_error("LimitExceeded", 409), CapConflict),
+        (aws_error("NoSuchEntity", 404), NotFound),
+        (aws_error("AccessDenied", 403), PermissionDenied),
+    ):
+        iam, proxy = proxied(aws, fault_proxy, reply)
+        with pytest.raises(error) as info:
+            iam.list_access_keys("alice")
+        assert not isinstance(info.value, Transient)
+        assert info.value.not_applied
+        proxy.close()
+        aws.reset()
+
+
+def test_a_request_botocore_refuses_to_send_is_not_retried() -> None:
+    """A value IAM cannot take (an empty user name) is refused by botocore before it is
+    sent: a plain RotatorError, not Transient, and certainly not applied."""
+    iam = AwsIam(region="us-east-1", endpoint_url="http://127.0.0.1:9", account_id=ACCOUNT)
+    with pytest.raises(RotatorError) as info:
+        iam.list_access_keys("")
+    assert not isinstance(info.value, Transient)
+    assert info.value.not_applied
+    assert iam.calls["iam:ListAccessKeys"] == 0

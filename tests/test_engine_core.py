@@ -277,3 +277,41 @@ def test_a_key_whose_vault_write_may_still_land_is_kept_then_deleted_and_replace
     rig.assert_vault_serves_the_users_one_active_key("finn", done)
     notes = [e.reason for e in rig.store.events(opened.id)]
     assert any(first_key in n and "never reached Vault" in n for n in notes)
+
+
+def test_rotation_retries_wait_10s_doubling_to_15min_and_leak_retries_at_most_2min() -> None:
+    """The engine's retry schedule (`Timing.backoff`, on `rotator.backoff.retry_pause`):
+    from `retry_base` doubling up to `retry_cap`, or up to `leak_retry_cap` for a leak
+    rotation, whose user may have no working key meanwhile; VERIFY looks again after
+    1, 2, 4, then every 8 seconds."""
+    s = timedelta(seconds=1)
+    assert [TIMING.backoff(n) for n in range(1, 10)] == [
+        s * x for x in (10, 20, 40, 80, 160, 320, 640, 900, 900)
+    ]
+    assert [TIMING.backoff(n, leaked=True) for n in range(1, 6)] == [
+        s * x for x in (10, 20, 40, 80, 120)
+    ]
+    assert TIMING.backoff(10**6) == TIMING.retry_cap
+    assert [TIMING.verify_backoff(n) for n in range(1, 6)] == [s * x for x in (1, 2, 4, 8, 8)]
+
+
+def test_store_retries_a_failed_vault_write_after_half_a_second_then_one_then_two(
+    rig: Rig,
+) -> None:
+    """STORE tries the Vault write `store_tries` (4) times, sleeping 0.5, 1 and 2 seconds
+    between tries (`Timing.store_backoff`), before it leaves the key to recovery."""
+    [old] = rig.iam.add_user("gail", keys=[SeedKey(120 * D)])
+    opened = rig.open("gail", old.access_key_id)
+    writes: list[str] = []
+
+    def writes_fail(operation: str) -> None:
+        if operation == "vault:write":
+            writes.append(operation)
+            raise BackendUnavailable("Vault connection closed before an answer")
+
+    rig.secrets.before_call = writes_fail
+    pending = rig.engine().advance(opened.id)
+
+    assert pending.state is State.STORE
+    assert len(writes) == TIMING.store_tries == 4
+    assert rig.clock.slept == [0.5, 1.0, 2.0]

@@ -34,6 +34,9 @@ from rotator.vault import (
     build_auth,
 )
 from tests.conftest import VaultTarget
+from tests.faultproxy import Action, FaultProxy, Respond, vault_error, vault_path
+
+MakeProxy = Callable[[str], FaultProxy]
 
 TEMPLATE = "aws/{account_id}/{user_name}"
 META = {
@@ -603,3 +606,79 @@ def test_every_error_is_a_rotator_error_never_an_hvac_type(vault: VaultTarget) -
     assert type(info.value).__module__ == "rotator.errors"
     assert info.value.__cause__ is not None
     assert type(info.value.__cause__).__module__.startswith("hvac")
+
+
+# --- the retry vocabulary, against OpenBao through the fault-injecting proxy ---------
+
+
+def proxied_store(
+    vault: VaultTarget, fault_proxy: MakeProxy, method: str, reply: Action
+) -> tuple[VaultStore, str]:
+    """A VaultStore whose KV data calls with `method` get `reply` from the proxy in front
+    of OpenBao (every other call reaches it), and the path it reads and writes."""
+    proxy = fault_proxy(vault.addr)
+    proxy.add(vault_path(method, rf"/v1/{vault.mount}/data/"), reply)
+    store = VaultStore(proxy.url, vault.mount, TEMPLATE, TokenAuth(vault.token), timeout=5)
+    return store, store.path_for("123456789012", "alice")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["read", "write"])
+@pytest.mark.parametrize("status", [400, 405, 409, 413, 418, 422])
+def test_an_unknown_4xx_from_vault_is_a_refusal_never_retried(
+    vault: VaultTarget, fault_proxy: MakeProxy, status: int, method: str
+) -> None:
+    """A 4xx vault.py does not know (not a CAS mismatch, 403 or 404) is a bug or a
+    refusal: a plain RotatorError, not Transient, marked answered and not applied, saying
+    "refused"; for a read and for a write alike."""
+    store, path = proxied_store(vault, fault_proxy, method, vault_error(status, ["unsupported"]))
+    key = new_key()
+    call: Callable[[], object] = (
+        (lambda: store.read(path))
+        if method == "GET"
+        else (lambda: store.write(path, key, META, cas=0))
+    )
+    with pytest.raises(RotatorError) as info:
+        call()
+    assert type(info.value) is RotatorError
+    assert (info.value.answered, info.value.not_applied) == (True, True)
+    assert "refused" in str(info.value)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        vault_error(412, ["required index state not present"]),
+        vault_error(429, ["request path kv/data/x: rate limit quota exceeded"]),
+        vault_error(500, ["internal error"]),
+        vault_error(502, ["bad gateway"]),
+        Respond(504, b"Gateway Timeout", {"Content-Type": "text/plain"}),
+        Respond(408, b"Request Timeout", {"Content-Type": "text/plain"}),
+    ],
+    ids=["412", "429", "500", "502", "504-load-balancer", "408-proxy"],
+)
+def test_overload_timeouts_and_5xx_from_vault_are_transient(
+    vault: VaultTarget, fault_proxy: MakeProxy, reply: Respond
+) -> None:
+    """A 5xx (whatever hvac calls it: a 504 is its `UnexpectedError`), a 412 from a
+    standby that has not caught up, a rate limit (429) and a 408 are Transient: worth a
+    retry. A 5xx may have been applied; a 4xx was not."""
+    store, path = proxied_store(vault, fault_proxy, "GET", reply)
+    with pytest.raises(Transient) as info:
+        store.read(path)
+    assert info.value.answered
+    assert info.value.not_applied is (reply.status < 500)
+    assert vault.token not in str(info.value)
+
+
+def test_a_write_vault_forbids_is_a_refusal_marked_not_applied(
+    vault: VaultTarget, fault_proxy: MakeProxy
+) -> None:
+    """A 403 on the write (the token lives; its policy forbids it) is PermissionDenied,
+    not Transient, marked as Vault's answer and not applied: the key is not stored and
+    no write of it can land later."""
+    store, path = proxied_store(vault, fault_proxy, "POST", vault_error(403, ["permission denied"]))
+    with pytest.raises(PermissionDenied) as info:
+        store.write(path, new_key(), META, cas=0)
+    assert (info.value.answered, info.value.not_applied) == (True, True)
+    assert store.current_version(path) == 0
