@@ -912,3 +912,261 @@ def _mebibytes(quantity: str) -> int:
     """A Kubernetes memory quantity in Mi or Gi, as MiB."""
     number, unit = quantity[:-2], quantity[-2:]
     return int(number) * {"Mi": 1, "Gi": 1024}[unit]
+
+
+# --- several daemons on one PostgreSQL: Kubernetes fleet and the systemd drop-in --------
+
+FLEET_DIR = K8S_DIR / "fleet"
+FLEET_SECRET_TEMPLATE = FLEET_DIR / "database-secret.yaml.example"
+POSTGRES_DROP_IN = "rotator.service.d/postgres.conf"
+# postgresql://USER@HOST:PORT/DB: a user and no password (no ":" before the "@").
+_PASSWORDLESS_URL = re.compile(r"postgresql://(?P<user>[^:@/\s]+)@(?P<host>[^:/@\s]+):5432/\w+")
+
+
+def _fleet_manifests() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every document of fleet/*.yaml and of the Secret template."""
+    for path in [*sorted(FLEET_DIR.glob("*.yaml")), FLEET_SECRET_TEMPLATE]:
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if document is not None:
+                yield path.name, document
+
+
+def _fleet_kind(kind: str) -> dict[str, Any]:
+    (found,) = [doc for _, doc in _fleet_manifests() if doc["kind"] == kind]
+    return found
+
+
+def _fleet_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = _fleet_kind("Deployment")["spec"]["template"]["spec"]
+    return pod
+
+
+def test_fleet_manifests_parse_and_name_their_kind() -> None:
+    """fleet/ holds a ConfigMap, a Deployment, a PodDisruptionBudget and a Secret template,
+    each a named object, and no PersistentVolumeClaim."""
+    kinds = {doc["kind"]: name for name, doc in _fleet_manifests()}
+    assert kinds == {
+        "ConfigMap": "configmap.yaml",
+        "Deployment": "deployment.yaml",
+        "PodDisruptionBudget": "poddisruptionbudget.yaml",
+        "Secret": "database-secret.yaml.example",
+    }
+    for _, doc in _fleet_manifests():
+        assert doc["apiVersion"]
+        assert doc["metadata"]["name"]
+
+
+def test_fleet_deployment_runs_several_daemons_without_a_volume_claim() -> None:
+    """replicas > 1 with rolling updates, no PVC among the volumes, and the single
+    daemon's security contexts, probes, ports, resources and service account."""
+    spec = _fleet_kind("Deployment")["spec"]
+    assert spec["replicas"] > 1
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    pod = _fleet_pod()
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    single_pod = _kind("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (single,) = single_pod["containers"]
+    assert pod["securityContext"] == single_pod["securityContext"]
+    assert pod["serviceAccountName"] == single_pod["serviceAccountName"]
+    same = ("image", "args", "securityContext", "resources", "ports")
+    for key in (*same, "livenessProbe", "readinessProbe"):
+        assert container[key] == single[key], key
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert not [m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/rotator"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_fleet_takes_the_state_url_and_password_from_the_database_secret() -> None:
+    """ROTATOR_STATE_URL and PGPASSWORD come from the Secret rotator-database (keys url and
+    password, both in the template); no environment value is written in the manifest."""
+    (container,) = _fleet_pod()["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    secret = _fleet_kind("Secret")
+    for name, key in (("ROTATOR_STATE_URL", "url"), ("PGPASSWORD", "password")):
+        assert "value" not in env[name], name
+        reference = env[name]["valueFrom"]["secretKeyRef"]
+        assert reference == {"name": secret["metadata"]["name"], "key": key}
+        assert key in secret["stringData"]
+    assert secret["metadata"]["name"] == "rotator-database"
+    literal = [e["value"] for e in container["env"] if "value" in e]
+    assert not [v for v in literal if "postgres" in v.lower()]
+
+
+def test_fleet_secret_template_holds_placeholders_only_and_is_not_applied_with_the_rest() -> None:
+    """The template's URL names a user and a placeholder host with no password, its
+    password is an obvious placeholder, and its file name is not *.yaml, so `kubectl
+    apply -f fleet/` cannot overwrite the real Secret with it."""
+    data = _fleet_kind("Secret")["stringData"]
+    url = _PASSWORDLESS_URL.fullmatch(data["url"])
+    assert url is not None, data["url"]
+    assert (url["user"], url["host"]) == ("rotator", "HOST")
+    assert data["password"].startswith("REPLACE-")
+    assert "PLACEHOLDER" in FLEET_SECRET_TEMPLATE.read_text(encoding="utf-8")
+    assert FLEET_SECRET_TEMPLATE.suffix not in (".yaml", ".yml", ".json")
+
+
+def test_fleet_config_is_valid_and_leaves_the_state_store_to_the_environment() -> None:
+    """The fleet ConfigMap's rotator.yaml sets neither state.url nor state.path (no volume
+    holds an SQLite file) and validates with the Secret's ROTATOR_STATE_URL, which becomes
+    state.url; it is mounted where ROTATOR_CONFIG points, and the secret id path agrees
+    with the Vault Secret's mount."""
+    configmap = _fleet_kind("ConfigMap")
+    raw = yaml.safe_load(configmap["data"]["rotator.yaml"])
+    assert "url" not in raw["state"]
+    assert "path" not in raw["state"]
+    url = _fleet_kind("Secret")["stringData"]["url"]
+    settings = parse_settings(raw, {"ROTATOR_STATE_URL": url})
+    assert settings.state.url == url
+    assert parse_settings(raw, {}).state.url is None
+    assert settings.http.listen == "0.0.0.0:9464"
+    pod = _fleet_pod()
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    config_file = PurePosixPath(str(env["ROTATOR_CONFIG"]))
+    assert mounts[str(config_file.parent)]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert config_file.name in configmap["data"]
+    secret_file = PurePosixPath(str(settings.vault.auth.secret_id_file))
+    secret_volume = mounts[str(secret_file.parent)]["secret"]
+    assert [i["path"] for i in secret_volume["items"]] == [secret_file.name]
+
+
+def test_fleet_pods_spread_over_nodes_and_one_survives_voluntary_disruptions() -> None:
+    """Pod anti-affinity prefers different nodes for pods of this Deployment, and a
+    PodDisruptionBudget keeps at least one of them (selecting the same pods)."""
+    pod_labels = _fleet_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    preferred = _fleet_pod()["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    by_topology = {term["podAffinityTerm"]["topologyKey"]: term for term in preferred}
+    node = by_topology["kubernetes.io/hostname"]["podAffinityTerm"]
+    assert node["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    budget = _fleet_kind("PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_postgres_drop_in_sets_the_url_and_hands_libpq_a_private_password_file() -> None:
+    """The drop-in sets ROTATOR_STATE_URL to a password-less postgresql:// URL, loads
+    /etc/rotator/pgpass as a credential and points PGPASSFILE at the service's copy; its
+    comments give the file's mode (0600) and format."""
+    service = _unit(POSTGRES_DROP_IN)["Service"]
+    environment = dict(v.split("=", 1) for k, v in service if k == "Environment")
+    assert _PASSWORDLESS_URL.fullmatch(environment["ROTATOR_STATE_URL"])
+    assert _one(service, "LoadCredential") == "pgpass:/etc/rotator/pgpass"
+    assert environment["PGPASSFILE"] == "%d/pgpass"
+    assert "PGPASSWORD" not in environment
+    text = (SYSTEMD_DIR / POSTGRES_DROP_IN).read_text(encoding="utf-8")
+    assert "hostname:port:database:username:password" in text
+    assert "install -m 0600 /dev/null /etc/rotator/pgpass" in text
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "rotator.service.d/postgres.conf" in readme
+
+
+@pytest.fixture
+def runnable_units_with_drop_in(runnable_units: Path) -> Path:
+    """The runnable units plus the PostgreSQL drop-in in rotator.service.d/ beside them."""
+    (runnable_units / "rotator.service.d").mkdir()
+    shutil.copy(SYSTEMD_DIR / POSTGRES_DROP_IN, runnable_units / POSTGRES_DROP_IN)
+    return runnable_units
+
+
+def _verify_with_drop_in(tool: str, units: Path) -> list[str]:
+    """What `systemd-analyze verify` reports about the daemon unit and its drop-in."""
+    result = subprocess.run(
+        [tool, "verify", "--man=no", str(units / "rotator.service")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    ours = [line for line in lines if "rotator.service" in line or "postgres.conf" in line]
+    if result.returncode != 0 and not ours:
+        pytest.skip(f"systemd-analyze verify cannot run here: {lines[-3:]}")
+    return ours
+
+
+def test_systemd_analyze_verify_accepts_the_daemon_with_its_postgres_drop_in(
+    runnable_units_with_drop_in: Path,
+) -> None:
+    """`systemd-analyze verify` reports nothing about rotator.service with postgres.conf."""
+    tool = _require_systemd_analyze()
+    assert _verify_with_drop_in(tool, runnable_units_with_drop_in) == []
+
+
+def test_systemd_analyze_reads_the_drop_in_and_flags_a_broken_one(
+    runnable_units_with_drop_in: Path,
+) -> None:
+    """The verify above covers the drop-in: a misspelt key in it is reported."""
+    tool = _require_systemd_analyze()
+    drop_in = runnable_units_with_drop_in / POSTGRES_DROP_IN
+    text = drop_in.read_text(encoding="utf-8")
+    drop_in.write_text(text.replace("LoadCredential=", "LoadCredentials="), encoding="utf-8")
+    problems = _verify_with_drop_in(tool, runnable_units_with_drop_in)
+    assert any("LoadCredentials" in p for p in problems)
+
+
+# A credential that must never be committed, by what gives it away.
+_CREDENTIAL_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"),
+    "Vault token": re.compile(r"\bhv[sbr]\.[A-Za-z0-9_-]{20,}"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    # A YAML key, an environment assignment or a unit's Environment= line (not prose).
+    "password value": re.compile(
+        r"(?im)^[\s-]*(?:Environment=)?(?:password|passwd|pgpassword)\s*[:=]\s*(?!REPLACE-)\S{4}"
+    ),
+    "password on a command line": re.compile(r"--from-literal=(?:password|passwd)=(?!REPLACE-)\S"),
+    "pgpass line": re.compile(r"^[#\s]*[\w.-]+:\d+:[\w*-]+:[\w*-]+:(?!<)\S+", re.M),
+}
+
+
+def _credentials(text: str) -> list[str]:
+    return [what for what, pattern in _CREDENTIAL_PATTERNS.items() if pattern.search(text)]
+
+
+def test_credential_scan_finds_real_looking_secrets_and_passes_placeholders() -> None:
+    """The scan below is real: it flags a key id, a password in a URL or a field, a Vault
+    token, a private key and a pgpass line, and passes the placeholders the files use."""
+    assert _credentials("aws_access_key_id = AKIAZZZZZZZZZZZZZZZZ") == ["AWS access key id"]
+    assert _credentials("url: postgresql://rotator:s3cret@db:5432/rotator") == ["password in a URL"]
+    assert _credentials("token: hvs.CAESIBwJ0m7Wbq1xYzAbCdEfGhIjKlMn") == ["Vault token"]
+    assert _credentials("-----BEGIN RSA PRIVATE KEY-----") == ["private key"]
+    assert _credentials("  password: hunter22") == ["password value"]
+    assert _credentials("Environment=PGPASSWORD=hunter22") == ["password value"]
+    assert _credentials("  - PGPASSWORD=hunter22") == ["password value"]
+    assert _credentials("create secret generic x --from-literal=password=hunter22") == [
+        "password on a command line"
+    ]
+    assert _credentials("db.internal:5432:rotator:rotator:hunter22") == ["pgpass line"]
+    for placeholder in (
+        "  password: REPLACE-WITH-THE-DATABASE-PASSWORD",
+        "url: postgresql://rotator@HOST:5432/rotator",
+        "#   postgres.example.invalid:5432:rotator:rotator:<the password>",
+        "#   hostname:port:database:username:password",
+        "libpq reads the password from PGPASSWORD when the URL has none.",
+        "# password: PGPASSWORD, which libpq reads when the URL has no password.",
+        "  --from-file=password=./rotator-db-password",
+    ):
+        assert _credentials(placeholder) == [], placeholder
+
+
+def test_no_file_for_several_daemons_or_monitoring_holds_a_real_credential() -> None:
+    """The fleet manifests and README, the Secret template, the PostgreSQL drop-in, the
+    Prometheus rules and tests and the dashboard contain no credential."""
+    files = [
+        *sorted(p for p in FLEET_DIR.iterdir() if p.is_file()),
+        SYSTEMD_DIR / POSTGRES_DROP_IN,
+        *sorted(p for p in (DEPLOY / "prometheus").rglob("*") if p.is_file()),
+        *sorted(p for p in (DEPLOY / "grafana").rglob("*") if p.is_file()),
+    ]
+    assert FLEET_SECRET_TEMPLATE in files
+    assert len(files) >= 12
+    found = {str(p.relative_to(DEPLOY)): _credentials(p.read_text(encoding="utf-8")) for p in files}
+    assert {name: what for name, what in found.items() if what} == {}
