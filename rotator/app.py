@@ -180,6 +180,7 @@ class App:
                     sleep=self._sleep,
                     should_stop=self.stopping.is_set,
                     on_transition=self.metrics.observe_transition if self.metrics else None,
+                    on_lease=self.metrics.observe_lease_event if self.metrics else None,
                     **({"monotonic": self._monotonic} if self._monotonic else {}),
                 )
             return self._engine

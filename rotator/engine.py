@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from rotator import log
 from rotator.backoff import retry_pause
@@ -238,6 +238,11 @@ def arn_is_user(arn: str, account_id: str, user_name: str) -> bool:
     )
 
 
+# What the engine reports of its leases: it took one over from a holder that died or
+# stalled, or the store refused a write (or a renewal) because its lease had been lost.
+LeaseEvent = Literal["taken_over", "fenced"]
+
+
 class Engine:
     """Advances rotations. One engine serves every thread of its process; each rotation
     is advanced by at most one thread at a time, of this process or any other (the
@@ -257,6 +262,7 @@ class Engine:
         fault: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_transition: Callable[[Rotation, State], None] | None = None,
+        on_lease: Callable[[LeaseEvent], None] | None = None,
         monotonic: Callable[[], float] = _boottime,
     ) -> None:
         self._iam = iam
@@ -271,6 +277,7 @@ class Engine:
         # Shutdown: no new step starts once this says so; a running step finishes.
         self._should_stop = should_stop
         self._on_transition = on_transition
+        self._on_lease = on_lease
         self._monotonic = monotonic
         # IAM calls are the cost that matters at scale: within one `advance` call the
         # user's keys are listed once, and our own writes keep that picture current.
@@ -336,6 +343,8 @@ class Engine:
                 except StaleRotation as exc:
                     # LeaseLost among them: another process owns the rotation now.
                     _log.warning("rotation.stale", rotation_id=rotation_id, error=str(exc))
+                    if isinstance(exc, LeaseLost) and self._on_lease is not None:
+                        self._on_lease("fenced")
                     fresh = self._store.get(rotation_id)
                     assert fresh is not None
                     return fresh
@@ -451,6 +460,11 @@ class Engine:
         with self._lock:
             self._held[rotation_id] = _Held(lease, started + self._timing.lease_ttl.total_seconds())
         self._forget(rotation_id)
+        if lease.taken_over:
+            # Its holder neither finished nor renewed: it died or stalled mid-step.
+            _log.warning("rotation.lease_taken_over", rotation_id=rotation_id, token=lease.token)
+            if self._on_lease is not None:
+                self._on_lease("taken_over")
         return True
 
     def _give_back(self, rotation_id: str) -> None:

@@ -267,6 +267,13 @@ class Metrics:
         with contextlib.suppress(KeyError):
             self.oldest_active_key_age.remove(account)
 
+    def observe_lease_event(self, event: Literal["taken_over", "fenced"]) -> None:
+        """What the engine reported of a rotation lease."""
+        if event == "taken_over":
+            self.lease_taken_over("rotation")
+        else:
+            self.write_fenced()
+
     def lease_taken_over(self, kind: Literal["scan", "rotation"]) -> None:
         self.lease_takeovers.labels(kind=kind).inc()
 

@@ -315,3 +315,38 @@ def test_store_retries_a_failed_vault_write_after_half_a_second_then_one_then_tw
     assert pending.state is State.STORE
     assert len(writes) == TIMING.store_tries == 4
     assert rig.clock.slept == [0.5, 1.0, 2.0]
+
+
+def test_the_engine_reports_a_lease_it_took_over_and_a_write_it_was_fenced_from(rig: Rig) -> None:
+    """Taking a lease its holder neither released nor renewed (a process that died) is
+    reported as "taken_over"; a write refused because another process took the lease
+    meanwhile (this one stalled past it) is reported as "fenced", and the stalled engine
+    stops there, leaving the rotation to the new holder."""
+    [old] = rig.iam.add_user("dora", keys=[SeedKey(120 * D)])
+    opened = rig.open("dora", old.access_key_id)
+    assert rig.store.acquire_lease(opened.id, "died", TIMING.lease_ttl) is not None
+    rig.clock.advance(TIMING.lease_ttl)
+    reported: list[str] = []
+
+    def stall_then_lose_the_lease(reached: str) -> None:
+        if reached == "moved:MAKE_ROOM->CREATE":
+            rig.clock.advance(TIMING.lease_ttl)
+            assert rig.store.acquire_lease(opened.id, "other", TIMING.lease_ttl) is not None
+
+    engine = Engine(
+        iam=rig.iam_of,
+        secrets=rig.secrets,
+        store=rig.store,
+        timing=TIMING,
+        owner="stalled",
+        clock=rig.clock,
+        sleep=rig.clock.sleep,
+        fault=stall_then_lose_the_lease,
+        on_lease=reported.append,
+        monotonic=rig.clock.monotonic,
+    )
+    stopped = engine.advance(opened.id)
+    assert reported == ["taken_over", "fenced"]
+    assert stopped.state is State.CREATE
+    assert [e.owner for e in rig.store.events(opened.id)][-1] == "stalled"
+    assert set(rig.iam.keys("dora")) == {old.access_key_id}
