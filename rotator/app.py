@@ -290,7 +290,7 @@ class App:
 
         A rotation whose new key is not accepted yet (IAM is eventually consistent)
         comes back from VERIFY with a short `next_action_at`: it is put back in line for
-        that moment instead of holding a worker idle, so other rotations progress."""
+        that moment instead of holding a thread idle, so other rotations progress."""
         ids = list(dict.fromkeys(rotation_ids))
         results: dict[str, Rotation] = {}
 

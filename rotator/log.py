@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -29,7 +29,16 @@ REDACTED = "[REDACTED]"
 _SECRET_FIELD = re.compile(r"secret|token|password|credential", re.IGNORECASE)
 # Field names that match the pattern above but hold no secret.
 _ALLOWED_FIELDS = frozenset({"token_file", "secret_id_file", "trigger_token_file"})
-_QUIET_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer", "hvac", "werkzeug")
+_QUIET_LOGGERS = (
+    "botocore",
+    "boto3",
+    "urllib3",
+    "s3transfer",
+    "hvac",
+    "werkzeug",
+    # The pool logs every connection it lends at INFO; its DEBUG names the server.
+    "psycopg",
+)
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -91,23 +100,13 @@ def configure(
     fmt: str | None = None,
     level: str = "INFO",
     stream: TextIO | None = None,
-    fields: Mapping[str, str] | None = None,
 ) -> None:
     """Set up structlog and the standard library. `fmt` is "json", "console", or None
-    (console on a TTY, JSON otherwise). `fields` go into every line this process writes
-    (none by default)."""
+    (console on a TTY, JSON otherwise)."""
     out = stream or sys.stderr
     if fmt is None:
         fmt = "console" if out.isatty() else "json"
-    constant = dict(fields or {})
-
-    def add_fields(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
-        for name, value in constant.items():
-            event_dict.setdefault(name, value)
-        return event_dict
-
     shared: list[Processor] = [
-        add_fields,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

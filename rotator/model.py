@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 from rotator.machine import State
 
@@ -116,26 +115,6 @@ class ForcedRotation:
     overlap: timedelta | None = None
     # Rotate a user that is exempt or excluded (`selection`) all the same.
     force: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields (`overlap` in seconds); `from_dict` reads them back."""
-        data = asdict(self)
-        data["overlap"] = self.overlap.total_seconds() if self.overlap is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ForcedRotation:
-        """The inverse of `as_dict`."""
-        overlap = data.get("overlap")
-        return cls(
-            user_name=str(data["user_name"]),
-            account_id=data.get("account_id"),
-            key_id=data.get("key_id"),
-            leaked=bool(data.get("leaked", False)),
-            reason=data.get("reason"),
-            overlap=timedelta(seconds=float(overlap)) if overlap is not None else None,
-            force=bool(data.get("force", False)),
-        )
 
 
 @dataclass(frozen=True)

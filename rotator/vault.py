@@ -611,6 +611,13 @@ class VaultStore:
             raise BackendUnavailable(f"Vault at {self.url} is sealed")
         if status == 501:
             raise BackendUnavailable(f"Vault at {self.url} is not initialized")
+        if status == 473:
+            return  # a performance standby: it serves reads and forwards writes
+        if status == 472:
+            raise BackendUnavailable(
+                f"Vault at {self.url} is a disaster-recovery secondary, which serves no "
+                "secrets: point vault.url at the primary cluster"
+            )
         raise Transient(f"Vault at {self.url} reports health status {status}")
 
     def _call(self, op: Callable[[], T], *, action: str, resource: str) -> T:

@@ -682,3 +682,27 @@ def test_a_write_vault_forbids_is_a_refusal_marked_not_applied(
         store.write(path, new_key(), META, cas=0)
     assert (info.value.answered, info.value.not_applied) == (True, True)
     assert store.current_version(path) == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "usable"),
+    [(473, True), (472, False)],
+    ids=["performance-standby", "dr-secondary"],
+)
+def test_a_performance_standby_is_usable_and_a_dr_secondary_is_not(
+    vault: VaultTarget, fault_proxy: MakeProxy, status: int, usable: bool
+) -> None:
+    """`check` accepts a performance standby (sys/health 473: it serves reads and
+    forwards writes) and refuses a disaster-recovery secondary (472) as unavailable,
+    saying to point vault.url at the primary, instead of retrying it for ever."""
+    proxy = fault_proxy(vault.addr)
+    proxy.add(vault_path("GET", r"/v1/sys/health"), vault_error(status))
+    store = VaultStore(proxy.url, vault.mount, TEMPLATE, TokenAuth(vault.token), timeout=5)
+    try:
+        if usable:
+            store.check()
+        else:
+            with pytest.raises(BackendUnavailable, match="primary"):
+                store.check()
+    finally:
+        store.close()
