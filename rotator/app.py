@@ -343,7 +343,7 @@ class App:
             if lease is None:
                 continue
             if lease.taken_over:
-                _log.warning("scan.lease_taken_over", account=account, token=lease.token)
+                _log.warning("scan.lease_taken_over", account=account, fence=lease.token)
                 if self.metrics is not None:
                     self.metrics.lease_taken_over("scan")
             held[account] = lease

@@ -5,9 +5,11 @@ The only module that imports APScheduler. Everything runs in this process, on on
 `App` and the `Wiring` of adapters it receives, built from the settings (rebuilt on
 SIGHUP):
 
-  - `scan` on `schedule.scan` (cron or interval, with jitter) contains leaked keys,
-    opens rotations and advances what is due; after it, memory the scan allocated is
-    given back to the operating system (`rotator.memory`);
+  - `scan` on `schedule.scan` (cron or interval, with jitter) scans the accounts whose
+    scan lease this daemon holds, contains leaked keys and opens rotations, which then
+    advance on a small pool of their own (as leak replacements do) so that the next scan
+    never waits for them; after it, memory the scan allocated is given back to the
+    operating system (`rotator.memory`);
   - `tick` on `schedule.tick` advances open rotations whose next step is due (most
     ticks cost one state-store read);
   - both run in APScheduler's thread pool with max_instances=1 and coalescing, so a
@@ -145,7 +147,7 @@ class Daemon:
         self._retired: list[App] = []  # replaced on reload; closed at shutdown
         self._trigger_slots = threading.BoundedSemaphore(TRIGGER_WORKERS)
         self._triggers = TriggerPool(TRIGGER_WORKERS, thread_name_prefix="rotator-trigger")
-        self._replacements = TriggerPool(2, thread_name_prefix="rotator-leak-replacement")
+        self._advancing = TriggerPool(2, thread_name_prefix="rotator-advance")
         self._threads: dict[str, threading.Thread] = {}
         self._scheduler: Any = None
         self._server: Server | None = None
@@ -325,7 +327,7 @@ class Daemon:
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self._triggers.shutdown(wait=True)
-        self._replacements.shutdown(wait=True)
+        self._advancing.shutdown(wait=True)
         self._release_scan_leases()
         for thread in self._threads.values():
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -362,18 +364,18 @@ class Daemon:
             return
         finally:
             give_back()
-        advanced = 0
         if result.vault_error is None:
             self._vault = "ok"
-            try:
-                advanced = len(app.tick())
-            except RotatorError as exc:  # the scan itself succeeded; the next tick retries
-                _log.error("daemon.tick_failed", error=str(exc))
+            # What the scan opened advances on a pool of its own, now: the scan job ends,
+            # so the next scheduled scan is never skipped behind long rotations (the
+            # rotation leases keep the tick from advancing the same ones at once).
+            if result.opened:
+                self._advancing.submit(app.advance_all, [r.id for r in result.opened])
         else:
             self._vault = str(result.vault_error)
-        self._scan_done(result, advanced, time.monotonic() - started)
+        self._scan_done(result, time.monotonic() - started)
 
-    def _scan_done(self, result: PassResult, advanced: int, seconds: float) -> None:
+    def _scan_done(self, result: PassResult, seconds: float) -> None:
         # A scan that could not use Vault still contained every leaked key: for leak
         # detection it succeeded.
         self._last_scan_ok = datetime.now(UTC)
@@ -405,7 +407,6 @@ class Daemon:
             "daemon.scan_done",
             keys=sum(decisions.values()),
             opened=len(result.opened),
-            advanced=advanced,
             failed_accounts=sorted(result.failures),
             vault=self._vault,
             seconds=round(seconds, 3),
@@ -527,7 +528,7 @@ class Daemon:
         """Advance leak replacements on their own pool: the poller goes back to the
         queue at once, so the next leak's containment never waits for a replacement
         (which needs Vault and may wait for IAM to accept the new key)."""
-        self._replacements.submit(app.advance_all, rotation_ids)
+        self._advancing.submit(app.advance_all, rotation_ids)
 
     def _backend_loop(self) -> None:
         """Look at the state store every STATE_CHECK_EVERY seconds and at Vault every

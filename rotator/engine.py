@@ -462,7 +462,7 @@ class Engine:
         self._forget(rotation_id)
         if lease.taken_over:
             # Its holder neither finished nor renewed: it died or stalled mid-step.
-            _log.warning("rotation.lease_taken_over", rotation_id=rotation_id, token=lease.token)
+            _log.warning("rotation.lease_taken_over", rotation_id=rotation_id, fence=lease.token)
             if self._on_lease is not None:
                 self._on_lease("taken_over")
         return True
