@@ -66,35 +66,36 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from rotator.errors import (
     BackendUnavailable,
-    LeaseLost,
     NotFound,
-    RotationExists,
     RotatorError,
     StaleRotation,
     Transient,
 )
-from rotator.machine import TERMINAL, State
+from rotator.machine import State
 from rotator.model import Event, Lease, Rotation, RotationReason, ScanLease
 from rotator.ports import Clock
-from rotator.state.sqlite import MAX_DEAD_LETTERS, _pid_alive, _pid_namespace
+from rotator.state.shared import (
+    CLOSED_WHERE,
+    MAX_DEAD_LETTERS,
+    OPEN_INDEX,
+    OPEN_INDEX_SQL,
+    OPEN_WHERE,
+    TERMINAL_VALUES,
+    HeldLease,
+    check_fence,
+    grant_lease,
+    pid_namespace,
+    require_aware,
+    require_positive_ttl,
+    rotation_conflict,
+)
 
 __all__ = ["SCHEMA_VERSION", "PostgresStateStore"]
 
 Cursor = psycopg.Cursor[TupleRow]
 
-# The state values below are our own enum's values (no user input), so building SQL
-# from them is safe; the partial unique index must spell out the terminal set literally.
-_TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
-_TERMINAL_SQL: Final = ", ".join(f"'{v}'" for v in sorted(_TERMINAL_VALUES))
-_OPEN_WHERE: Final = f"state NOT IN ({_TERMINAL_SQL})"
-_CLOSED_WHERE: Final = f"state IN ({_TERMINAL_SQL})"
-
-_OPEN_INDEX: Final = "rotations_one_open"
-_OPEN_INDEX_SQL: Final = (
-    f"CREATE UNIQUE INDEX {_OPEN_INDEX} ON rotations (account_id, user_name) WHERE {_OPEN_WHERE}"
-)
 # What the index's comment says when it was built for today's terminal set.
-_OPEN_INDEX_COMMENT: Final = "terminal states: " + " ".join(sorted(_TERMINAL_VALUES))
+_OPEN_INDEX_COMMENT: Final = "terminal states: " + " ".join(TERMINAL_VALUES)
 
 # Each migration is a sequence of statements, applied in order in one transaction.
 # Append new migrations; never edit one that has shipped.
@@ -287,10 +288,10 @@ _UPDATE: Final = (
 _USER_FILTER: Final = "(%(user)s::text IS NULL OR user_name = %(user)s::text)"
 _RECENT: Final = (
     f"(SELECT {', '.join(_COLUMNS)}, seq FROM rotations "  # noqa: S608 - fixed text
-    f"WHERE {_OPEN_WHERE} AND {_USER_FILTER}) "
+    f"WHERE {OPEN_WHERE} AND {_USER_FILTER}) "
     f"UNION ALL "
     f"(SELECT {', '.join(_COLUMNS)}, seq FROM rotations "
-    f"WHERE {_CLOSED_WHERE} AND {_USER_FILTER} "
+    f"WHERE {CLOSED_WHERE} AND {_USER_FILTER} "
     f"ORDER BY created_at DESC, seq DESC LIMIT %(limit)s) "
     f"ORDER BY created_at DESC, seq DESC"
 )
@@ -321,25 +322,14 @@ def _lease_sql(table: str) -> tuple[str, str, str]:
 
 
 @dataclass(frozen=True)
-class _Held:
-    """A lease row as locked: who holds it and until when."""
-
-    owner: str
-    host: str
-    pid_ns: str
-    pid: int
-    expires_at: datetime
-    token: int
-    last_scan_at: datetime | None
-
-
-@dataclass(frozen=True)
 class _Taken:
-    """What an acquisition wrote, and the row it replaced (None: the first holder)."""
+    """What an acquisition wrote."""
 
     token: int
     expires_at: datetime
-    before: _Held | None
+    # The account's last scan as the row held it (None: the first holder, or a
+    # rotation's lease).
+    last_scan_at: datetime | None
     # Taken from another owner that had neither released the lease nor renewed it in
     # time; a released lease has no owner (""), and taking it is no takeover.
     taken_over: bool
@@ -375,7 +365,7 @@ class PostgresStateStore:
         self._clock: Callable[[], datetime] | None = clock
         self._timeout = connect_timeout
         self._host = socket.gethostname()
-        self._pid_ns = _pid_namespace()
+        self._pid_ns = pid_namespace()
         self._closed = False
         self._close_lock = threading.Lock()
         # libpq's connect_timeout is whole seconds, and at least 2.
@@ -434,7 +424,7 @@ class PostgresStateStore:
             return self._select_one(cur, rotation_id)
 
     def open_for(self, account_id: str, user_name: str) -> Rotation | None:
-        sql = f"{_SELECT} WHERE account_id = %s AND user_name = %s AND {_OPEN_WHERE}"
+        sql = f"{_SELECT} WHERE account_id = %s AND user_name = %s AND {OPEN_WHERE}"
         with self._transaction("open_for") as cur:
             row = cur.execute(sql, (account_id, user_name)).fetchone()
         return None if row is None else _decode(row)
@@ -450,7 +440,7 @@ class PostgresStateStore:
 
     def list_open(self) -> list[Rotation]:
         """Every open rotation, oldest first."""
-        sql = f"{_SELECT} WHERE {_OPEN_WHERE} ORDER BY created_at, seq"
+        sql = f"{_SELECT} WHERE {OPEN_WHERE} ORDER BY created_at, seq"
         with self._transaction("list_open") as cur:
             rows = cur.execute(sql).fetchall()
         return [_decode(r) for r in rows]
@@ -525,7 +515,7 @@ class PostgresStateStore:
         users whose policy was detached (a later one is a new leak)."""
         users = list(seen)
         policies = [seen[u][0] for u in users]
-        first_seen = [_aware(seen[u][1]) for u in users]
+        first_seen = [require_aware(seen[u][1]) for u in users]
         with self._transaction("note_quarantines") as cur:
             cur.execute(
                 "DELETE FROM quarantines WHERE account_id = %s AND NOT user_name = ANY(%s::text[])",
@@ -620,7 +610,7 @@ class PostgresStateStore:
         """Take the lease when it is free, expired, already `owner`'s (renewal), or held by
         a process on this host that no longer exists; None otherwise. Only a renewal of
         an unexpired lease keeps the token: anything else fences off earlier holders."""
-        _positive(ttl)
+        require_positive_ttl(ttl)
         with self._transaction("acquire_lease") as cur:
             self._require(cur, rotation_id)
             taken = self._take(cur, "leases", rotation_id, owner, ttl)
@@ -632,7 +622,7 @@ class PostgresStateStore:
         """Extend `lease` by `ttl` from now while it is still the current, unexpired one;
         None otherwise (and nothing changes: a holder that lost its lease never takes
         the rotation back this way)."""
-        _positive(ttl)
+        require_positive_ttl(ttl)
         with self._transaction("renew_lease") as cur:
             lock, _, _ = _LEASE_SQL["leases"]
             row = cur.execute(lock, {"key": lease.rotation_id}).fetchone()
@@ -661,13 +651,14 @@ class PostgresStateStore:
 
     def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
         """Take or renew an account's scan lease, on the rules of `acquire_lease`."""
-        _positive(ttl)
+        require_positive_ttl(ttl)
         with self._transaction("hold_scan_lease") as cur:
             taken = self._take(cur, "scan_leases", account_id, owner, ttl)
         if taken is None:
             return None
-        last = None if taken.before is None else taken.before.last_scan_at
-        return ScanLease(account_id, owner, taken.token, taken.expires_at, last, taken.taken_over)
+        return ScanLease(
+            account_id, owner, taken.token, taken.expires_at, taken.last_scan_at, taken.taken_over
+        )
 
     def scan_finished(self, lease: ScanLease) -> ScanLease:
         """Record the end of a scan, fenced by `lease` (raises `LeaseLost` otherwise)."""
@@ -676,10 +667,7 @@ class PostgresStateStore:
             row = cur.execute(lock, {"key": lease.account_id}).fetchone()
             now = self._now(cur)
             held = None if row is None else _held(row)
-            if held is None or held.owner != lease.owner or held.token != lease.token:
-                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} was taken over")
-            if held.expires_at <= now:
-                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} has expired")
+            check_fence(f"scan of {lease.account_id}", lease, held, now)
             cur.execute(
                 "UPDATE scan_leases SET last_scan_at = %s WHERE account_id = %s",
                 (now, lease.account_id),
@@ -778,7 +766,7 @@ class PostgresStateStore:
         """The store's time now: the injected clock, else the database's. Read after the
         transaction's row locks are held, so a wait for a lock cannot make it stale."""
         if self._clock is not None:
-            return _aware(self._clock())
+            return require_aware(self._clock())
         row = cur.execute("SELECT clock_timestamp()").fetchone()
         assert row is not None
         return _utc(row[0])
@@ -804,16 +792,16 @@ class PostgresStateStore:
                 )
             if self._index_comment(cur) != _OPEN_INDEX_COMMENT:
                 # The terminal set in `machine` changed since the index was built.
-                cur.execute(f"DROP INDEX IF EXISTS {_OPEN_INDEX}")
+                cur.execute(f"DROP INDEX IF EXISTS {OPEN_INDEX}")
                 try:
                     with conn.transaction():
-                        cur.execute(_OPEN_INDEX_SQL)
+                        cur.execute(OPEN_INDEX_SQL)
                 except pg_errors.UniqueViolation as exc:
                     raise RotatorError(
                         f"state store {self._where}: a user has two rotations that are open "
                         f"under the current terminal states; close one first"
                     ) from exc
-                cur.execute(f"COMMENT ON INDEX {_OPEN_INDEX} IS '{_OPEN_INDEX_COMMENT}'")
+                cur.execute(f"COMMENT ON INDEX {OPEN_INDEX} IS '{_OPEN_INDEX_COMMENT}'")
 
     def _schema_current(self, cur: Cursor) -> bool:
         return self._version(cur) == SCHEMA_VERSION and (
@@ -836,7 +824,7 @@ class PostgresStateStore:
     @staticmethod
     def _index_comment(cur: Cursor) -> str | None:
         row = cur.execute(
-            "SELECT obj_description(to_regclass(%s), 'pg_class')", (_OPEN_INDEX,)
+            "SELECT obj_description(to_regclass(%s), 'pg_class')", (OPEN_INDEX,)
         ).fetchone()
         return None if row is None or row[0] is None else str(row[0])
 
@@ -845,23 +833,10 @@ class PostgresStateStore:
         rotation index (another open rotation for the user exists) or the primary key."""
         row = cur.execute(
             f"SELECT id FROM rotations WHERE account_id = %s AND user_name = %s "  # noqa: S608
-            f"AND {_OPEN_WHERE} AND id != %s",
+            f"AND {OPEN_WHERE} AND id != %s",
             (rotation.account_id, rotation.user_name, rotation.id),
         ).fetchone()
-        if row is not None:
-            return RotationExists(
-                f"user {rotation.user_name} in account {rotation.account_id} already has "
-                f"open rotation {row[0]}"
-            )
-        return RotatorError(f"rotation {rotation.id} already exists")
-
-    def _may_take(self, held: _Held, owner: str, now: datetime) -> bool:
-        if held.owner == owner or held.expires_at <= now:
-            return True
-        # Same host and same pid namespace: the pid is meaningful here, and a holder that
-        # no longer exists must not delay recovery until its lease runs out.
-        same_machine = held.host == self._host and held.pid_ns == self._pid_ns
-        return same_machine and not _pid_alive(held.pid)
+        return rotation_conflict(rotation, None if row is None else row[0])
 
     def _take(self, cur: Cursor, table: str, key: str, owner: str, ttl: timedelta) -> _Taken | None:
         """Take or renew the lease row `key` of `table` for `owner`, inside the caller's
@@ -883,14 +858,13 @@ class PostgresStateStore:
                 return _Taken(1, expires_at, None, taken_over=False)
             row = cur.execute(lock, {"key": key}).fetchone()
             assert row is not None  # rows are never deleted
-        held = _held(row)
         now = self._now(cur)
-        if not self._may_take(held, owner, now):
+        grant = grant_lease(_held(row), owner, now, host=self._host, pid_ns=self._pid_ns)
+        if grant is None:
             return None
-        renewal = held.owner == owner and held.expires_at > now
-        token = held.token if renewal else held.token + 1
+        token, taken_over = grant
         cur.execute(update, {**me, "expires_at": now + ttl, "token": token})
-        return _Taken(token, now + ttl, held, taken_over=held.owner not in (owner, ""))
+        return _Taken(token, now + ttl, _opt_utc(row[6]), taken_over)
 
     def _fence(self, cur: Cursor, rotation_id: str, lease: Lease) -> None:
         """Raise `LeaseLost` unless `lease` is the rotation's current, unexpired lease.
@@ -901,11 +875,7 @@ class PostgresStateStore:
         lock, _, _ = _LEASE_SQL["leases"]
         row = cur.execute(lock, {"key": rotation_id}).fetchone()
         now = self._now(cur)
-        held = None if row is None else _held(row)
-        if held is None or held.owner != lease.owner or held.token != lease.token:
-            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} was taken over")
-        if held.expires_at <= now:
-            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} has expired")
+        check_fence(f"rotation {rotation_id}", lease, None if row is None else _held(row), now)
 
     @staticmethod
     def _require(cur: Cursor, rotation_id: str) -> None:
@@ -1004,19 +974,8 @@ def _message(exc: Exception) -> str:
 # --- rows ----------------------------------------------------------------------------
 
 
-def _positive(ttl: timedelta) -> None:
-    if ttl <= timedelta(0):
-        raise ValueError(f"lease ttl must be positive, not {ttl}")
-
-
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: the store keeps aware UTC times")
-    return value
-
-
 def _opt_aware(value: datetime | None) -> datetime | None:
-    return None if value is None else _aware(value)
+    return None if value is None else require_aware(value)
 
 
 def _utc(value: object) -> datetime:
@@ -1035,15 +994,15 @@ def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _held(row: Sequence[Any]) -> _Held:
-    return _Held(
+def _held(row: Sequence[Any]) -> HeldLease:
+    """A lease row as locked: (owner, host, pid_ns, pid, expires_at, token, ...)."""
+    return HeldLease(
         owner=str(row[0]),
         host=str(row[1]),
         pid_ns=str(row[2]),
         pid=int(row[3]),
         expires_at=_utc(row[4]),
         token=int(row[5]),
-        last_scan_at=_opt_utc(row[6]),
     )
 
 
@@ -1054,8 +1013,8 @@ def _encode(r: Rotation) -> dict[str, object]:
         "user_name": r.user_name,
         "reason": r.reason.value,
         "state": r.state.value,
-        "created_at": _aware(r.created_at),
-        "updated_at": _aware(r.updated_at),
+        "created_at": require_aware(r.created_at),
+        "updated_at": require_aware(r.updated_at),
         "old_key_id": r.old_key_id,
         "new_key_id": r.new_key_id,
         "leaked": r.leaked,

@@ -36,7 +36,6 @@ import socket
 import sqlite3
 import stat
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -46,26 +45,27 @@ from typing import Final
 
 from rotator.errors import (
     BackendUnavailable,
-    LeaseLost,
     NotFound,
-    RotationExists,
     RotatorError,
     StaleRotation,
     Transient,
 )
-from rotator.machine import TERMINAL, State
+from rotator.machine import State
 from rotator.model import Event, Lease, Rotation, RotationReason, ScanLease
 from rotator.ports import Clock
-
-# The state values below are our own enum's values (no user input), so building SQL
-# from them is safe; the partial unique index must spell out the terminal set literally.
-_TERMINAL_SQL: Final = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
-_OPEN_WHERE: Final = f"state NOT IN ({_TERMINAL_SQL})"
-_CLOSED_WHERE: Final = f"state IN ({_TERMINAL_SQL})"
-
-_OPEN_INDEX: Final = "rotations_one_open"
-_OPEN_INDEX_SQL: Final = (
-    f"CREATE UNIQUE INDEX {_OPEN_INDEX} ON rotations (account_id, user_name) WHERE {_OPEN_WHERE}"
+from rotator.state.shared import (
+    CLOSED_WHERE,
+    MAX_DEAD_LETTERS,
+    OPEN_INDEX,
+    OPEN_INDEX_SQL,
+    OPEN_WHERE,
+    HeldLease,
+    check_fence,
+    grant_lease,
+    pid_namespace,
+    require_aware,
+    require_positive_ttl,
+    rotation_conflict,
 )
 
 # Each migration is a sequence of statements, applied in order in one transaction.
@@ -207,9 +207,6 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 
-# Dead letters kept at most; the oldest go first (a flood of junk must not fill the disk).
-MAX_DEAD_LETTERS: Final = 1000
-
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The `PRAGMA user_version` this code writes and understands."""
 
@@ -252,10 +249,10 @@ _UPDATE: Final = (
 _RECENT: Final = (
     f"SELECT * FROM ("  # noqa: S608 - fixed names and enum values
     f"SELECT {', '.join(_COLUMNS)}, rowid AS seq FROM rotations "
-    f"WHERE {_OPEN_WHERE} AND (:user IS NULL OR user_name = :user)) "
+    f"WHERE {OPEN_WHERE} AND (:user IS NULL OR user_name = :user)) "
     f"UNION ALL SELECT * FROM ("
     f"SELECT {', '.join(_COLUMNS)}, rowid AS seq FROM rotations "
-    f"WHERE {_CLOSED_WHERE} AND (:user IS NULL OR user_name = :user) "
+    f"WHERE {CLOSED_WHERE} AND (:user IS NULL OR user_name = :user) "
     f"ORDER BY created_at DESC, rowid DESC LIMIT :limit) "
     f"ORDER BY created_at DESC, seq DESC"
 )
@@ -274,11 +271,6 @@ _UNAVAILABLE_CODES: Final = frozenset(
     }
 )
 _BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-
-
-def lease_owner() -> str:
-    """A lease owner name unique to this process and call: `host:pid:random`."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _utcnow() -> datetime:
@@ -314,7 +306,7 @@ class SqliteStateStore:
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._closed = False
         self._host = socket.gethostname()
-        self._pid_ns = _pid_namespace()
+        self._pid_ns = pid_namespace()
         _prepare_file(self._path)
         try:
             self._connection()
@@ -348,7 +340,7 @@ class SqliteStateStore:
             return self._select_one(conn, rotation_id)
 
     def open_for(self, account_id: str, user_name: str) -> Rotation | None:
-        sql = f"{_SELECT} WHERE account_id = ? AND user_name = ? AND {_OPEN_WHERE}"
+        sql = f"{_SELECT} WHERE account_id = ? AND user_name = ? AND {OPEN_WHERE}"
         with self._read("open_for") as conn:
             row = conn.execute(sql, (account_id, user_name)).fetchone()
         return None if row is None else _decode(row)
@@ -364,7 +356,7 @@ class SqliteStateStore:
 
     def list_open(self) -> list[Rotation]:
         """Every open rotation, oldest first."""
-        sql = f"{_SELECT} WHERE {_OPEN_WHERE} ORDER BY created_at, rowid"
+        sql = f"{_SELECT} WHERE {OPEN_WHERE} ORDER BY created_at, rowid"
         with self._read("list_open") as conn:
             rows = conn.execute(sql).fetchall()
         return [_decode(r) for r in rows]
@@ -530,8 +522,7 @@ class SqliteStateStore:
         """Take the lease when it is free, expired, already `owner`'s (renewal), or held by
         a process on this host that no longer exists; None otherwise. Only a renewal of
         an unexpired lease keeps the token: anything else fences off earlier holders."""
-        if ttl <= timedelta(0):
-            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        require_positive_ttl(ttl)
         now = self._clock()
         with self._write("acquire_lease") as conn:
             self._require(conn, rotation_id)
@@ -542,12 +533,10 @@ class SqliteStateStore:
             ).fetchone()
             token, taken_over = 1, False
             if held is not None:
-                if not self._may_take(held[:5], owner, now):
+                grant = self._grant(held, owner, now)
+                if grant is None:
                     return None
-                renewal = held[0] == owner and _parse_ts(held[4]) > now
-                token = _int(held[5]) if renewal else _int(held[5]) + 1
-                # A released lease has no owner: taking it is no takeover.
-                taken_over = held[0] not in (owner, "")
+                token, taken_over = grant
             conn.execute(
                 "INSERT INTO leases (rotation_id, owner, host, pid_ns, pid, expires_at, token) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -570,8 +559,7 @@ class SqliteStateStore:
         """Extend `lease` by `ttl` from now while it is still the current, unexpired one;
         None otherwise (and nothing changes: a holder that lost its lease never takes
         the rotation back this way)."""
-        if ttl <= timedelta(0):
-            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        require_positive_ttl(ttl)
         now = self._clock()
         with self._write("renew_lease") as conn:
             cursor = conn.execute(
@@ -599,8 +587,7 @@ class SqliteStateStore:
 
     def hold_scan_lease(self, account_id: str, owner: str, ttl: timedelta) -> ScanLease | None:
         """Take or renew an account's scan lease, on the rules of `acquire_lease`."""
-        if ttl <= timedelta(0):
-            raise ValueError(f"lease ttl must be positive, not {ttl}")
+        require_positive_ttl(ttl)
         now = self._clock()
         with self._write("hold_scan_lease") as conn:
             held = conn.execute(
@@ -610,12 +597,11 @@ class SqliteStateStore:
             ).fetchone()
             token, last, taken_over = 1, None, False
             if held is not None:
-                if not self._may_take(held[:5], owner, now):
+                grant = self._grant(held, owner, now)
+                if grant is None:
                     return None
-                renewal = held[0] == owner and _parse_ts(held[4]) > now
-                token = _int(held[5]) if renewal else _int(held[5]) + 1
-                # A released lease has no owner: taking it is no takeover.
-                last, taken_over = _parse_opt_ts(held[6]), held[0] not in (owner, "")
+                token, taken_over = grant
+                last = _parse_opt_ts(held[6])
             conn.execute(
                 "INSERT INTO scan_leases "
                 "(account_id, owner, host, pid_ns, pid, token, expires_at, last_scan_at) "
@@ -641,13 +627,12 @@ class SqliteStateStore:
         now = self._clock()
         with self._write("scan_finished") as conn:
             row = conn.execute(
-                "SELECT owner, token, expires_at FROM scan_leases WHERE account_id = ?",
+                "SELECT owner, host, pid_ns, pid, expires_at, token FROM scan_leases "
+                "WHERE account_id = ?",
                 (lease.account_id,),
             ).fetchone()
-            if row is None or row[0] != lease.owner or _int(row[1]) != lease.token:
-                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} was taken over")
-            if _parse_ts(row[2]) <= now:
-                raise LeaseLost(f"scan of {lease.account_id}: lease {lease.token} has expired")
+            held = None if row is None else _held(row)
+            check_fence(f"scan of {lease.account_id}", lease, held, now)
             conn.execute(
                 "UPDATE scan_leases SET last_scan_at = ? WHERE account_id = ?",
                 (_encode_ts(now), lease.account_id),
@@ -724,11 +709,11 @@ class SqliteStateStore:
                 for sql in statements:
                     c.execute(sql)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            if self._index_sql(c) != _OPEN_INDEX_SQL:
+            if self._index_sql(c) != OPEN_INDEX_SQL:
                 # The terminal set in `machine` changed since the index was built.
-                c.execute(f"DROP INDEX IF EXISTS {_OPEN_INDEX}")
+                c.execute(f"DROP INDEX IF EXISTS {OPEN_INDEX}")
                 try:
-                    c.execute(_OPEN_INDEX_SQL)
+                    c.execute(OPEN_INDEX_SQL)
                 except sqlite3.IntegrityError as exc:
                     raise RotatorError(
                         f"state store {self._path}: a user has two rotations that are open "
@@ -737,7 +722,7 @@ class SqliteStateStore:
 
     def _schema_current(self, conn: sqlite3.Connection) -> bool:
         return self._user_version(conn) == SCHEMA_VERSION and (
-            self._index_sql(conn) == _OPEN_INDEX_SQL
+            self._index_sql(conn) == OPEN_INDEX_SQL
         )
 
     def _user_version(self, conn: sqlite3.Connection) -> int:
@@ -752,7 +737,7 @@ class SqliteStateStore:
     @staticmethod
     def _index_sql(conn: sqlite3.Connection) -> str | None:
         row = conn.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (_OPEN_INDEX,)
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (OPEN_INDEX,)
         ).fetchone()
         return None if row is None else str(row[0])
 
@@ -837,24 +822,14 @@ class SqliteStateStore:
         rotation index (another open rotation for the user exists) or the primary key."""
         row = conn.execute(
             f"SELECT id FROM rotations WHERE account_id = ? AND user_name = ? "  # noqa: S608
-            f"AND {_OPEN_WHERE} AND id != ?",
+            f"AND {OPEN_WHERE} AND id != ?",
             (rotation.account_id, rotation.user_name, rotation.id),
         ).fetchone()
-        if row is not None:
-            return RotationExists(
-                f"user {rotation.user_name} in account {rotation.account_id} already has "
-                f"open rotation {row[0]}"
-            )
-        return RotatorError(f"rotation {rotation.id} already exists")
+        return rotation_conflict(rotation, None if row is None else row[0])
 
-    def _may_take(self, held: Sequence[object], owner: str, now: datetime) -> bool:
-        held_owner, host, pid_ns, pid, expires_at = held
-        if held_owner == owner or _parse_ts(expires_at) <= now:
-            return True
-        # Same host and same pid namespace: the pid is meaningful here, and a holder that
-        # no longer exists must not delay recovery until its lease runs out.
-        same_machine = host == self._host and pid_ns == self._pid_ns
-        return same_machine and isinstance(pid, int) and not _pid_alive(pid)
+    def _grant(self, row: Sequence[object], owner: str, now: datetime) -> tuple[int, bool] | None:
+        """`grant_lease` of the lease row `row` to `owner` from this process's host."""
+        return grant_lease(_held(row), owner, now, host=self._host, pid_ns=self._pid_ns)
 
     def _fence(self, conn: sqlite3.Connection, rotation_id: str, lease: Lease) -> None:
         """Raise `LeaseLost` unless `lease` is the rotation's current, unexpired lease.
@@ -862,12 +837,11 @@ class SqliteStateStore:
         if lease.rotation_id != rotation_id:
             raise ValueError(f"lease of {lease.rotation_id} used to write {rotation_id}")
         row = conn.execute(
-            "SELECT owner, token, expires_at FROM leases WHERE rotation_id = ?", (rotation_id,)
+            "SELECT owner, host, pid_ns, pid, expires_at, token FROM leases WHERE rotation_id = ?",
+            (rotation_id,),
         ).fetchone()
-        if row is None or row[0] != lease.owner or _int(row[1]) != lease.token:
-            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} was taken over")
-        if _parse_ts(row[2]) <= self._clock():
-            raise LeaseLost(f"rotation {rotation_id}: lease {lease.token} has expired")
+        held = None if row is None else _held(row)
+        check_fence(f"rotation {rotation_id}", lease, held, self._clock())
 
     @staticmethod
     def _require(conn: sqlite3.Connection, rotation_id: str) -> None:
@@ -948,35 +922,12 @@ def _make_private(path: Path) -> None:
         os.chmod(path, mode & 0o700)
 
 
-def _pid_namespace() -> str:
-    """The pid namespace id on Linux, so two containers sharing a hostname and a file
-    never judge each other's pids; empty where there are no pid namespaces."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id we can ask about; never take over on it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # PermissionError: it exists, under another user
-    return True
-
-
 # --- rows ----------------------------------------------------------------------------
 
 
 def _encode_ts(value: datetime) -> str:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: the store keeps aware UTC times")
     # Fixed width, so that text order is time order (ORDER BY created_at).
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
+    return require_aware(value).astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _encode_opt_ts(value: datetime | None) -> str | None:
@@ -1003,6 +954,21 @@ def _int(value: object) -> int:
 
 def _opt_int(value: object) -> int | None:
     return None if value is None else _int(value)
+
+
+def _held(row: Sequence[object]) -> HeldLease:
+    """A lease row read as (owner, host, pid_ns, pid, expires_at, token, ...)."""
+    pid = row[3]
+    return HeldLease(
+        owner=str(row[0]),
+        host=str(row[1]),
+        pid_ns=str(row[2]),
+        # A pid that is no integer names no process we can ask about: as pid 0, whose
+        # holder is never taken over.
+        pid=pid if isinstance(pid, int) else 0,
+        expires_at=_parse_ts(row[4]),
+        token=_int(row[5]),
+    )
 
 
 def _float(value: object) -> float:
