@@ -9,7 +9,7 @@ import heapq
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -26,17 +26,18 @@ from rotator.errors import (
 )
 from rotator.inventory import Inventory, scan
 from rotator.leaks import LeakEvent, parse_event
-from rotator.machine import State
+from rotator.machine import OPEN, State
 from rotator.metrics import LeakEventResult, Metrics
 from rotator.model import (
     Decision,
     ForcedRotation,
+    KeyDecision,
     KeyStatus,
     Rotation,
     RotationReason,
     ScanLease,
 )
-from rotator.policy import Proposal, Rules, exemption, propose
+from rotator.policy import Proposal, Rules, exemption, propose, to_deactivate, to_delete
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore
 from rotator.urgency import urgent
 from rotator.wiring import Wiring
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
     from rotator.aws import AwsIam
 
 _log = log.get_logger("rotator.app")
+
+# How many of a user's closed rotations are looked through for the history of one of
+# its keys (a leak that named it, an operator who turned it back on).
+_HISTORY = 200
 
 
 @dataclass
@@ -85,6 +90,9 @@ class PassResult:
     failures: dict[str, str] = field(default_factory=dict)  # account id -> why
     # Why Vault could not be used: leaked keys were still contained, other rotations wait.
     vault_error: RotatorError | None = None
+    # Keys this pass set Inactive as unused, and inactive keys it deleted as idle.
+    deactivated: list[KeyDecision] = field(default_factory=list)
+    deleted: list[KeyDecision] = field(default_factory=list)
 
 
 class App:
@@ -220,6 +228,7 @@ class App:
                         as_of or self.now(),
                         replacements=replacements,
                         quarantined_since=since,
+                        reactivations=self._reactivations(account) if with_state else None,
                         pmap=pool.map,
                     )
                 if record and with_state:
@@ -235,6 +244,20 @@ class App:
                 "; ".join(f"account {a}: {e}" for a, e in result.failures.items())
             )
         return result
+
+    def _reactivations(self, account: str) -> Callable[[str], dict[str, datetime]]:
+        """user -> {key id: when an operator last turned it back on}, from the rotations
+        that did (`reactivate` and `rollback` both end in ROLLED_BACK naming the key as
+        their old key): the key counts as idle from then on, not from its last use."""
+
+        def of(user_name: str) -> dict[str, datetime]:
+            found: dict[str, datetime] = {}
+            for r in self.store.list_recent(limit=_HISTORY, user_name=user_name):
+                if r.account_id == account and r.state is State.ROLLED_BACK and r.old_key_id:
+                    found.setdefault(r.old_key_id, r.updated_at)  # newest first
+            return found
+
+        return of
 
     def open_rotations(
         self, proposals: Iterable[Proposal], *, scanned_at: datetime | None = None
@@ -269,6 +292,7 @@ class App:
                 old_key_id=p.old_key_id,
                 leaked=p.leaked,
                 note=p.why,
+                overlap=p.overlap,
             )
             try:
                 opened.append(self._open(rotation, f"scan: {p.why}"))
@@ -379,8 +403,9 @@ class App:
         if self.metrics is not None:
             self.metrics.observe_scan_duration((self.now() - started).total_seconds())
             self.metrics.observe_scan(result.inventories, self.now())
+        rules = Rules.from_settings(self.settings)
         for inventory in result.inventories:
-            result.proposals.extend(propose(inventory.decisions))
+            result.proposals.extend(propose(inventory.decisions, rules))
         if dry_run:
             return result
         # Containment needs IAM only and comes first, for every leaked key, whatever
@@ -395,6 +420,10 @@ class App:
                 continue
             opened[rotation.id] = rotation
         result.opened = list(opened.values())
+        # IAM only as well, so neither waits for Vault; before any rotation opens, so
+        # that a slot an unused key held is free for it.
+        result.deactivated = self.deactivate_unused(result.inventories, rules)
+        result.deleted = self.delete_idle_inactive(result.inventories)
         # A Vault that cannot be used stops the other rotations before any opens; the
         # pass itself goes on (containment is done, open rotations wait by themselves).
         try:
@@ -427,6 +456,76 @@ class App:
                     continue
                 contained.append((d.user.account_id, d.user.user_name, key_id, d.reason))
         return contained
+
+    def _tracked_keys(self) -> set[tuple[str, str]]:
+        """(account, key id) of every key an open rotation tracks, old or new: a pass
+        leaves those to their rotation."""
+        tracked: set[tuple[str, str]] = set()
+        for r in self.store.list_open():
+            tracked.update((r.account_id, k) for k in (r.old_key_id, r.new_key_id) if k)
+        return tracked
+
+    def deactivate_unused(
+        self, inventories: Iterable[Inventory], rules: Rules
+    ) -> list[KeyDecision]:
+        """Set Inactive every Active key the scan judged unused under a rule that says
+        `unused_action: deactivate` (IAM only; no new key: nobody used this one). Before
+        each, `GetAccessKeyLastUsed` looks again: the credential report may be hours old,
+        and a key used since is left alone. A key an open rotation tracks is left to it.
+        Returns the keys deactivated; one failure never stops the others."""
+        tracked = self._tracked_keys()
+        done: list[KeyDecision] = []
+        for inventory in inventories:
+            for d in to_deactivate(inventory.decisions, rules):
+                account, user, key_id = d.user.account_id, d.user.user_name, d.key.access_key_id
+                assert key_id is not None
+                log_ctx = {"account": account, "user": user, "key_id": key_id, "rule": d.rule}
+                if (account, key_id) in tracked:
+                    _log.info("key.unused_left_to_rotation", **log_ctx)
+                    continue
+                rule = rules.named(d.rule)
+                assert rule.unused_after is not None
+                try:
+                    iam = self.iam(account)
+                    last = iam.key_last_used(key_id).last_used_at
+                    if last is not None and self.now() - last <= rule.unused_after:
+                        _log.info("key.unused_used_since", last_used=last.isoformat(), **log_ctx)
+                        continue
+                    iam.set_key_status(user, key_id, KeyStatus.INACTIVE)
+                except NotFound:
+                    continue  # deleted since the scan: nothing to deactivate
+                except RotatorError as exc:
+                    _log.error("key.unused_deactivate_failed", error=str(exc), **log_ctx)
+                    continue
+                _log.warning("key.unused_deactivated", reason=d.reason, **log_ctx)
+                done.append(d)
+        return done
+
+    def delete_idle_inactive(self, inventories: Iterable[Inventory]) -> list[KeyDecision]:
+        """Delete every Inactive key idle longer than its rule's `inactive_delete_after`
+        (`policy.inactive_delete_after`; off by default). IAM only. An inactive key
+        cannot be used, so what the scan read of its last use still holds. A key an open
+        rotation tracks is left to it. Returns the keys deleted."""
+        tracked = self._tracked_keys()
+        done: list[KeyDecision] = []
+        for inventory in inventories:
+            for d in to_delete(inventory.decisions):
+                account, user, key_id = d.user.account_id, d.user.user_name, d.key.access_key_id
+                assert key_id is not None
+                log_ctx = {"account": account, "user": user, "key_id": key_id, "rule": d.rule}
+                if (account, key_id) in tracked:
+                    _log.info("key.idle_left_to_rotation", **log_ctx)
+                    continue
+                try:
+                    self.iam(account).delete_access_key(user, key_id)
+                except NotFound:
+                    continue
+                except RotatorError as exc:
+                    _log.error("key.idle_delete_failed", error=str(exc), **log_ctx)
+                    continue
+                _log.warning("key.idle_deleted", reason=d.reason, **log_ctx)
+                done.append(d)
+        return done
 
     def tick(self) -> list[Rotation]:
         """Advance every open rotation that is due now (a BLOCKED one every
@@ -468,7 +567,8 @@ class App:
             keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
         if not leaked and not request.force:
             # A typo like `rotate break-glass-admin` must not go straight through.
-            exempt = exemption(iam.user_details(user_name), Rules.from_settings(self.settings))
+            rules = Rules.from_settings(self.settings)
+            exempt = exemption(iam.user_details(user_name), rules, self.now())
             if exempt is not None:
                 raise BadInput(
                     f"user {user_name} is not rotated by policy ({exempt}); add --force "
@@ -510,6 +610,61 @@ class App:
             overlap=request.overlap,
         )
         return self._open(rotation, f"forced: {reason or 'no reason given'}")
+
+    def reactivate(
+        self, user_name: str, key_id: str, *, account_id: str | None = None, reason: str
+    ) -> Rotation | None:
+        """Set a key Active again (IAM only; e.g. one deactivated as unused) and record it
+        as a closed rotation (`ROLLED_BACK`, the key as its old key), so that the key's
+        idle clock restarts now and the next pass does not switch it off again at once.
+        None when the key was Active already (nothing changed, nothing recorded).
+
+        Refused (`BadInput`) for a key the rotator contained as leaked (a leak rotation
+        names it) and for a key an open rotation tracks (`rollback` is its lever);
+        `NotFound` for an unknown user or key."""
+        account = account_id or self.accounts()[0]
+        iam = self.iam(account)
+        keys = {k.access_key_id: k for k in iam.list_access_keys(user_name)}
+        if key_id not in keys:
+            raise NotFound(f"user {user_name} in account {account} has no key {key_id}")
+        history = [
+            r
+            for r in self.store.list_recent(limit=_HISTORY, user_name=user_name)
+            if r.account_id == account
+        ]
+        for r in history:
+            if r.leaked and r.old_key_id == key_id:
+                raise BadInput(
+                    f"key {key_id} of {user_name} was contained as leaked (rotation {r.id}, "
+                    f"{r.state.value}): the rotator never turns a leaked key back on; the "
+                    f"user's working key is the one that rotation issues (`rotator status "
+                    f"--user {user_name}`)"
+                )
+        if keys[key_id].active:
+            _log.info("key.reactivate_noop", user=user_name, key_id=key_id)
+            return None
+        for r in history:
+            if r.state in OPEN and key_id in (r.old_key_id, r.new_key_id):
+                raise BadInput(
+                    f"key {key_id} of {user_name} belongs to open rotation {r.id} "
+                    f"({r.state.value}); `rotator rollback {user_name}` turns a rotation's "
+                    "old key back on"
+                )
+        iam.set_key_status(user_name, key_id, KeyStatus.ACTIVE)
+        _log.warning("key.reactivated", user=user_name, key_id=key_id, reason=reason)
+        opened = new_rotation(
+            account,
+            user_name,
+            RotationReason.MANUAL,
+            self.now(),
+            old_key_id=key_id,
+            note=f"reactivated by an operator: {reason}",
+        )
+        # Recorded closed: no rotation runs, the record is the key's history.
+        record = replace(opened, state=State.ROLLED_BACK)
+        return self.store.create(
+            record, f"reactivate: key {key_id} set Active again by an operator ({reason})"
+        )
 
     # --- leaks ----------------------------------------------------------------------
 

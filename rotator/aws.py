@@ -34,7 +34,7 @@ from rotator.errors import (
     RotatorError,
     Transient,
 )
-from rotator.model import AccessKey, IamUser, KeyStatus, NewKey
+from rotator.model import AccessKey, IamGroup, IamUser, KeyStatus, NewKey
 from rotator.ports import KeyLastUsed, QueueMessage
 
 T = TypeVar("T")
@@ -319,10 +319,29 @@ class AwsIam:
     def iter_users_with_details(self) -> Iterator[IamUser]:
         account = self.account_id()
         paginator = self._iam.get_paginator("get_account_authorization_details")
-        pages = paginator.paginate(Filter=["User"], **_PAGE)
+        # Groups come in the same pages (GroupDetailList, with the managed policies
+        # attached to each): a user's groups and what they attach cost no extra call.
+        # A group may come on a later page than its members, so every page is read
+        # before the first user is given out.
+        pages = paginator.paginate(Filter=["User", "Group"], **_PAGE)
+        items: list[dict[str, Any]] = []
+        groups: dict[str, IamGroup] = {}
         for page in self._pages("GetAccountAuthorizationDetails", pages):
-            for item in page.get("UserDetailList", []):
-                yield _user_from(account, item, item.get("AttachedManagedPolicies", []))
+            items += page.get("UserDetailList", [])
+            for group in page.get("GroupDetailList", []):
+                groups[group["GroupName"]] = IamGroup(
+                    name=group["GroupName"],
+                    attached_policy_arns=frozenset(
+                        p["PolicyArn"] for p in group.get("AttachedManagedPolicies", [])
+                    ),
+                )
+        for item in items:
+            # A group missing from the listing (deleted between two pages) attaches
+            # nothing we know of; the user is still in it by name.
+            member_of = tuple(
+                groups.get(name, IamGroup(name)) for name in sorted(item.get("GroupList", []))
+            )
+            yield _user_from(account, item, item.get("AttachedManagedPolicies", []), member_of)
 
     def user_details(self, user_name: str) -> IamUser:
         account = self.account_id()
@@ -420,7 +439,12 @@ class AwsIam:
         )
 
 
-def _user_from(account: str, item: dict[str, Any], policies: list[dict[str, Any]]) -> IamUser:
+def _user_from(
+    account: str,
+    item: dict[str, Any],
+    policies: list[dict[str, Any]],
+    groups: tuple[IamGroup, ...] = (),
+) -> IamUser:
     return IamUser(
         account_id=account,
         user_name=item["UserName"],
@@ -428,6 +452,7 @@ def _user_from(account: str, item: dict[str, Any], policies: list[dict[str, Any]
         path=item.get("Path", "/"),
         tags={t["Key"]: t.get("Value", "") for t in item.get("Tags", [])},
         attached_policy_arns=frozenset(p["PolicyArn"] for p in policies),
+        groups=groups,
     )
 
 

@@ -1,7 +1,8 @@
 """The scan: which users and keys exist, how old they are, when they were last used.
 
 Cost model (IAM has no raisable call rate, so calls are what matters at scale):
-  - users, paths, tags and attached policies: `GetAccountAuthorizationDetails` pages;
+  - users, paths, tags, groups and attached policies (the users' own and their
+    groups'): `GetAccountAuthorizationDetails` pages, whatever the rules ask about;
   - key ages and last use for everyone: the credential report (about three calls);
   - key ids: `ListAccessKeys` only for users whose keys need action, because the
     credential report names no key ids.
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 
 from rotator.backoff import retry_pause
 from rotator.errors import PermissionDenied, Transient
-from rotator.model import AccessKey, IamUser, KeyDecision, KeyStatus
+from rotator.model import AccessKey, Decision, IamUser, KeyDecision, KeyStatus
 from rotator.policy import Rules, decide_user, needs_action, quarantine
 from rotator.ports import IamPort
 
@@ -135,6 +136,7 @@ def scan(
     *,
     replacements: Iterable[str] = (),
     quarantined_since: Mapping[str, datetime] | None = None,
+    reactivations: Callable[[str], Mapping[str, datetime]] | None = None,
     report_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     pmap: Callable[[Callable[[IamUser], IamUser], list[IamUser]], Iterable[IamUser]] = map,
@@ -144,7 +146,9 @@ def scan(
     `pmap` runs the per-user reads (key ids for users that need action); pass a thread
     pool's `map` so that they overlap instead of queueing one after another.
     `quarantined_since`: user -> when the rotator first saw its quarantine policy (a
-    user missing from it is seeing it now: every key it holds is suspect)."""
+    user missing from it is seeing it now: every key it holds is suspect).
+    `reactivations`: user name -> {key id: when an operator turned it back on}; asked
+    only for a user with a key judged unused, whose idle clock restarts then."""
     issued = frozenset(replacements)
     account = iam.account_id()
     users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
@@ -155,9 +159,19 @@ def scan(
         if policy is not None:
             quarantined[user.user_name] = (policy, first_seen.get(user.user_name, now))
 
-    def decide(user: IamUser) -> list[KeyDecision]:
+    def decide(
+        user: IamUser, reactivated: Mapping[str, datetime] | None = None
+    ) -> list[KeyDecision]:
         since = quarantined.get(user.user_name, ("", now))[1]
-        return decide_user(user, now, rules, issued, quarantined_since=since)
+        return decide_user(
+            user, now, rules, issued, quarantined_since=since, reactivated=reactivated
+        )
+
+    def decide_listed(user: IamUser) -> list[KeyDecision]:
+        decided = decide(user)
+        if reactivations is not None and any(d.decision is Decision.UNUSED for d in decided):
+            decided = decide(user, reactivations(user.user_name))
+        return decided
 
     notes: list[str] = []
     reported: dict[str, list[AccessKey]] | None
@@ -193,7 +207,7 @@ def scan(
     settled.update((u.user_name, u) for u in pmap(with_listed_keys, to_list))
 
     done_users = [settled[u.user_name] for u in users]
-    decisions = [d for u in done_users for d in decide(u)]
+    decisions = [d for u in done_users for d in decide_listed(u)]
     for name, (policy, since) in sorted(quarantined.items()):
         notes.append(
             f"user {name} is still quarantined ({policy}, first seen "

@@ -32,6 +32,7 @@ class Decision(StrEnum):
     LEAKED = "leaked"
     BLOCKED = "blocked"
     EXEMPT = "exempt"
+    UNUSED = "unused"
 
 
 class RotationReason(StrEnum):
@@ -57,14 +58,30 @@ class AccessKey:
 
 
 @dataclass(frozen=True)
+class IamGroup:
+    """An IAM group a user belongs to, with the managed policies attached to it (which
+    apply to every member as if attached to each)."""
+
+    name: str
+    attached_policy_arns: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class IamUser:
     account_id: str
     user_name: str
     arn: str
     path: str = "/"
     tags: Mapping[str, str] = field(default_factory=dict)
+    # Managed policies attached to the user itself (a quarantine policy always is).
     attached_policy_arns: frozenset[str] = frozenset()
     keys: tuple[AccessKey, ...] = ()
+    # The user's groups: read by the bulk listing only (`IamPort.iter_users_with_details`).
+    groups: tuple[IamGroup, ...] = ()
+
+
+# The rule name of a decision no rule of `rules` decided: the `policy` section's.
+DEFAULT_RULE = "default"
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,17 @@ class KeyDecision:
     # Created before the user's quarantine policy was first seen: possibly the leaked
     # key (contained when Active; an Inactive one stays flagged in the plan).
     suspect: bool = False
+    # The rule the user falls under (`rotator.policy.Rules.rule_for`), and why it
+    # matched (None for the default: no rule matched).
+    rule: str = DEFAULT_RULE
+    rule_match: str | None = None
+    # Since when the key counts as idle: its last use, else its creation, or when an
+    # operator turned it back on, whichever is latest. The clock of `unused_after` and
+    # `inactive_delete_after`.
+    idle_since: datetime | None = None
+    # An Inactive key idle longer than its rule's `inactive_delete_after`: the next pass
+    # deletes it.
+    delete_due: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,54 +1,250 @@
 """Pure decisions: (user, key, now, rules) -> decision and a human reason. No I/O.
 
-Order of the rules, first match wins per user:
+Which rule: `Rules.rules` are tried in order and the first whose `match` holds for the
+user wins (every condition it gives must hold); none matching, the `policy` section
+decides (the rule "default"). A rule holds every value of `policy` it does not set
+itself (`resolve`).
+
+The order of the decisions, per user and then per key:
   exempt  — the user is outside `include_paths`, matches `exclude_users`, or carries the
-            exempt tag with any value other than "false";
+            exempt tag with any value other than "false". A date as the value
+            (`2027-01-31`) exempts until the end of that day (UTC); after it the user is
+            handled normally and every reason says "exemption lapsed on 2027-01-31";
   leaked  — a quarantine policy is attached: every active key created before the
             rotator first saw that policy on the user is leaked, unless the rotator
             issued it to replace a contained leak. A key created after that moment (a
             replacement, a later rotation, a person's new key) is not suspect;
-  then per active key by age: rotate (> max_age), warn (> warn_age), ok.
-  A due key whose user holds two active keys is `blocked`: no slot can be freed without
-  guessing which key a consumer uses; so is one whose user name cannot be a Vault path
-  (`rotator.paths`), since its new secret could not be stored. An inactive key never
-  blocks: it is the slot MAKE_ROOM will free.
+  then per active key:
+  unused  — the rule sets `unused_after` and the key has been idle longer than that:
+            not used since (a key never used counts from its creation, a key an operator
+            turned back on from that moment). With `unused_action: deactivate` the next
+            pass sets it Inactive; no new key is issued, nobody needs one;
+  rotate  — older than `max_age`; `blocked` instead when the user holds two active keys
+            (no slot can be freed without guessing which key a consumer uses; a key this
+            pass deactivates as unused does not count) or when the user name cannot be a
+            Vault path (`rotator.paths`), since its new secret could not be stored;
+  warn    — older than `warn_age`;
+  ok      — everything else. An inactive key is `ok` and never blocks: it is the slot
+            MAKE_ROOM frees. One idle longer than the rule's `inactive_delete_after` is
+            marked `delete_due`: the next pass deletes it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from rotator.model import AccessKey, Decision, IamUser, KeyDecision, RotationReason
+from rotator.model import (
+    DEFAULT_RULE,
+    AccessKey,
+    Decision,
+    IamUser,
+    KeyDecision,
+    RotationReason,
+)
 from rotator.paths import path_problem
 
 _DAY = 86400.0
+# An exempt tag's value that is a date: exempt until the end of that day (UTC).
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+class UnusedAction(StrEnum):
+    """What a pass does with a key its rule finds unused."""
+
+    REPORT = "report"
+    DEACTIVATE = "deactivate"
+
+
+# The keys a rule may set: of `policy`, those that judge a key or that a rotation
+# records when it opens; and two of its own. The other keys of `policy` apply to every
+# rotation alike (the configuration refuses them in a rule).
+RULE_KEYS = frozenset(
+    {"max_age", "warn_age", "overlap", "inactive_delete_after", "unused_after", "unused_action"}
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Which users a rule applies to. Every condition given must hold; none given
+    matches every user.
+
+    `attached_policy`: a managed policy's name (any policy of that name) or ARN, attached
+    to the user directly or to one of its groups; `tags`: each key with exactly that
+    value; `path`: an IAM path prefix; `user`: a glob on the user name; `group`: a group
+    the user belongs to; `account`: the user's account id."""
+
+    attached_policy: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    path: str | None = None
+    user: str | None = None
+    group: str | None = None
+    account: str | None = None
+
+    def explain(self, user: IamUser) -> str | None:
+        """Why every condition holds for `user` (e.g. "path /ci/, user ci-*"), or None
+        when one does not."""
+        why: list[str] = []
+        if self.account is not None:
+            if user.account_id != self.account:
+                return None
+            why.append(f"account {self.account}")
+        if self.path is not None:
+            if not user.path.startswith(self.path):
+                return None
+            why.append(f"path {self.path}")
+        if self.user is not None:
+            if not fnmatch.fnmatchcase(user.user_name, self.user):
+                return None
+            why.append(f"user {self.user}")
+        if self.group is not None:
+            if self.group not in {g.name for g in user.groups}:
+                return None
+            why.append(f"group {self.group}")
+        for tag, value in self.tags:
+            if user.tags.get(tag) != value:
+                return None
+            why.append(f"tag {tag}={value}")
+        if self.attached_policy is not None:
+            through = attached_through(user, self.attached_policy)
+            if through is None:
+                return None
+            why.append(through)
+        return ", ".join(why) or "matches every user"
+
+
+def _is_policy(reference: str, arn: str) -> bool:
+    """A policy reference is an ARN (that policy) or a name (any policy of that name,
+    whatever its path or owner: `arn:aws:iam::aws:policy/job-function/ViewOnlyAccess`
+    is named ViewOnlyAccess)."""
+    if reference.startswith("arn:"):
+        return arn == reference
+    return arn.rsplit("/", 1)[-1] == reference
+
+
+def attached_through(user: IamUser, reference: str) -> str | None:
+    """How the policy `reference` (name or ARN) applies to the user: attached to it
+    directly, or to one of its groups (named); None when it does not."""
+    if any(_is_policy(reference, arn) for arn in user.attached_policy_arns):
+        return f"{reference} attached"
+    for group in sorted(user.groups, key=lambda g: g.name):
+        if any(_is_policy(reference, arn) for arn in group.attached_policy_arns):
+            return f"{reference} attached through group {group.name}"
+    return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule as it applies to keys: every value set, the `policy` section's where the
+    rule sets none (`resolve`). The `policy` section itself is the rule "default".
+
+    `overlap`: what the rule sets itself (None: `policy.overlap`, as the engine has it);
+    a rotation opened under the rule records it and keeps it. `unused_after`: None, no
+    key is judged unused. `inactive_delete_after`: None, inactive keys are not deleted
+    for being idle."""
+
+    name: str
+    max_age: timedelta
+    warn_age: timedelta
+    match: Match = field(default_factory=Match)
+    overlap: timedelta | None = None
+    unused_after: timedelta | None = None
+    unused_action: UnusedAction = UnusedAction.REPORT
+    inactive_delete_after: timedelta | None = None
+
+    @property
+    def deactivates_unused(self) -> bool:
+        return self.unused_after is not None and self.unused_action is UnusedAction.DEACTIVATE
+
+
+def resolve(default: Rule, name: str, match: Match, **own: Any) -> Rule:
+    """The rule `name` as it applies: the values it sets itself (`own`, None meaning
+    unset), the default's for the rest. Raises ValueError for a key no rule may set."""
+    unknown = sorted(set(own) - RULE_KEYS)
+    if unknown:
+        raise ValueError(f"a rule cannot set {', '.join(unknown)}")
+    given = {k: v for k, v in own.items() if v is not None}
+    if "unused_action" in given:
+        given["unused_action"] = UnusedAction(given["unused_action"])
+    return replace(default, name=name, match=match, **given)
 
 
 @dataclass(frozen=True)
 class Rules:
+    """Everything a decision needs: the `policy` section (the default rule), the
+    ordered `rules`, the selection, and the quarantine policies."""
+
     max_age: timedelta
     warn_age: timedelta
     include_paths: tuple[str, ...] = ("/",)
     exclude_users: tuple[str, ...] = ()
     exempt_tag: str = "rotator:exempt"
     quarantine_policies: frozenset[str] = frozenset()
+    inactive_delete_after: timedelta | None = None
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def default(self) -> Rule:
+        """The `policy` section as a rule: it decides for users no rule matches."""
+        return Rule(
+            DEFAULT_RULE,
+            self.max_age,
+            self.warn_age,
+            inactive_delete_after=self.inactive_delete_after,
+        )
+
+    def rule_for(self, user: IamUser) -> tuple[Rule, str | None]:
+        """The first rule whose match holds for `user` and why it holds; the default
+        and None when none does."""
+        for rule in self.rules:
+            why = rule.match.explain(user)
+            if why is not None:
+                return rule, why
+        return self.default, None
+
+    def named(self, name: str) -> Rule:
+        """The rule a decision names (`KeyDecision.rule`); KeyError for another name."""
+        if name == DEFAULT_RULE:
+            return self.default
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Rules:
-        return cls(
+        base = cls(
             max_age=settings.policy.max_age,
             warn_age=settings.policy.warn_age,
             include_paths=tuple(settings.selection.include_paths),
             exclude_users=tuple(settings.selection.exclude_users),
             exempt_tag=settings.selection.exempt_tag,
             quarantine_policies=frozenset(settings.leaks.quarantine_policies),
+            inactive_delete_after=settings.policy.inactive_delete_after,
         )
+        default = base.default
+        rules = []
+        for item in settings.rules:
+            m = item.match
+            match = Match(
+                attached_policy=m.attached_policy,
+                tags=tuple(sorted((m.tag or {}).items())),
+                path=m.path,
+                user=m.user,
+                group=m.group,
+                account=m.account,
+            )
+            rules.append(
+                resolve(default, item.name, match, **{k: getattr(item, k) for k in RULE_KEYS})
+            )
+        return replace(base, rules=tuple(rules))
 
 
 def age_days(key: AccessKey, now: datetime) -> int:
@@ -56,21 +252,54 @@ def age_days(key: AccessKey, now: datetime) -> int:
     return max(0, math.floor((now - key.created_at).total_seconds() / _DAY))
 
 
+def _days(delta: timedelta) -> int:
+    return max(0, math.floor(delta.total_seconds() / _DAY))
+
+
 def format_days(delta: timedelta) -> str:
     days = delta.total_seconds() / _DAY
     return f"{days:g}d" if days >= 1 or days == 0 else f"{delta.total_seconds():g}s"
 
 
-def exemption(user: IamUser, rules: Rules) -> str | None:
-    """Why the user is never touched, or None."""
+# --- exemption ---------------------------------------------------------------------------
+
+
+def _tag_exemption(user: IamUser, rules: Rules, now: datetime) -> tuple[str | None, str | None]:
+    """(why the exempt tag exempts the user, why its exemption lapsed): at most one set."""
+    tag = rules.exempt_tag
+    if tag not in user.tags:
+        return None, None
+    value = user.tags[tag]
+    text = value.strip()
+    if text.lower() == "false":
+        return None, None
+    if _DATE.fullmatch(text):
+        try:
+            until = date.fromisoformat(text)
+        except ValueError:
+            # Looks like a date and is none: exempt (the tag's meaning without a date),
+            # saying so, rather than rotate what someone meant to keep.
+            return f"tagged {tag}={value} (not a date: exempt with no end)", None
+        if now.astimezone(UTC).date() <= until:
+            return f"tagged {tag}={value}: exempt until {until.isoformat()}", None
+        return None, f"exemption lapsed on {until.isoformat()} (tagged {tag}={value})"
+    return f"tagged {tag}={value}", None
+
+
+def exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:
+    """Why the user is never touched at `now`, or None."""
     if not any(user.path.startswith(prefix) for prefix in rules.include_paths):
         return f"path {user.path} is outside include_paths"
     for pattern in rules.exclude_users:
         if fnmatch.fnmatchcase(user.user_name, pattern):
             return f"user matches exclude_users pattern {pattern!r}"
-    if rules.exempt_tag in user.tags and user.tags[rules.exempt_tag].strip().lower() != "false":
-        return f"tagged {rules.exempt_tag}={user.tags[rules.exempt_tag]}"
-    return None
+    return _tag_exemption(user, rules, now)[0]
+
+
+def lapsed_exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:
+    """ "exemption lapsed on <date> (...)" when the user's exempt tag carries a date that
+    has passed at `now` (the user is then handled normally), else None."""
+    return _tag_exemption(user, rules, now)[1]
 
 
 def quarantine(user: IamUser, rules: Rules) -> str | None:
@@ -80,6 +309,38 @@ def quarantine(user: IamUser, rules: Rules) -> str | None:
     return None
 
 
+# --- per key -----------------------------------------------------------------------------
+
+
+def idle_since(key: AccessKey, reactivated_at: datetime | None = None) -> datetime:
+    """Since when the key counts as idle: its last use, else its creation, or when an
+    operator turned it back on (`rotator reactivate`, `rollback`), whichever is latest."""
+    moment = key.last_used_at or key.created_at
+    return max(moment, reactivated_at) if reactivated_at is not None else moment
+
+
+def _unused_reason(key: AccessKey, since: datetime, rule: Rule, now: datetime) -> str:
+    assert rule.unused_after is not None
+    idle = _days(now - since)
+    if key.last_used_at is not None and since == key.last_used_at:
+        what = f"last used {idle}d ago"
+    elif since == key.created_at:
+        what = f"never used, created {idle}d ago"
+    else:
+        what = f"not used since an operator turned it back on {idle}d ago"
+    action = (
+        "the next pass deactivates it"
+        if rule.unused_action is UnusedAction.DEACTIVATE
+        else "reported only (unused_action report)"
+    )
+    limit = format_days(rule.unused_after)
+    return f"unused: {what} > unused_after {limit} (rule {rule.name}): {action}"
+
+
+def _is_unused(key: AccessKey, since: datetime, rule: Rule, now: datetime) -> bool:
+    return key.active and rule.unused_after is not None and now - since > rule.unused_after
+
+
 def decide_user(
     user: IamUser,
     now: datetime,
@@ -87,6 +348,7 @@ def decide_user(
     replacements: Iterable[str] = (),
     *,
     quarantined_since: datetime | None = None,
+    reactivated: Mapping[str, datetime] | None = None,
 ) -> list[KeyDecision]:
     """One decision per key of `user`.
 
@@ -96,11 +358,23 @@ def decide_user(
     detaches it, so a key made afterwards must not be judged leaked again and again.
     `replacements` are key ids the rotator issued to replace a contained leak: never
     suspect, even when the policy was first seen after them (the leak came in as an
-    event before the scan saw the policy)."""
+    event before the scan saw the policy). `reactivated`: key id -> when an operator
+    turned it back on; its idle clock starts again then."""
     keys: Sequence[AccessKey] = user.keys
-    exempt = exemption(user, rules)
+    rule, matched = rules.rule_for(user)
+    turned_on = reactivated or {}
+
+    def idle(key: AccessKey) -> datetime:
+        return idle_since(key, turned_on.get(key.access_key_id or ""))
+
+    def decision(key: AccessKey, kind: Decision, why: str, **more: Any) -> KeyDecision:
+        return KeyDecision(
+            user, key, kind, why, rule=rule.name, rule_match=matched, idle_since=idle(key), **more
+        )
+
+    exempt = exemption(user, rules, now)
     if exempt is not None:
-        return [KeyDecision(user, k, Decision.EXEMPT, exempt) for k in keys]
+        return [decision(k, Decision.EXEMPT, exempt) for k in keys]
 
     quarantined = quarantine(user, rules)
     since = quarantined_since or now
@@ -109,32 +383,46 @@ def decide_user(
     def suspect(key: AccessKey) -> bool:
         return bool(quarantined) and key.created_at < since and key.access_key_id not in issued
 
+    def freed(key: AccessKey) -> bool:
+        # Deactivated as unused by this pass: it holds no slot a rotation would need.
+        unused = _is_unused(key, idle(key), rule, now)
+        return rule.deactivates_unused and unused and not suspect(key)
+
     seen = f"quarantine policy {quarantined} (first seen {since.isoformat(timespec='seconds')})"
-    active = [k for k in keys if k.active]
+    active = [k for k in keys if k.active and not freed(k)]
     out: list[KeyDecision] = []
     for key in keys:
         days = age_days(key, now)
+        age = now - key.created_at
         if not key.active:
             why = f"inactive (age {days}d)"
             if suspect(key):
                 why += f"; suspect: created before {seen}"
-            out.append(KeyDecision(user, key, Decision.OK, why, suspect=suspect(key)))
+            limit = rule.inactive_delete_after
+            due = limit is not None and now - idle(key) > limit
+            if limit is not None and due:
+                why += (
+                    f"; idle {_days(now - idle(key))}d > inactive_delete_after "
+                    f"{format_days(limit)}: the next pass deletes it"
+                )
+            out.append(decision(key, Decision.OK, why, suspect=suspect(key), delete_due=due))
             continue
         if suspect(key):
-            out.append(
-                KeyDecision(user, key, Decision.LEAKED, f"created before {seen}", suspect=True)
-            )
+            out.append(decision(key, Decision.LEAKED, f"created before {seen}", suspect=True))
             continue
-        age = now - key.created_at
-        if age > rules.max_age:
-            reason = f"age {days}d > max_age {format_days(rules.max_age)}"
+        if _is_unused(key, idle(key), rule, now):
+            why = _unused_reason(key, idle(key), rule, now)
+            if age > rule.max_age:
+                why += f"; also older than max_age {format_days(rule.max_age)}: not rotated"
+            out.append(decision(key, Decision.UNUSED, why))
+        elif age > rule.max_age:
+            reason = f"age {days}d > max_age {format_days(rule.max_age)}"
             unstorable = path_problem(user.user_name)
             if unstorable is not None:
-                out.append(KeyDecision(user, key, Decision.BLOCKED, f"{reason}, but {unstorable}"))
+                out.append(decision(key, Decision.BLOCKED, f"{reason}, but {unstorable}"))
             elif len(active) >= 2:
                 out.append(
-                    KeyDecision(
-                        user,
+                    decision(
                         key,
                         Decision.BLOCKED,
                         f"{reason}, but both keys are active: no free slot without guessing "
@@ -142,21 +430,19 @@ def decide_user(
                     )
                 )
             else:
-                out.append(KeyDecision(user, key, Decision.ROTATE, reason))
-        elif age > rules.warn_age:
-            reason = f"age {days}d > warn_age {format_days(rules.warn_age)}"
-            out.append(KeyDecision(user, key, Decision.WARN, reason))
+                out.append(decision(key, Decision.ROTATE, reason))
+        elif age > rule.warn_age:
+            reason = f"age {days}d > warn_age {format_days(rule.warn_age)}"
+            out.append(decision(key, Decision.WARN, reason))
         else:
-            out.append(KeyDecision(user, key, Decision.OK, f"age {days}d"))
+            out.append(decision(key, Decision.OK, f"age {days}d"))
     if quarantined:
         out = [
             d
             if d.decision is Decision.LEAKED or suspect(d.key)
-            else KeyDecision(
-                user,
-                d.key,
-                d.decision,
-                f"{d.reason}; not suspect: "
+            else replace(
+                d,
+                reason=f"{d.reason}; not suspect: "
                 + (
                     "replacement for a contained leak"
                     if d.key.access_key_id in issued
@@ -166,12 +452,67 @@ def decide_user(
             )
             for d in out
         ]
+    lapsed = lapsed_exemption(user, rules, now)
+    if lapsed is not None:
+        out = [replace(d, reason=f"{d.reason}; {lapsed}") for d in out]
     return out
 
 
 def needs_action(decisions: Iterable[KeyDecision]) -> bool:
-    """True when any decision calls for key ids (everything but ok and exempt)."""
-    return any(d.decision not in (Decision.OK, Decision.EXEMPT) for d in decisions)
+    """True when any decision calls for key ids (everything but ok and exempt, and an
+    inactive key that is due for deletion)."""
+    return any(d.decision not in (Decision.OK, Decision.EXEMPT) or d.delete_due for d in decisions)
+
+
+# --- what a pass does without a rotation ---------------------------------------------------
+
+
+def to_deactivate(decisions: Iterable[KeyDecision], rules: Rules) -> list[KeyDecision]:
+    """The unused Active keys whose rule says `unused_action: deactivate`."""
+    return [
+        d
+        for d in decisions
+        if d.decision is Decision.UNUSED
+        and d.key.active
+        and d.key.access_key_id is not None
+        and rules.named(d.rule).deactivates_unused
+    ]
+
+
+def to_delete(decisions: Iterable[KeyDecision]) -> list[KeyDecision]:
+    """The Inactive keys idle longer than their rule's `inactive_delete_after`."""
+    return [
+        d
+        for d in decisions
+        if d.delete_due and not d.key.active and d.key.access_key_id is not None
+    ]
+
+
+@dataclass(frozen=True)
+class Due:
+    """When the rotator acts on a key if nothing changes, and how."""
+
+    at: datetime
+    action: str  # "rotate" | "deactivate"
+
+
+def due_at(decision: KeyDecision, rule: Rule) -> Due | None:
+    """The moment after which `decision`'s Active key is rotated (older than
+    `max_age`) or, when `rule` deactivates unused keys, deactivated (idle longer than
+    `unused_after`, counted from `decision.idle_since`): the earlier one. None for a key
+    the rotator does not act on by age or use (inactive, exempt, leaked: that one is
+    contained at once). The owners' notices count down to it."""
+    key = decision.key
+    if not key.active or decision.decision in (Decision.EXEMPT, Decision.LEAKED):
+        return None
+    due = Due(key.created_at + rule.max_age, "rotate")
+    if rule.deactivates_unused:
+        assert rule.unused_after is not None
+        since = decision.idle_since or idle_since(key)
+        off = since + rule.unused_after
+        if off <= due.at:
+            due = Due(off, "deactivate")
+    return due
 
 
 # --- decisions -> proposals: at most one rotation per user ------------------------------
@@ -185,14 +526,17 @@ class Proposal:
     old_key_id: str | None
     leaked: bool
     why: str
+    # The rule's own overlap, which the rotation records (None: policy.overlap).
+    overlap: timedelta | None = None
 
 
-def propose(decisions: Iterable[KeyDecision]) -> list[Proposal]:
+def propose(decisions: Iterable[KeyDecision], rules: Rules | None = None) -> list[Proposal]:
     """One proposal per user whose keys are leaked, due, or due but blocked.
 
     A leaked key wins over a due one (containment first); among several keys of the same
     kind the oldest goes first. A blocked user gets a proposal too: its rotation stops in
-    BLOCKED, where operators see it and where it resumes once a slot can be freed."""
+    BLOCKED, where operators see it and where it resumes once a slot can be freed. A
+    rotation by age carries the overlap its rule sets (`rules`)."""
     by_user: dict[tuple[str, str], list[KeyDecision]] = defaultdict(list)
     for d in decisions:
         by_user[(d.user.account_id, d.user.user_name)].append(d)
@@ -208,14 +552,19 @@ def propose(decisions: Iterable[KeyDecision]) -> list[Proposal]:
             )
             if chosen:
                 first = chosen[0]
+                leaked = kind is Decision.LEAKED
+                overlap = None
+                if rules is not None and not leaked:
+                    overlap = rules.named(first.rule).overlap
                 out.append(
                     Proposal(
                         account,
                         user,
                         reason,
                         first.key.access_key_id,
-                        kind is Decision.LEAKED,
+                        leaked,
                         first.reason,
+                        overlap,
                     )
                 )
                 break

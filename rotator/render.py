@@ -18,6 +18,7 @@ DECISION_ORDER = (
     Decision.LEAKED,
     Decision.BLOCKED,
     Decision.ROTATE,
+    Decision.UNUSED,
     Decision.WARN,
     Decision.OK,
     Decision.EXEMPT,
@@ -44,6 +45,10 @@ def plan_item(decision: KeyDecision, as_of: datetime) -> dict[str, Any]:
         "decision": decision.decision.value,
         "reason": decision.reason,
         "suspect": decision.suspect,
+        # The rule the user falls under ("default": none matched, `policy` decides)
+        # and why it matched (null for the default).
+        "rule": decision.rule,
+        "rule_match": decision.rule_match,
     }
 
 
@@ -74,6 +79,14 @@ def plan_document(
     return doc
 
 
+def rule_text(decision: KeyDecision) -> str:
+    """The rule and why it matched, for people: `admins (AdministratorAccess attached
+    through group admins)`, or `default`."""
+    if decision.rule_match is None:
+        return decision.rule
+    return f"{decision.rule} ({decision.rule_match})"
+
+
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     """A plain left-aligned text table."""
     widths = [len(h) for h in header]
@@ -95,7 +108,7 @@ def plan_text(
     """The plan for people: one group per decision, most urgent first, with counts."""
     out: list[str] = [f"Plan as of {iso(as_of)}"]
     out += [f"note: {n}" for n in notes]
-    header = ("ACCOUNT", "USER", "KEY", "STATUS", "AGE", "LAST USED", "REASON")
+    header = ("ACCOUNT", "USER", "KEY", "STATUS", "AGE", "LAST USED", "RULE", "REASON")
     for kind in DECISION_ORDER:
         group = [d for d in decisions if d.decision is kind]
         if not group:
@@ -110,6 +123,7 @@ def plan_text(
                 d.key.status.value,
                 f"{age_days(d.key, as_of)}d",
                 (iso(d.key.last_used_at) or "never")[:10],
+                rule_text(d),
                 d.reason,
             )
             for d in group

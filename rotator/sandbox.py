@@ -87,7 +87,8 @@ class LocalAws:
         self._server.stop()
 
     def reset(self) -> None:
-        """Forget every user, key and policy attachment, and every other service's state.
+        """Forget every user, group, key and policy attachment, and every other service's
+        state.
 
         A full moto reset reloads AWS's thousand managed policies (over a second), so
         IAM users are removed one by one and only the other services are reset."""
@@ -95,6 +96,12 @@ class LocalAws:
 
         for account_id in list(get_backend("iam").keys()):
             iam = self.account(account_id)
+            for group_name in list(iam.groups):
+                group = iam.groups[group_name]
+                for arn in list(group.managed_policies):
+                    iam.detach_group_policy(arn, group_name)
+                group.users.clear()
+                iam.delete_group(group_name)
             for name in list(iam.users):
                 user = iam.users[name]
                 for arn in list(user.managed_policies):
@@ -162,6 +169,29 @@ class LocalAws:
         for arn in policies:
             backend.attach_user_policy(arn, name)
         return [self.add_key(name, spec, now=now, account_id=account_id) for spec in keys]
+
+    def add_group(
+        self,
+        name: str,
+        *,
+        path: str = "/",
+        policies: Iterable[str] = (),
+        users: Iterable[str] = (),
+        account_id: str = ACCOUNT_ID,
+    ) -> None:
+        """Create a group with attached managed policies (AWS's own exist here, e.g.
+        arn:aws:iam::aws:policy/AdministratorAccess) and the given members."""
+        backend = self.account(account_id)
+        backend.create_group(name, path=path)
+        for arn in policies:
+            backend.attach_group_policy(arn, name)
+        for user_name in users:
+            backend.add_user_to_group(name, user_name)
+
+    def add_user_to_group(
+        self, group_name: str, user_name: str, *, account_id: str = ACCOUNT_ID
+    ) -> None:
+        self.account(account_id).add_user_to_group(group_name, user_name)
 
     def add_key(
         self,

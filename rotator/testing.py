@@ -47,6 +47,7 @@ from rotator.machine import TERMINAL, State
 from rotator.model import (
     AccessKey,
     Event,
+    IamGroup,
     IamUser,
     KeyStatus,
     Lease,
@@ -196,6 +197,15 @@ class _User:
     keys: list[_Key] = field(default_factory=list)
 
 
+@dataclass
+class _Group:
+    name: str
+    path: str
+    policies: set[str] = field(default_factory=set)
+    # Member user names, in the order they were added (as IAM keeps them).
+    members: list[str] = field(default_factory=list)
+
+
 def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
@@ -220,6 +230,7 @@ class FakeIam:
         self.before_call = before_call
         self.calls: Counter[str] = Counter()
         self._users: dict[str, _User] = {}
+        self._groups: dict[str, _Group] = {}
         self._report: tuple[datetime, bytes] | None = None
         self._answered = False
         self._lock = threading.RLock()
@@ -251,7 +262,16 @@ class FakeIam:
             NotFound(f"{action}: The Access Key with id {access_key_id} cannot be found")
         )
 
-    def _iam_user(self, user: _User) -> IamUser:
+    def _iam_user(self, user: _User, *, with_groups: bool = False) -> IamUser:
+        groups = (
+            tuple(
+                IamGroup(g.name, frozenset(g.policies))
+                for _, g in sorted(self._groups.items())
+                if user.user_name in g.members
+            )
+            if with_groups
+            else ()
+        )
         return IamUser(
             account_id=self._account_id,
             user_name=user.user_name,
@@ -259,6 +279,7 @@ class FakeIam:
             path=user.path,
             tags=dict(user.tags),
             attached_policy_arns=frozenset(user.policies),
+            groups=groups,
         )
 
     # --- identity -----------------------------------------------------------------
@@ -297,12 +318,15 @@ class FakeIam:
     # --- users --------------------------------------------------------------------
 
     def iter_users_with_details(self) -> Iterator[IamUser]:
+        """Every user with its groups (and what they attach) from one call, as
+        GetAccountAuthorizationDetails with the User and Group filters gives them."""
         self._call("iam:GetAccountAuthorizationDetails")
         with self._lock:
-            users = [self._iam_user(u) for _, u in sorted(self._users.items())]
+            users = [self._iam_user(u, with_groups=True) for _, u in sorted(self._users.items())]
         yield from users
 
     def user_details(self, user_name: str) -> IamUser:
+        """GetUser, ListUserTags and ListAttachedUserPolicies: no groups, as `AwsIam`."""
         self._call("iam:GetUser")
         with self._lock:
             self._user("iam:GetUser", user_name)
@@ -460,9 +484,13 @@ class FakeIam:
             return {k.access_key_id: k.status for k in self._users[user_name].keys}
 
     def delete_user(self, user_name: str) -> None:
-        """Remove the user and its keys, as an operator would."""
+        """Remove the user and its keys, as an operator would (IAM takes it out of its
+        groups first)."""
         with self._lock:
             del self._users[user_name]
+            for group in self._groups.values():
+                if user_name in group.members:
+                    group.members.remove(user_name)
 
     def attach_user_policy(self, user_name: str, policy_arn: str) -> None:
         with self._lock:
@@ -471,6 +499,34 @@ class FakeIam:
     def detach_user_policy(self, user_name: str, policy_arn: str) -> None:
         with self._lock:
             self._users[user_name].policies.discard(policy_arn)
+
+    def add_group(
+        self,
+        name: str,
+        *,
+        path: str = "/",
+        policies: Iterable[str] = (),
+        users: Iterable[str] = (),
+    ) -> None:
+        """Create a group with attached managed policies and the given members."""
+        with self._lock:
+            if name in self._groups:
+                raise ValueError(f"group {name} exists already")
+            self._groups[name] = _Group(name, path, set(policies))
+        for user_name in users:
+            self.add_user_to_group(name, user_name)
+
+    def add_user_to_group(self, group_name: str, user_name: str) -> None:
+        with self._lock:
+            if user_name not in self._users:
+                raise ValueError(f"no user {user_name}")
+            group = self._groups[group_name]
+            if user_name not in group.members:
+                group.members.append(user_name)
+
+    def attach_group_policy(self, group_name: str, policy_arn: str) -> None:
+        with self._lock:
+            self._groups[group_name].policies.add(policy_arn)
 
 
 # ---------------------------------------------------------------------- secret store

@@ -50,12 +50,12 @@ def test_authorization_details_follows_every_page() -> None:
     stub.add_response(
         "get_account_authorization_details",
         {"UserDetailList": [detail("a"), detail("b")], "IsTruncated": True, "Marker": "m1"},
-        {"Filter": ["User"], "MaxItems": 1000},
+        {"Filter": ["User", "Group"], "MaxItems": 1000},
     )
     stub.add_response(
         "get_account_authorization_details",
         {"UserDetailList": [detail("c")], "IsTruncated": False},
-        {"Filter": ["User"], "MaxItems": 1000, "Marker": "m1"},
+        {"Filter": ["User", "Group"], "MaxItems": 1000, "Marker": "m1"},
     )
     with stub:
         users = list(iam.iter_users_with_details())

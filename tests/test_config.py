@@ -581,6 +581,55 @@ RULE_CASES: dict[Callable[..., object], tuple[dict[str, object], str]] = {
         "vault.path_template: must contain {account_id} when several accounts are listed, "
         "or users with the same name in two accounts would share one secret",
     ),
+    rules.inactive_delete_after_covers_min_idle: (
+        {"policy": {"inactive_delete_after": "3d"}},
+        "policy.inactive_delete_after: 3d is shorter than inactive_min_idle 7d: a key someone "
+        "switched off to see what breaks would be deleted sooner than a rotation may delete it",
+    ),
+    rules.unused_action_needs_unused_after: (
+        {"rules": [{"name": "humans", "match": {}, "unused_action": "deactivate"}]},
+        "rules[0].unused_action: only used with unused_after, which is not set",
+    ),
+    rules.rule_names_unique: (
+        {"rules": [{"name": "ci", "match": {"path": "/ci/"}}, {"name": "ci", "match": {}}]},
+        'rules[1].name: "ci" is already the name of rules[0]',
+    ),
+    rules.rules_warn_before_rotating: (
+        {"rules": [{"name": "admins", "match": {}, "max_age": "30d"}]},
+        'rules[0]: rule "admins" has warn_age 80d (from policy.warn_age), not below its '
+        "max_age 30d: its keys would be rotated without a warning first; set a shorter "
+        "warn_age in the rule",
+    ),
+    rules.rules_keep_inactive_min_idle: (
+        {"rules": [{"name": "ci", "match": {}, "inactive_delete_after": "1d"}]},
+        "rules[0].inactive_delete_after: 1d is shorter than inactive_min_idle 7d: a key "
+        "someone switched off to see what breaks would be deleted sooner than a rotation may "
+        "delete it",
+    ),
+    rules.unused_keys_can_be_reactivated: (
+        {
+            "policy": {"inactive_delete_after": "30d"},
+            "rules": [
+                {
+                    "name": "humans",
+                    "match": {},
+                    "unused_after": "45d",
+                    "unused_action": "deactivate",
+                }
+            ],
+        },
+        'rules[0].unused_after: rule "humans" deactivates keys unused for 45d, but '
+        "inactive_delete_after 30d (from policy.inactive_delete_after) deletes them as soon as "
+        "they are inactive: nobody could reactivate one; make inactive_delete_after longer "
+        "than unused_after",
+    ),
+    rules.rules_match_listed_accounts: (
+        {
+            "aws": {"accounts": [{"id": ACCOUNT_A}]},
+            "rules": [{"name": "b", "match": {"account": ACCOUNT_B}}],
+        },
+        f'rules[0].match.account: "{ACCOUNT_B}" is not in aws.accounts: the rule would never match',
+    ),
 }
 
 
@@ -618,6 +667,127 @@ def test_rule_is_reported_beside_invalid_fields_of_its_list_items() -> None:
         'aws.accounts[1]: expected a mapping (key: value lines), got "x"',
         f'aws.accounts[2].id: "{ACCOUNT_A}" is already listed as accounts[0]',
     ]
+
+
+# --- rules --------------------------------------------------------------------------------
+
+ISSUE_RULES = """
+rules:
+  - name: admins
+    match: {attached_policy: AdministratorAccess}
+    max_age: 30d
+    warn_age: 23d
+  - name: humans
+    match: {tag: {type: human}}
+    unused_after: 45d
+    unused_action: deactivate
+  - name: ci
+    match: {path: /ci/, user: "ci-*", group: deployers, account: "111122223333"}
+    max_age: 180d
+    overlap: 48h
+"""
+
+
+def test_the_rules_of_the_issue_load_in_order_with_what_they_set(tmp_path: Path) -> None:
+    """The example rules load as written, in order; a key a rule does not set stays
+    unset in the settings (the policy's value applies, `rotator.policy.resolve`)."""
+    settings = load_settings(write(tmp_path, ISSUE_RULES), TOKEN_ENV)
+    admins, humans, ci = settings.rules
+    assert [r.name for r in settings.rules] == ["admins", "humans", "ci"]
+    assert admins.match.attached_policy == "AdministratorAccess"
+    assert (admins.max_age, admins.warn_age) == (timedelta(days=30), timedelta(days=23))
+    assert humans.match.tag == {"type": "human"}
+    assert (humans.unused_after, humans.unused_action) == (timedelta(days=45), "deactivate")
+    assert humans.max_age is None
+    assert (ci.match.path, ci.match.user, ci.match.group, ci.match.account) == (
+        "/ci/",
+        "ci-*",
+        "deployers",
+        "111122223333",
+    )
+    assert ci.overlap == timedelta(hours=48)
+    assert json.loads(json.dumps(settings.redacted_dict()))["rules"][2]["overlap"] == "2d"
+
+
+def test_no_rules_is_the_default_and_an_emptied_rules_key_is_none() -> None:
+    """Without `rules`, or with every rule commented out (YAML null), there are none."""
+    assert parse_settings(None, TOKEN_ENV).rules == ()
+    assert parse_settings({"rules": None}, TOKEN_ENV).rules == ()
+
+
+def test_unknown_keys_in_a_rule_or_its_match_are_named_by_path() -> None:
+    """A misspelt key in a rule or in its match is an error with a suggestion."""
+    data = {"rules": [{"name": "a", "match": {"tags": {"x": "y"}}, "max_agee": "30d"}]}
+    assert problems_of(data) == [
+        "rules[0].match.tags: unknown key (did you mean tag?)",
+        "rules[0].max_agee: unknown key (did you mean max_age?)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["overlap_limit", "delete_after", "verify_timeout", "retry_failed_after", "inactive_min_idle"],
+)
+def test_a_policy_key_that_applies_to_every_rotation_is_refused_in_a_rule(key: str) -> None:
+    """The keys the engine applies to every rotation alike cannot be set by a rule, and
+    the message says where they belong."""
+    assert problems_of({"rules": [{"name": "a", "match": {}, key: "1d"}]}) == [
+        f"rules[0].{key}: a rule cannot set this: it applies to every rotation alike, "
+        "whichever rule opened it; set it under policy"
+    ]
+
+
+def test_a_rule_whose_warn_age_equals_its_max_age_is_named() -> None:
+    """A rule's warn_age must be strictly below its max_age (the policy may set them
+    equal); a rule that sets neither is the policy's business."""
+    data = {"rules": [{"name": "ci", "match": {}, "max_age": "80d"}, {"name": "x", "match": {}}]}
+    assert problems_of(data) == [
+        'rules[0]: rule "ci" has warn_age 80d (from policy.warn_age), not below its max_age '
+        "80d: its keys would be rotated without a warning first; set a shorter warn_age in "
+        "the rule"
+    ]
+    valid = {"rules": [{"name": "ci", "match": {}, "max_age": "80d", "warn_age": "70d"}]}
+    assert parse_settings(valid, TOKEN_ENV).rules[0].warn_age == timedelta(days=70)
+
+
+@pytest.mark.parametrize(
+    ("match", "message"),
+    [
+        ({"path": "ci"}, 'rules[0].match.path: "ci" must start and end with "/"'),
+        ({"user": "ci-["}, 'rules[0].match.user: "ci-[" has a [ without its ]'),
+        ({"user": "ci/*"}, 'rules[0].match.user: "ci/*" can match no IAM user name'),
+        ({"user": ""}, "rules[0].match.user: must not be empty"),
+        ({"attached_policy": "Admin Access"}, 'rules[0].match.attached_policy: "Admin Access" is'),
+        ({"attached_policy": "arn:aws:iam::aws:role/x"}, "rules[0].match.attached_policy: "),
+        ({"group": "dev ops"}, 'rules[0].match.group: "dev ops" is not an IAM group name'),
+        ({"account": 111122223333}, "rules[0].match.account: expected a 12-digit string"),
+        ({"tag": {}}, "rules[0].match.tag: must name at least one tag"),
+        ({"tag": {"admin": True}}, "rules[0].match.tag.admin: expected a string, got true"),
+        ("admins", 'rules[0].match: expected a mapping (key: value lines), got "admins"'),
+    ],
+)
+def test_each_bad_match_condition_is_reported_by_path(match: object, message: str) -> None:
+    """A path that is not an IAM path, a glob that can match no user name, a policy that is
+    neither name nor ARN, a bad group or account, an empty or non-string tag."""
+    [problem] = problems_of({"rules": [{"name": "r", "match": match}]})
+    assert problem.startswith(message), problem
+
+
+def test_valid_globs_on_user_names_are_accepted() -> None:
+    """Wildcards and bracket sets over IAM's user-name characters are fine."""
+    for glob in ("ci-*", "build-[0-9]*", "svc-?", "[!x]*", "a.b@c+d=e,f_g"):
+        rule = {"name": "r", "match": {"user": glob}}
+        assert parse_settings({"rules": [rule]}, TOKEN_ENV).rules[0].match.user == glob
+
+
+def test_a_rule_needs_a_name_other_than_default_and_a_match() -> None:
+    """`name` and `match` are required; "default" is what plan calls the policy."""
+    assert problems_of({"rules": [{"overlap": "1h"}]}) == [
+        "rules[0].name: required, but missing",
+        "rules[0].match: required, but missing",
+    ]
+    [problem] = problems_of({"rules": [{"name": "default", "match": {}}]})
+    assert problem.startswith('rules[0].name: "default" names the policy section in plan')
 
 
 # --- secrets ------------------------------------------------------------------------------
@@ -722,7 +892,7 @@ def test_top_level_list_is_rejected(tmp_path: Path) -> None:
         load_settings(path, TOKEN_ENV)
     assert info.value.problems == [
         f"{path}: expected a mapping of sections (aws, vault, state, selection, policy, "
-        "leaks, schedule, http, notify), got a list"
+        "rules, leaks, schedule, http, notify), got a list"
     ]
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from botocore.stub import Stubber
 
 from rotator.aws import AwsIam
 from rotator.errors import PermissionDenied
 from rotator.inventory import fetch_credential_report, parse_credential_report, scan
-from rotator.model import AccessKey, Decision, IamUser, KeyStatus, NewKey
-from rotator.policy import Rules
+from rotator.model import AccessKey, Decision, IamGroup, IamUser, KeyStatus, NewKey
+from rotator.policy import Match, Rules, resolve
 from rotator.ports import KeyLastUsed
 from rotator.sandbox import QUARANTINE_V2, LocalAws, SeedKey
+from rotator.testing import FakeIam
 
 RULES = Rules(
     max_age=timedelta(days=90),
@@ -165,3 +168,128 @@ def test_scan_changes_nothing_in_iam(aws: LocalAws) -> None:
     assert {u: aws.keys(u) for u in ("a", "q")} == before
     writes = [op for op in iam.calls if any(w in op for w in ("Create", "Update", "Delete"))]
     assert writes == []
+
+
+ADMIN = "arn:aws:iam::aws:policy/AdministratorAccess"
+
+
+def ten_rules() -> Rules:
+    """Ten rules over every kind of condition, with the policy's own thresholds, so that
+    they decide exactly as the policy would and only the rule names differ."""
+    same = {"max_age": RULES.max_age, "warn_age": RULES.warn_age}
+    matches = [
+        Match(attached_policy="AdministratorAccess"),
+        Match(attached_policy=ADMIN, group="admins"),
+        Match(group="deployers"),
+        Match(tags=(("type", "human"),)),
+        Match(path="/ci/"),
+        Match(user="svc-*"),
+        Match(account="999999999999"),
+        Match(tags=(("team", "data"),), path="/teams/"),
+        Match(user="nobody-*", group="nobody"),
+        Match(),
+    ]
+    return replace(
+        RULES,
+        rules=tuple(resolve(RULES.default, f"r{i}", m, **same) for i, m in enumerate(matches)),
+    )
+
+
+def test_a_scan_with_ten_rules_makes_the_same_iam_calls_as_with_none(aws: LocalAws) -> None:
+    """Rules about groups, attached policies, tags, paths and names are judged from the
+    bulk listing: ten of them cost not one IAM call more than none (calls counted by
+    AwsIam), and they do decide (every user falls under a rule, admins through a group)."""
+    now = datetime.now(UTC)
+    for name, kw in {
+        "alice": {"tags": {"type": "human"}},
+        "root": {},
+        "deploy": {"path": "/ci/"},
+        "svc-a": {},
+        "data-1": {"path": "/teams/", "tags": {"team": "data"}},
+    }.items():
+        aws.add_user(name, keys=[SeedKey(timedelta(days=120))], now=now, **kw)  # type: ignore[arg-type]
+    aws.add_user("fresh", keys=[SeedKey(timedelta(days=3))], now=now)
+    aws.add_group("admins", policies=[ADMIN], users=["root"])
+    aws.add_group("deployers", users=["deploy", "svc-a"])
+
+    def calls(rules: Rules) -> tuple[dict[str, int], dict[str, str]]:
+        iam = iam_for(aws)
+        inventory = scan(iam, rules, now)
+        return dict(iam.calls), {d.user.user_name: d.rule for d in inventory.decisions}
+
+    calls(RULES)  # the credential report made once: both scans below reuse it
+    without, default = calls(RULES)
+    with_rules, named = calls(ten_rules())
+    assert with_rules == without
+    assert set(default.values()) == {"default"}
+    assert named == {
+        "alice": "r3",
+        "root": "r0",
+        "deploy": "r2",
+        "svc-a": "r2",
+        "data-1": "r7",
+        "fresh": "r9",
+    }
+
+
+def test_fake_iam_scan_with_ten_rules_makes_the_same_calls_as_with_none() -> None:
+    """The same holds on FakeIam, whose calls the engine tests count."""
+    now = datetime.now(UTC)
+    fake = FakeIam(clock=lambda: now)
+    fake.add_user("root", keys=[SeedKey(timedelta(days=120))])
+    fake.add_user("alice", tags={"type": "human"}, keys=[SeedKey(timedelta(days=3))])
+    fake.add_group("admins", policies=[ADMIN], users=["root"])
+    scan(fake, RULES, now, sleep=lambda _: None)  # the credential report made once
+    fake.calls.clear()
+    scan(fake, RULES, now, sleep=lambda _: None)
+    without = dict(fake.calls)
+    fake.calls.clear()
+    inventory = scan(fake, ten_rules(), now, sleep=lambda _: None)
+    assert dict(fake.calls) == without
+    assert {d.user.user_name: d.rule for d in inventory.decisions} == {
+        "alice": "r3",
+        "root": "r0",
+    }
+
+
+def test_a_group_listed_on_a_later_page_than_its_member_still_applies() -> None:
+    """GetAccountAuthorizationDetails may put a group on a later page than a user in it:
+    the adapter reads every page before it gives users out, so the group's policy
+    reaches the user (moto does not paginate, hence botocore's Stubber)."""
+    iam = AwsIam(region="us-east-1", endpoint_url="http://127.0.0.1:9", account_id="123456789012")
+    stub = Stubber(iam._iam)
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    user = {
+        "UserName": "root-admin",
+        "UserId": "AIDAROOTADMINXXXXXXX",
+        "Arn": "arn:aws:iam::123456789012:user/root-admin",
+        "Path": "/",
+        "CreateDate": created,
+        "GroupList": ["platform", "gone"],
+        "AttachedManagedPolicies": [],
+    }
+    group = {
+        "GroupName": "platform",
+        "GroupId": "AGPAPLATFORMXXXXXXXX",
+        "Arn": "arn:aws:iam::123456789012:group/platform",
+        "Path": "/",
+        "CreateDate": created,
+        "AttachedManagedPolicies": [{"PolicyName": "AdministratorAccess", "PolicyArn": ADMIN}],
+    }
+    wanted = {"Filter": ["User", "Group"], "MaxItems": 1000}
+    stub.add_response(
+        "get_account_authorization_details",
+        {"UserDetailList": [user], "IsTruncated": True, "Marker": "m1"},
+        wanted,
+    )
+    stub.add_response(
+        "get_account_authorization_details",
+        {"GroupDetailList": [group], "IsTruncated": False},
+        {**wanted, "Marker": "m1"},
+    )
+    with stub:
+        [listed] = list(iam.iter_users_with_details())
+    stub.assert_no_pending_responses()
+    assert listed.groups == (IamGroup("gone"), IamGroup("platform", frozenset({ADMIN})))
+    rules = ten_rules()
+    assert rules.rule_for(listed)[0].name == "r0"

@@ -108,7 +108,10 @@ def test_plan_json_gives_every_decision_with_reasons(
         "leaked": 1,
         "blocked": 2,
         "exempt": 2,
+        "unused": 0,
     }
+    # No rules configured: the policy decides every key.
+    assert {(i["rule"], i["rule_match"]) for i in doc["items"]} == {("default", None)}
     assert items  # every item is keyed
     assert {u: aws.keys(u) for u in org} == before, "plan must not change IAM"
 
@@ -134,7 +137,64 @@ def test_plan_table_groups_by_decision_with_counts(
     assert done.returncode == 0, done.stderr
     for heading in ("LEAKED (1)", "BLOCKED (2)", "ROTATE (3)", "WARN (1)", "OK (2)", "EXEMPT (2)"):
         assert heading in done.stdout
-    assert "Summary: 1 leaked, 2 blocked, 3 rotate, 1 warn, 2 ok, 2 exempt (11 keys)" in done.stdout
+    assert "UNUSED (" not in done.stdout  # no empty group
+    assert (
+        "Summary: 1 leaked, 2 blocked, 3 rotate, 0 unused, 1 warn, 2 ok, 2 exempt (11 keys)"
+        in done.stdout
+    )
+
+
+RULES_YAML = """
+rules:
+  - name: admins
+    match: {attached_policy: AdministratorAccess}
+    max_age: 30d
+    warn_age: 23d
+  - name: humans
+    match: {tag: {type: human}}
+    unused_after: 45d
+    unused_action: deactivate
+"""
+
+
+def test_plan_table_shows_the_rule_of_every_key_and_why_it_matched(
+    aws: LocalAws, tmp_path: Path
+) -> None:
+    """With rules, each row names its rule and why it matched (or "default"), and unused
+    keys get a group of their own; plan changes nothing."""
+    config = tmp_path / "rotator.yaml"
+    config.write_text(f"state:\n  path: {tmp_path / 'state.db'}\n{RULES_YAML}")
+    now = datetime.now(UTC)
+    aws.add_user("root-admin", keys=[SeedKey(31 * D, last_used_ago=D)], now=now)
+    aws.add_group("root", policies=["arn:aws:iam::aws:policy/AdministratorAccess"])
+    aws.add_user_to_group("root", "root-admin")
+    aws.add_user("ann", tags={"type": "human"}, keys=[SeedKey(60 * D)], now=now)
+    aws.add_user("bob", keys=[SeedKey(31 * D, last_used_ago=D)], now=now)
+    before = {u: aws.keys(u) for u in ("root-admin", "ann", "bob")}
+    done = rotator("--config", str(config), "plan")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[1]: line for line in done.stdout.splitlines() if "123456789012" in line}
+    assert "admins (AdministratorAccess attached through group root)" in rows["root-admin"]
+    assert "humans (tag type=human)" in rows["ann"]
+    assert " default " in rows["bob"]
+    assert "UNUSED (1)" in done.stdout
+    assert "ROTATE (1)" in done.stdout
+    assert {u: aws.keys(u) for u in before} == before, "plan must not change IAM"
+
+
+def test_config_check_names_a_bad_rule_by_its_path_and_exits_2(tmp_path: Path) -> None:
+    """A rule problem is reported like any other: its dotted path, exit 2."""
+    path = tmp_path / "rotator.yaml"
+    path.write_text(
+        "rules:\n  - name: admins\n    match: {attached_policy: AdministratorAccess}\n"
+        "    max_age: 30d\n    delete_after: 1d\n"
+    )
+    done = rotator(
+        "--config", str(path), "config", "check", env={"VAULT_TOKEN": "test-token-not-real"}
+    )
+    assert done.returncode == 2
+    assert "rules[0].delete_after: a rule cannot set this" in done.stderr
+    assert 'rules[0]: rule "admins" has warn_age 80d (from policy.warn_age)' in done.stderr
 
 
 def test_plan_exits_3_with_one_line_when_aws_is_unreachable(config: Path) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "AccountId",
     "Duration",
     "FilePath",
+    "GroupName",
     "HttpUrl",
     "IamPath",
     "KvMount",
@@ -33,11 +34,16 @@ __all__ = [
     "NonEmptyStr",
     "PathTemplate",
     "PolicyArn",
+    "PolicyOnly",
+    "PolicyRef",
     "PositiveDuration",
     "RoleArn",
     "RoleName",
+    "RuleName",
     "ScheduleText",
     "SnsArn",
+    "TagValues",
+    "UserGlob",
     "not_empty_list",
     "split_listen",
     "template_fields",
@@ -179,6 +185,71 @@ def _iam_path(value: str) -> str:
     return value
 
 
+_NAME_RE = re.compile(r"[\w+=,.@-]{1,128}")
+
+
+def _policy_ref(value: str) -> str:
+    if value.startswith("arn:"):
+        if _POLICY_ARN_RE.fullmatch(value) is None:
+            raise ValueError(
+                f"{shown(value)} is not an IAM policy ARN "
+                "(e.g. arn:aws:iam::aws:policy/AdministratorAccess)"
+            )
+    elif _NAME_RE.fullmatch(value) is None:
+        raise ValueError(
+            f"{shown(value)} is neither a policy name (e.g. AdministratorAccess) nor a "
+            "policy ARN (e.g. arn:aws:iam::aws:policy/AdministratorAccess)"
+        )
+    return value
+
+
+def _group_name(value: str) -> str:
+    if _NAME_RE.fullmatch(value) is None:
+        raise ValueError(f"{shown(value)} is not an IAM group name (1 to 128 of A-Za-z0-9+=,.@_-)")
+    return value
+
+
+# A bracket expression of a glob: [abc], [a-z], [!0-9] (a "]" first is one of the set).
+_GLOB_SET_RE = re.compile(r"\[!?\]?[^\]]*\]")
+_GLOB_REST_RE = re.compile(r"[A-Za-z0-9+=,.@_*?-]+")
+
+
+def _user_glob(value: str) -> str:
+    """A glob on user names (fnmatch, case-sensitive) that can match one: besides
+    * ? and [...] only what an IAM user name holds."""
+    rest = _GLOB_SET_RE.sub("", value)
+    if "[" in rest or "]" in rest:
+        raise ValueError(f"{shown(value)} has a [ without its ] (e.g. ci-* or build-[0-9]*)")
+    if rest and _GLOB_REST_RE.fullmatch(rest) is None:
+        raise ValueError(
+            f"{shown(value)} can match no IAM user name: use letters, digits and +=,.@_- "
+            "with the wildcards * ? [...] (e.g. ci-*)"
+        )
+    return value
+
+
+def _tag_values(value: dict[str, str]) -> dict[str, str]:
+    if not value:
+        raise ValueError("must name at least one tag (e.g. {type: human})")
+    return value
+
+
+def _rule_name(value: str) -> str:
+    if value == "default":
+        raise ValueError(
+            '"default" names the policy section in plan (the rule for users no rule '
+            "matches): choose another name"
+        )
+    return value
+
+
+def _policy_only(value: object) -> None:
+    raise ValueError(
+        "a rule cannot set this: it applies to every rotation alike, whichever rule "
+        "opened it; set it under policy"
+    )
+
+
 AccountId = Annotated[str, PlainValidator(_account_id)]
 RoleArn = Annotated[
     str, _matching(ROLE_ARN_RE, "an IAM role ARN", "arn:aws:iam::123456789012:role/rotator")
@@ -191,6 +262,14 @@ SnsArn = Annotated[
 ]
 RoleName = Annotated[str, AfterValidator(_role_name)]
 IamPath = Annotated[str, AfterValidator(_iam_path)]
+PolicyRef = Annotated[str, AfterValidator(_policy_ref)]
+"""A managed policy by name (any policy of that name) or by ARN."""
+GroupName = Annotated[str, AfterValidator(_group_name)]
+UserGlob = Annotated[str, AfterValidator(_non_empty), AfterValidator(_user_glob)]
+TagValues = Annotated[dict[NonEmptyStr, str], AfterValidator(_tag_values)]
+RuleName = Annotated[str, AfterValidator(_non_empty), AfterValidator(_rule_name)]
+PolicyOnly = Annotated[object, PlainValidator(_policy_only)]
+"""A key of `policy` that a rule may not set: any value is refused, saying why."""
 
 
 # --- Vault paths --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from rotator.config.rules import (
     url_passwords,
     vault_login_problems,
 )
-from rotator.config.views import RawFields
+from rotator.config.views import RawFields, is_model_list
 from rotator.errors import ConfigError
 from rotator.quoting import kind_of
 
@@ -191,7 +191,8 @@ def _with_env_defaults(
     sources: dict[str, str] = {}
     for name in SECTIONS:
         if name in raw and raw[name] is None:
-            raw[name] = {}  # "vault:" with every key commented out
+            # "vault:" with every key commented out; "rules:" with every rule.
+            raw[name] = [] if is_model_list(Settings.model_fields[name].annotation) else {}
     vault = raw.get("vault", {})
     if isinstance(vault, Mapping) and vault.get("auth", {}) is None:
         raw["vault"] = {**vault, "auth": {}}

@@ -21,12 +21,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from rotator.config import rules
+# `checks`: the `rules` module; `Settings.rules` is the field of that name.
+from rotator.config import rules as checks
 from rotator.config.fields import (
     DEFAULT_QUARANTINE_POLICIES,
     AccountId,
     Duration,
     FilePath,
+    GroupName,
     HttpUrl,
     IamPath,
     KvMount,
@@ -34,11 +36,16 @@ from rotator.config.fields import (
     NonEmptyStr,
     PathTemplate,
     PolicyArn,
+    PolicyOnly,
+    PolicyRef,
     PositiveDuration,
     RoleArn,
     RoleName,
+    RuleName,
     ScheduleText,
     SnsArn,
+    TagValues,
+    UserGlob,
     not_empty_list,
     split_listen,
 )
@@ -52,9 +59,11 @@ __all__ = [
     "AwsSettings",
     "HttpSettings",
     "LeaksSettings",
+    "MatchSettings",
     "NotifySettings",
     "OrganizationSettings",
     "PolicySettings",
+    "RuleSettings",
     "ScheduleSettings",
     "SelectionSettings",
     "Settings",
@@ -70,15 +79,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # The section's rules (rotator.config.rules), run once every field is valid.
-    cross_checks: ClassVar[tuple[rules.Rule, ...]] = ()
+    cross_checks: ClassVar[tuple[checks.Rule, ...]] = ()
 
     @model_validator(mode="after")
     def _check_rules(self) -> Self:
-        problems = rules.model_problems(self)
+        problems = checks.model_problems(self)
         if problems:
             # Through the context: the template's own braces would be read as placeholders.
             text = "; ".join(problems)
-            raise PydanticCustomError(rules.RULE_ERROR, "{problems}", {"problems": text})
+            raise PydanticCustomError(checks.RULE_ERROR, "{problems}", {"problems": text})
         return self
 
 
@@ -89,7 +98,7 @@ class AccountSettings(_Section):
     role_arn: RoleArn | None = None
     external_id: NonEmptyStr | None = None
 
-    cross_checks = (rules.external_id_needs_role_arn, rules.role_in_its_account)
+    cross_checks = (checks.external_id_needs_role_arn, checks.role_in_its_account)
 
 
 class OrganizationSettings(_Section):
@@ -117,13 +126,13 @@ class AwsSettings(_Section):
     # bounds a call's total deadline (rotator.deadlines), which the lease must cover.
     call_timeout: PositiveDuration = timedelta(seconds=15)
 
-    cross_checks = (rules.accounts_listed_once, rules.accounts_or_organization)
+    cross_checks = (checks.accounts_listed_once, checks.accounts_or_organization)
 
 
 class VaultAuthSettings(_Section):
     """How to log in to Vault. `token` holds the resolved token (file, else VAULT_TOKEN);
     it is hidden from `repr`. That the chosen method has what it needs is checked by the
-    loader (`rules.vault_login_problems`), not here, so that tests can build settings
+    loader (`checks.vault_login_problems`), not here, so that tests can build settings
     without a token."""
 
     method: Literal["token", "token_file", "approle"] = "token"
@@ -199,8 +208,61 @@ class PolicySettings(_Section):
     # MAKE_ROOM deletes an inactive key only when it was last used (or, never used,
     # created) this long ago: a person may have switched it off to see what breaks.
     inactive_min_idle: Duration = timedelta(days=7)
+    # A pass deletes an inactive key idle (last used, else created) this long; None: off.
+    inactive_delete_after: PositiveDuration | None = None
 
-    cross_checks = (rules.warn_age_within_max_age, rules.overlap_limit_covers_overlap)
+    cross_checks = (
+        checks.warn_age_within_max_age,
+        checks.overlap_limit_covers_overlap,
+        checks.inactive_delete_after_covers_min_idle,
+    )
+
+
+class MatchSettings(_Section):
+    """Which users a rule applies to: every condition given must hold ({} matches every
+    user). `attached_policy`: a managed policy's name or ARN, attached to the user or to
+    one of its groups; `tag`: tags with exactly these values; `path`: an IAM path
+    prefix; `user`: a glob on the user name; `group`: a group the user is in;
+    `account`: the user's account."""
+
+    attached_policy: PolicyRef | None = None
+    tag: TagValues | None = None
+    path: IamPath | None = None
+    user: UserGlob | None = None
+    group: GroupName | None = None
+    account: AccountId | None = None
+
+
+def _policy_only() -> Any:
+    # Declared so that a rule setting it is told why it cannot (not "unknown key"); never
+    # part of the settings (excluded from dumps).
+    return Field(default=None, exclude=True)
+
+
+class RuleSettings(_Section):
+    """One rule: the users it `match`es, and the keys of `policy` it sets for them (what
+    it does not set comes from `policy`), plus what to do with unused keys. The keys that
+    govern every rotation alike (`overlap_limit`, `delete_after`, `verify_timeout`,
+    `retry_failed_after`, `inactive_min_idle`) are refused in a rule."""
+
+    name: RuleName
+    match: MatchSettings
+    max_age: PositiveDuration | None = None
+    warn_age: Duration | None = None
+    overlap: Duration | None = None
+    inactive_delete_after: PositiveDuration | None = None
+    # An Active key not used (a key never used: not since its creation) for this long is
+    # `unused`; None: the rule judges no key unused.
+    unused_after: PositiveDuration | None = None
+    # report: shown by plan only. deactivate: the next pass sets it Inactive. Default report.
+    unused_action: Literal["report", "deactivate"] | None = None
+    overlap_limit: PolicyOnly = _policy_only()
+    delete_after: PolicyOnly = _policy_only()
+    verify_timeout: PolicyOnly = _policy_only()
+    retry_failed_after: PolicyOnly = _policy_only()
+    inactive_min_idle: PolicyOnly = _policy_only()
+
+    cross_checks = (checks.unused_action_needs_unused_after,)
 
 
 class LeaksSettings(_Section):
@@ -254,12 +316,22 @@ class Settings(_Section):
     state: StateSettings = Field(default_factory=StateSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    # Ordered: the first whose match holds for a user decides; none: `policy`.
+    rules: tuple[RuleSettings, ...] = ()
     leaks: LeaksSettings = Field(default_factory=LeaksSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
 
-    cross_checks = (rules.lease_covers_a_call, rules.path_template_tells_accounts_apart)
+    cross_checks = (
+        checks.lease_covers_a_call,
+        checks.path_template_tells_accounts_apart,
+        checks.rule_names_unique,
+        checks.rules_warn_before_rotating,
+        checks.rules_keep_inactive_min_idle,
+        checks.unused_keys_can_be_reactivated,
+        checks.rules_match_listed_accounts,
+    )
 
     def redacted_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able data for display, secrets replaced by "***"."""
@@ -267,7 +339,7 @@ class Settings(_Section):
         if data["vault"]["auth"]["token"] is not None:
             data["vault"]["auth"]["token"] = REDACTED
         if data["state"]["url"] is not None:
-            data["state"]["url"] = rules.redacted_url(data["state"]["url"])
+            data["state"]["url"] = checks.redacted_url(data["state"]["url"])
         return data
 
 

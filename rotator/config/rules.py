@@ -25,7 +25,14 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from pydantic import BaseModel
 
 from rotator.config.fields import ROLE_ARN_RE, template_fields
-from rotator.config.views import Fields, ModelFields, RawFields, inner_model, is_model_list
+from rotator.config.views import (
+    Fields,
+    Inherited,
+    ModelFields,
+    RawFields,
+    inner_model,
+    is_model_list,
+)
 from rotator.deadlines import lease_problem
 from rotator.durations import format_duration
 from rotator.quoting import quoted
@@ -37,6 +44,7 @@ __all__ = [
     "accounts_listed_once",
     "accounts_or_organization",
     "external_id_needs_role_arn",
+    "inactive_delete_after_covers_min_idle",
     "lease_covers_a_call",
     "model_problems",
     "overlap_limit_covers_overlap",
@@ -44,7 +52,13 @@ __all__ = [
     "raw_problems",
     "redacted_url",
     "role_in_its_account",
+    "rule_names_unique",
+    "rules_keep_inactive_min_idle",
+    "rules_match_listed_accounts",
+    "rules_warn_before_rotating",
     "state_url_problems",
+    "unused_action_needs_unused_after",
+    "unused_keys_can_be_reactivated",
     "url_passwords",
     "vault_login_problems",
     "warn_age_within_max_age",
@@ -81,6 +95,128 @@ def overlap_limit_covers_overlap(policy: Fields) -> Iterator[str]:
             f"overlap_limit: {format_duration(overlap_limit)} is shorter than overlap "
             f"{format_duration(overlap)}"
         )
+
+
+def inactive_delete_after_covers_min_idle(policy: Fields) -> Iterator[str]:
+    """Deleting idle inactive keys never takes one MAKE_ROOM would still keep."""
+    delete_after = policy.get("inactive_delete_after")
+    min_idle = policy.get("inactive_min_idle")
+    if (
+        isinstance(delete_after, timedelta)
+        and isinstance(min_idle, timedelta)
+        and delete_after < min_idle
+    ):
+        yield (
+            f"inactive_delete_after: {format_duration(delete_after)} is shorter than "
+            f"inactive_min_idle {format_duration(min_idle)}: a key someone switched off to "
+            "see what breaks would be deleted sooner than a rotation may delete it"
+        )
+
+
+# --- rules --------------------------------------------------------------------------------
+
+
+def unused_action_needs_unused_after(rule: Fields) -> Iterator[str]:
+    """What to do with unused keys means nothing until the rule says when one is."""
+    if rule.given("unused_action") and not rule.given("unused_after"):
+        yield "unused_action: only used with unused_after, which is not set"
+
+
+def _rule_label(rule: Fields) -> str:
+    name = rule.get("name")
+    return f"rule {quoted(name)}" if isinstance(name, str) else "the rule"
+
+
+def _origin(rule: Inherited, name: str) -> str:
+    return f" (from policy.{name})" if rule.inherits(name) else ""
+
+
+def rule_names_unique(settings: Fields) -> Iterator[str]:
+    """Each rule has a name of its own: plan, logs and reports name the rule that decided."""
+    first_index: dict[str, int] = {}
+    for index, rule in enumerate(settings.items("rules")):
+        name = rule.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in first_index:
+            yield (
+                f"rules[{index}].name: {quoted(name)} is already the name of "
+                f"rules[{first_index[name]}]"
+            )
+        else:
+            first_index[name] = index
+
+
+def rules_warn_before_rotating(settings: Fields) -> Iterator[str]:
+    """A rule that sets max_age or warn_age warns before it rotates: its warn_age (its
+    own or the policy's) is below its max_age."""
+    policy = settings.section("policy")
+    for index, own in enumerate(settings.items("rules")):
+        if not (own.given("max_age") or own.given("warn_age")):
+            continue  # the policy's own values, judged under policy
+        rule = Inherited(own, policy)
+        max_age, warn_age = rule.get("max_age"), rule.get("warn_age")
+        if (
+            isinstance(max_age, timedelta)
+            and isinstance(warn_age, timedelta)
+            and warn_age >= max_age
+        ):
+            yield (
+                f"rules[{index}]: {_rule_label(own)} has warn_age "
+                f"{format_duration(warn_age)}{_origin(rule, 'warn_age')}, not below its "
+                f"max_age {format_duration(max_age)}{_origin(rule, 'max_age')}: its keys "
+                "would be rotated without a warning first; set a shorter warn_age in the rule"
+            )
+
+
+def rules_keep_inactive_min_idle(settings: Fields) -> Iterator[str]:
+    """`inactive_delete_after_covers_min_idle`, for each rule that sets its own."""
+    policy = settings.section("policy")
+    for index, own in enumerate(settings.items("rules")):
+        if own.given("inactive_delete_after"):
+            for problem in inactive_delete_after_covers_min_idle(Inherited(own, policy)):
+                yield f"rules[{index}].{problem}"
+
+
+def unused_keys_can_be_reactivated(settings: Fields) -> Iterator[str]:
+    """A key deactivated as unused stays long enough to be turned back on: it is deleted
+    as idle (`inactive_delete_after`) only some time after it was deactivated."""
+    policy = settings.section("policy")
+    for index, own in enumerate(settings.items("rules")):
+        if own.get("unused_action") != "deactivate":
+            continue
+        rule = Inherited(own, policy)
+        unused_after = own.get("unused_after")
+        delete_after = rule.get("inactive_delete_after")
+        if (
+            isinstance(unused_after, timedelta)
+            and isinstance(delete_after, timedelta)
+            and delete_after <= unused_after
+        ):
+            yield (
+                f"rules[{index}].unused_after: {_rule_label(own)} deactivates keys unused for "
+                f"{format_duration(unused_after)}, but inactive_delete_after "
+                f"{format_duration(delete_after)}{_origin(rule, 'inactive_delete_after')} "
+                "deletes them as soon as they are inactive: nobody could reactivate one; "
+                "make inactive_delete_after longer than unused_after"
+            )
+
+
+def rules_match_listed_accounts(settings: Fields) -> Iterator[str]:
+    """A rule about an account names one of `aws.accounts` (when they are listed)."""
+    aws = settings.section("aws")
+    if not aws.given("accounts"):
+        return  # the credentials' own account, or the organization's: not known here
+    listed = [account.get("id") for account in aws.items("accounts")]
+    if not all(isinstance(account_id, str) for account_id in listed):
+        return  # an invalid id is reported as such
+    for index, rule in enumerate(settings.items("rules")):
+        account = rule.section("match").get("account")
+        if isinstance(account, str) and account not in listed:
+            yield (
+                f"rules[{index}].match.account: {quoted(account)} is not in aws.accounts: "
+                "the rule would never match"
+            )
 
 
 # --- accounts -----------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-__all__ = ["INVALID", "Fields", "ModelFields", "RawFields", "inner_model", "is_model_list"]
+__all__ = [
+    "INVALID",
+    "Fields",
+    "Inherited",
+    "ModelFields",
+    "RawFields",
+    "inner_model",
+    "is_model_list",
+]
 
 
 class _Invalid:
@@ -110,6 +118,32 @@ class RawFields:
         if model is None:
             raise TypeError(f"{self._model.__name__}.{name} holds no settings section")
         return model
+
+
+class Inherited:
+    """`Fields` of a rule as it applies: the rule's own value of a key where it sets
+    one, the `policy` section's otherwise (`rotator.policy.resolve` does the same for
+    the decisions), so that a rule about policy keys judges a rule too."""
+
+    def __init__(self, own: Fields, policy: Fields) -> None:
+        self._own = own
+        self._policy = policy
+
+    def inherits(self, name: str) -> bool:
+        """Whether the value of `name` is the policy's (the rule does not set it)."""
+        return not self._own.given(name)
+
+    def get(self, name: str) -> object:
+        return self._policy.get(name) if self.inherits(name) else self._own.get(name)
+
+    def given(self, name: str) -> bool:
+        return self._own.given(name) or self._policy.given(name)
+
+    def section(self, name: str) -> Fields:
+        return self._own.section(name)
+
+    def items(self, name: str) -> list[Fields]:
+        return self._own.items(name)
 
 
 @cache

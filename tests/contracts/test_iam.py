@@ -19,13 +19,15 @@ import pytest
 from rotator.aws import AwsIam
 from rotator.errors import CapConflict, NotFound, RotatorError
 from rotator.inventory import fetch_credential_report, parse_credential_report
-from rotator.model import KeyStatus, NewKey
+from rotator.model import IamGroup, KeyStatus, NewKey
 from rotator.ports import IamPort, KeyLastUsed
 from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, SeedKey
 from rotator.testing import FakeIam
 
 D = timedelta(days=1)
 S = timedelta(seconds=1)
+ADMIN = "arn:aws:iam::aws:policy/AdministratorAccess"
+READ_ONLY = "arn:aws:iam::aws:policy/ReadOnlyAccess"
 KEY_ID = re.compile(r"AKIA[A-Z0-9]{16}")
 UNKNOWN_KEY = "AKIAUNKNOWN000000000"
 
@@ -47,6 +49,17 @@ class AddUser(Protocol):
     ) -> list[NewKey]: ...
 
 
+class AddGroup(Protocol):
+    def __call__(
+        self,
+        name: str,
+        *,
+        path: str = "/",
+        policies: tuple[str, ...] = (),
+        users: tuple[str, ...] = (),
+    ) -> None: ...
+
+
 @dataclass(frozen=True)
 class Iam:
     """An IAM port, and the backend's own view of it for seeding and for checking."""
@@ -55,17 +68,18 @@ class Iam:
     add_user: AddUser
     keys: Callable[[str], dict[str, KeyStatus]]
     set_last_used: Callable[[str, str, datetime], None]
+    add_group: AddGroup
 
 
 def _fake(request: pytest.FixtureRequest) -> Iam:
     fake = FakeIam(ACCOUNT_ID)
-    return Iam(fake, fake.add_user, fake.keys, fake.set_last_used)
+    return Iam(fake, fake.add_user, fake.keys, fake.set_last_used, fake.add_group)
 
 
 def _moto(request: pytest.FixtureRequest) -> Iam:
     aws: LocalAws = request.getfixturevalue("aws")
     port = AwsIam(region="us-east-1", endpoint_url=aws.endpoint_url, session=_SESSION)
-    return Iam(port, aws.add_user, aws.keys, aws.set_last_used)
+    return Iam(port, aws.add_user, aws.keys, aws.set_last_used, aws.add_group)
 
 
 PORTS: dict[str, Callable[[pytest.FixtureRequest], Iam]] = {"fake": _fake, "real": _moto}
@@ -259,6 +273,25 @@ def test_the_bulk_listing_has_every_user_with_tags_and_policies(iam: Iam) -> Non
     assert bulk["kim"].attached_policy_arns == {QUARANTINE_V2}
     assert bulk["kim"].keys == ()
     assert dict(bulk["lee"].tags) == {}
+
+
+def test_the_bulk_listing_gives_each_users_groups_with_what_they_attach(iam: Iam) -> None:
+    """GetAccountAuthorizationDetails gives every user its groups, each with the managed
+    policies attached to the group, beside the user's own attached policies; a user in
+    no group has none. `user_details` (GetUser and friends) reads no groups."""
+    iam.add_user("uma", policies=(QUARANTINE_V2,))
+    iam.add_user("vic")
+    iam.add_user("wes")
+    iam.add_group("admins", path="/ops/", policies=(ADMIN, READ_ONLY), users=("uma", "vic"))
+    iam.add_group("deployers", users=("vic",))
+    bulk = {u.user_name: u for u in iam.port.iter_users_with_details()}
+    assert bulk["uma"].groups == (IamGroup("admins", frozenset({ADMIN, READ_ONLY})),)
+    assert bulk["uma"].attached_policy_arns == {QUARANTINE_V2}
+    assert sorted(g.name for g in bulk["vic"].groups) == ["admins", "deployers"]
+    assert {g.name: g.attached_policy_arns for g in bulk["vic"].groups}["deployers"] == set()
+    assert bulk["vic"].attached_policy_arns == set()
+    assert bulk["wes"].groups == ()
+    assert iam.port.user_details("uma").groups == ()
 
 
 def test_the_credential_report_gives_every_users_keys_once_generated(iam: Iam) -> None:
