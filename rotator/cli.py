@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,11 +28,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from rotator import __version__, log
+from rotator.compliance import OWNER_TAG, ReportFormat, build_report, render
 from rotator.config import Settings, config_path, load_settings, parse_settings
 from rotator.durations import parse_duration
 from rotator.errors import BadInput, ConfigError, RotatorError
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
-from rotator.model import Event, ForcedRotation, Rotation, is_user_name
+from rotator.model import Event, ForcedRotation, KeyDecision, Rotation, is_user_name
 from rotator.outcome import (
     ExitCode,
     exit_code,
@@ -158,6 +160,9 @@ def cli(ctx: click.Context, config: str | None, log_format: str | None, log_leve
     When a key leaks:
       rotator rotate USER --key KEY_ID --leaked --reason INC-123
       rotator leak-event health-event.json
+    \b
+    When a key deactivated as unused is needed after all:
+      rotator reactivate USER --key KEY_ID
 
     \b
     Exit codes (every command):
@@ -234,11 +239,14 @@ def parse_as_of(text: str | None, now: datetime) -> datetime:
 def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     """Scan IAM and print a decision for every key. Changes nothing.
 
-    Decisions: ok, warn (older than warn_age), rotate (older than max_age), leaked
-    (active, and created before a scan first saw the user's quarantine policy), blocked
-    (due, but both keys are active), exempt (excluded by path, name pattern or tag).
-    Keys created before the quarantine was first seen are marked suspect (--json:
-    "suspect": true); users still quarantined are listed in the notes.
+    Decisions: ok, warn (older than warn_age), rotate (older than max_age), unused
+    (active, idle longer than its rule's unused_after), leaked (active, and created
+    before a scan first saw the user's quarantine policy), blocked (due, but both keys
+    are active), exempt (excluded by path, name pattern or tag; a tag dated in the past
+    has lapsed, and the reason says so). Each key shows the rule that decided and why it
+    matched ("default": no rule matched, `policy` decides; --json: "rule",
+    "rule_match"). Keys created before the quarantine was first seen are marked suspect
+    (--json: "suspect": true); users still quarantined are listed in the notes.
     """
     app = obj.app(need_vault=False)
     now = app.now()
@@ -268,7 +276,125 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     _finish(exit_code(started=now, now=app.now(), failed_accounts=scanned.failures))
 
 
+# --- report ---------------------------------------------------------------------------
+
+# A report names users and owners, not secrets: readable by the owner's group (an
+# auditors' group, a web server's), by no one else.
+REPORT_MODE = 0o640
+
+
+def _report_target(output: str) -> Path:
+    """`--output` FILE, checked before any backend is touched: its directory must exist
+    and FILE must not be a directory."""
+    path = Path(output)
+    if path.is_dir():
+        raise BadInput(f"--output {output}: is a directory")
+    if not path.parent.is_dir():
+        raise BadInput(f"--output {output}: directory {path.parent} does not exist")
+    return path
+
+
+def write_atomically(path: Path, text: str, mode: int = REPORT_MODE) -> None:
+    """Replace `path` with `text` in one step (a temporary file beside it, then a
+    rename): a reader never sees half a report, and a failed write leaves the old one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise BadInput(f"cannot write {path}: {exc.strerror}") from exc
+
+
+@cli.command()
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice([f.value for f in ReportFormat]),
+    help="csv for a spreadsheet, json for scripts, html to look at.",
+)
+@click.option(
+    "--output",
+    metavar="FILE",
+    help=f"Write to FILE (replaced atomically, mode {REPORT_MODE:04o}) instead of stdout.",
+)
+@pass_ctx
+@handle_errors
+def report(obj: Context, fmt: str, output: str | None) -> None:
+    """Write a compliance report of every access key in every account. Changes nothing.
+
+    Each key with its account, user, owner (the user's `owner` tag), rule, key id,
+    status, creation, age, last use, days since last use, decision and reason; and the
+    totals, per account and overall, of the two CIS AWS Foundations Benchmark controls
+    on access keys. Both count Active keys only (an Inactive key cannot sign a
+    request), exempt users' keys included, in whole days, whatever `policy` and `rules`
+    say (`plan` tells what the rotator will do about them):
+
+    \b
+      CIS 1.14  older than 90 days ("access keys rotated every 90 days or less")
+      CIS 1.12  not used for more than 45 days, counted from creation when never used
+                ("credentials unused for 45 days or greater are disabled")
+
+    \b
+    Formats:
+      csv   a header row, then one row per key (RFC 4180), for a spreadsheet; no
+            totals row: the cis_1_14_* and cis_1_12_* columns are true/false, sum them
+      json  {"generated_at", "accounts" (totals and age distribution of each),
+            "failed_accounts", "totals", "keys"}, for scripts
+      html  one self-contained page to look at or mail around: the totals, a chart of
+            key ages per account (inline SVG, the 90-day limit marked) and the keys;
+            no external resource, no script
+
+    Key ids are empty for keys read from IAM's credential report only (it names no
+    key ids; the scan lists them only for users whose keys need action).
+    Without --output the report goes to stdout. Exit 1 when an account could not be
+    scanned (the report covers the others and names it), 2 for bad usage (FILE's
+    directory missing), 3 when no account could be scanned.
+    """
+    target = _report_target(output) if output is not None else None
+    app = obj.app(need_vault=False)
+    now = app.now()
+    with_state = Path(app.settings.state.path).exists()
+    try:
+        scanned = app.scan(as_of=now, with_state=with_state, record=False)
+    finally:
+        app.close()
+    # Becomes `settings.notify.owner_tag` once that setting exists (INTERFACE.md).
+    owner_tag = OWNER_TAG
+    built = build_report(
+        scanned.inventories, now, owner_tag=owner_tag, failed_accounts=scanned.failures
+    )
+    text = render(built, ReportFormat(fmt))
+    if target is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomically(target, text)
+    if scanned.failures:
+        click.echo(
+            "rotator: could not scan account(s), the report lacks them: "
+            + ", ".join(scanned.failures),
+            err=True,
+        )
+    _finish(exit_code(started=now, now=app.now(), failed_accounts=scanned.failures))
+
+
 # --- run / status / rotate / rollback --------------------------------------------------
+
+
+def _key_json(d: KeyDecision) -> dict[str, Any]:
+    """A key a pass acted on without a rotation (deactivated as unused, deleted as idle)."""
+    return {
+        "account_id": d.user.account_id,
+        "user_name": d.user.user_name,
+        "access_key_id": d.key.access_key_id,
+        "rule": d.rule,
+        "reason": d.reason,
+    }
 
 
 def _trails(app: App, rotations: Iterable[Rotation]) -> dict[str, list[Event]]:
@@ -392,6 +518,8 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
             "states": counts,
             "notes": [n for inv in result.inventories for n in inv.notes],
             "failed_accounts": result.failures,
+            "deactivated_unused": [_key_json(d) for d in result.deactivated],
+            "deleted_inactive": [_key_json(d) for d in result.deleted],
         }
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -403,6 +531,16 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
                 click.echo(f"  {p.account_id} {p.user_name}: {p.reason.value} ({p.why})")
         else:
             click.echo(f"opened {len(result.opened)} rotation(s)")
+            for d in result.deactivated:
+                click.echo(
+                    f"deactivated unused key {d.key.access_key_id} of {d.user.user_name} "
+                    f"({d.user.account_id}), rule {d.rule}: {d.reason}"
+                )
+            for d in result.deleted:
+                click.echo(
+                    f"deleted inactive key {d.key.access_key_id} of {d.user.user_name} "
+                    f"({d.user.account_id}), rule {d.rule}: {d.reason}"
+                )
         click.echo(rotations_text(result.rotations))
         if counts:
             click.echo("states: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -627,6 +765,39 @@ def leak_event(obj: Context, source: str, as_json: bool) -> None:
         for note in handled.notes:
             click.echo(f"note: {note}")
     _exit_for_handled(rotations, trails, started, finished)
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--key", "key_id", metavar="KEY_ID", required=True, help="The key to turn on.")
+@click.option("--account", "account_id", metavar="ID", help="Account id (default: the first).")
+@click.option("--reason", metavar="TEXT", default="operator reactivation", show_default=True)
+@pass_ctx
+@handle_errors
+def reactivate(obj: Context, user: str, key_id: str, account_id: str | None, reason: str) -> None:
+    """Set USER's key KEY_ID Active again, e.g. one a pass deactivated as unused.
+
+    Its idle clock restarts now: a rule's unused_after counts from this moment, so the
+    next pass does not switch it off again (`status --user USER` shows the record).
+    Refused (exit 2, saying why) for a key the rotator contained as leaked and for a key
+    an open rotation tracks (`rollback` turns a rotation's old key back on); exit 2 too
+    for a user or key IAM does not know. A key that is Active already is left as it is
+    (exit 0). Needs IAM and the state store, not Vault.
+    """
+    check_user_name(user)
+    app = obj.app(need_vault=False)
+    try:
+        record = app.reactivate(user, key_id, account_id=account_id, reason=reason)
+    finally:
+        app.close()
+    if record is None:
+        click.echo(f"{user}: key {key_id} is Active already; nothing changed")
+    else:
+        click.echo(
+            f"{user}: key {key_id} is Active again (recorded as {record.id}); its idle "
+            "clock restarts now"
+        )
+    _finish(ExitCode.OK)
 
 
 @cli.command()
