@@ -251,7 +251,7 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     app = obj.app(need_vault=False)
     now = app.now()
     moment = parse_as_of(as_of, now)
-    with_state = Path(app.settings.state.path).exists()
+    with_state = app.settings.state.url is not None or Path(app.settings.state.path).exists()
     try:
         scanned = app.scan(as_of=moment, with_state=with_state, record=False)
     finally:
@@ -359,7 +359,7 @@ def report(obj: Context, fmt: str, output: str | None) -> None:
     target = _report_target(output) if output is not None else None
     app = obj.app(need_vault=False)
     now = app.now()
-    with_state = Path(app.settings.state.path).exists()
+    with_state = app.settings.state.url is not None or Path(app.settings.state.path).exists()
     try:
         scanned = app.scan(as_of=now, with_state=with_state, record=False)
     finally:

@@ -43,12 +43,13 @@ class IamPort(Protocol):
     def account_id(self) -> str: ...
 
     def iter_users_with_details(self) -> Iterator[IamUser]:
-        """Every user with path, tags and attached managed policies (bulk pages).
-        Keys are not filled in."""
+        """Every user with path, tags, groups, and the managed policies attached to it
+        and to its groups (bulk pages, groups included). Keys are not filled in."""
         ...
 
     def user_details(self, user_name: str) -> IamUser:
-        """One user with tags and attached policies; raises `NotFound`."""
+        """One user with tags and attached policies (no groups: reading them would need
+        more IAM actions); raises `NotFound`."""
         ...
 
     def generate_credential_report(self) -> str:
