@@ -503,9 +503,9 @@ class App:
 
     def delete_idle_inactive(self, inventories: Iterable[Inventory]) -> list[KeyDecision]:
         """Delete every Inactive key idle longer than its rule's `inactive_delete_after`
-        (`policy.inactive_delete_after`; off by default). IAM only. An inactive key
-        cannot be used, so what the scan read of its last use still holds. A key an open
-        rotation tracks is left to it. Returns the keys deleted."""
+        (`policy.inactive_delete_after`; off by default). IAM only. Each key's status is
+        read again just before: one turned back on since the scan is left alone. A key an
+        open rotation tracks is left to it. Returns the keys deleted."""
         tracked = self._tracked_keys()
         done: list[KeyDecision] = []
         for inventory in inventories:
@@ -517,7 +517,17 @@ class App:
                     _log.info("key.idle_left_to_rotation", **log_ctx)
                     continue
                 try:
-                    self.iam(account).delete_access_key(user, key_id)
+                    iam = self.iam(account)
+                    # Re-read before deleting: a person may have turned it back on since
+                    # the scan, and an Active key must never be deleted from under use.
+                    now_keys = {k.access_key_id: k for k in iam.list_access_keys(user)}
+                    current = now_keys.get(key_id)
+                    if current is None:
+                        continue
+                    if current.active:
+                        _log.info("key.idle_reactivated_since", **log_ctx)
+                        continue
+                    iam.delete_access_key(user, key_id)
                 except NotFound:
                     continue
                 except RotatorError as exc:

@@ -372,3 +372,25 @@ def test_reactivate_refuses_the_old_key_of_an_open_rotation_and_points_to_rollba
     with pytest.raises(BadInput, match=f"belongs to open rotation {retiring.id} .*rollback max"):
         app.reactivate("max", old.access_key_id, reason="test")
     assert iam.keys("max")[old.access_key_id] is KeyStatus.INACTIVE
+
+
+def test_an_idle_inactive_key_turned_back_on_after_the_scan_is_not_deleted(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """The deletion re-reads the key first: one a person reactivated between the scan
+    and the delete (to see what broke) stays, Active; an idle one still Inactive goes."""
+    [revived] = aws.add_user(
+        "kim", keys=[SeedKey(100 * D, KeyStatus.INACTIVE, last_used_ago=40 * D)]
+    )
+    [idle] = aws.add_user("lou", keys=[SeedKey(100 * D, KeyStatus.INACTIVE, last_used_ago=40 * D)])
+    settings = settings_with(aws, vault, tmp_path, [], policy={"inactive_delete_after": "30d"})
+    app = make_app(settings, FakeClock())
+    try:
+        scanned = app.scan()
+        aws.backend.update_access_key("kim", revived.access_key_id, "Active")
+        deleted = app.delete_idle_inactive(scanned.inventories)
+    finally:
+        app.close()
+    assert [d.user.user_name for d in deleted] == ["lou"]
+    assert aws.keys("kim") == {revived.access_key_id: KeyStatus.ACTIVE}
+    assert idle.access_key_id not in aws.keys("lou")
