@@ -177,6 +177,8 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; return the exit code."""
         self._install_signals()
+        # Looked at before the first probe can come: /readyz never says "not checked".
+        self._check_state()
         http = self.settings.http
         self._server = Server(http.host, http.port, self, token=lambda: self._token).start()
         host, port = self._server.address
