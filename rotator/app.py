@@ -15,6 +15,14 @@ from typing import TYPE_CHECKING
 
 from rotator import log
 from rotator.config import Settings
+from rotator.digests import (
+    Digest,
+    Warning,
+    build_digests,
+    fill_key_ids,
+    pending_warnings,
+    users_missing_key_ids,
+)
 from rotator.engine import Engine, Timing, new_rotation
 from rotator.errors import (
     BackendUnavailable,
@@ -93,6 +101,8 @@ class PassResult:
     # Keys this pass set Inactive as unused, and inactive keys it deleted as idle.
     deactivated: list[KeyDecision] = field(default_factory=list)
     deleted: list[KeyDecision] = field(default_factory=list)
+    # The owners' warning digests this pass handed to the notifier.
+    digests: list[Digest] = field(default_factory=list)
 
 
 class App:
@@ -424,6 +434,8 @@ class App:
         # that a slot an unused key held is free for it.
         result.deactivated = self.deactivate_unused(result.inventories, rules)
         result.deleted = self.delete_idle_inactive(result.inventories)
+        # Owners hear of what is coming whether or not Vault is usable today.
+        result.digests = self.warn_owners(result.inventories, rules)
         # A Vault that cannot be used stops the other rotations before any opens; the
         # pass itself goes on (containment is done, open rotations wait by themselves).
         try:
@@ -436,6 +448,67 @@ class App:
             (p for p in result.proposals if not p.leaked), scanned_at=started
         )
         return result
+
+    def warn_owners(self, inventories: Iterable[Inventory], rules: Rules) -> list[Digest]:
+        """Send each owner one digest of their keys that reach a `notify.warn_before`
+        stage now, each stage once per key (the state store remembers, across restarts
+        and daemons). A stage is recorded once its digest is handed to the notifier,
+        whose thread sends and retries it. Keys with no owner and no
+        `notify.fallback_owner` are logged and skipped. Returns the digests handed on."""
+        notify = self.settings.notify
+        now = self.now()
+        warnings: list[Warning] = []
+        decisions: list[KeyDecision] = []
+        for inventory in inventories:
+            account = inventory.account_id
+            try:
+                found = self._with_key_ids(inventory.decisions, rules, now)
+                ids = [d.key.access_key_id for d in found if d.key.access_key_id]
+                sent = self.store.warning_stages_sent(account, ids)
+            except RotatorError as exc:
+                _log.error("owners.warn_failed", account=account, error=str(exc))
+                continue
+            decisions.extend(found)
+            warnings.extend(pending_warnings(found, rules, now, notify.warn_before, sent))
+        digests, nobody = build_digests(
+            decisions, warnings, notify.owner_tag, notify.fallback_owner
+        )
+        for w in nobody:
+            _log.warning("owners.no_owner", account=w.account_id, user=w.user_name, key_id=w.key_id)
+        handed: list[Digest] = []
+        for digest in digests:
+            key_ids = [w.key_id for w in digest.warnings]
+            accepted = self._wiring.owner_notifier.warn_owner(
+                digest.owner, digest.subject, digest.text, key_ids
+            )
+            if not accepted:
+                _log.warning("owners.digest_not_sent", owner=digest.owner, keys=len(key_ids))
+                continue
+            handed.append(digest)
+            for w in digest.warnings:
+                try:
+                    for stage in w.stages:
+                        self.store.record_warning_stage(
+                            w.account_id, w.user_name, w.key_id, stage, w.due_at
+                        )
+                except RotatorError as exc:  # warned again next scan: better than never
+                    _log.error("owners.stage_not_recorded", key_id=w.key_id, error=str(exc))
+            _log.info("owners.warned", owner=digest.owner, keys=len(key_ids))
+        return handed
+
+    def _with_key_ids(
+        self, decisions: list[KeyDecision], rules: Rules, now: datetime
+    ) -> list[KeyDecision]:
+        """`decisions` with key ids for the users that have a key to warn about (the
+        credential report names none): one `ListAccessKeys` per such user."""
+        missing = users_missing_key_ids(decisions, rules, now, self.settings.notify.warn_before)
+        listed = {}
+        for account, user in sorted(missing):
+            try:
+                listed[(account, user)] = self.iam(account).list_access_keys(user)
+            except NotFound:
+                continue  # deleted since the scan
+        return fill_key_ids(decisions, listed)
 
     def contain_leaked(self, inventories: Iterable[Inventory]) -> list[tuple[str, str, str, str]]:
         """Set every Active key the scan judged leaked Inactive now (IAM only); return

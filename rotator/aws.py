@@ -548,6 +548,44 @@ class AwsTopic:
             raise translate(exc, "sns", "Publish", self.arn) from exc
 
 
+class AwsEmail:
+    """Amazon SES (v2 API): the owner warnings sent by email, from one verified
+    sender identity."""
+
+    def __init__(
+        self,
+        sender: str,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        session: Any = None,
+    ) -> None:
+        self.sender = sender
+        config = botocore.config.Config(
+            region_name=region, retries={"mode": "standard", "total_max_attempts": 3}
+        )
+        boto: Any = session or boto3.session.Session()
+        self._ses = boto.client("sesv2", endpoint_url=endpoint_url, config=config)
+        _readable_errors(self._ses)
+
+    def send(self, to: str, subject: str, text: str) -> None:
+        """One plain-text email to `to`. Raises `Transient` on throttling and the
+        project's other errors for a refusal (an unverified sender, a bad address)."""
+        try:
+            self._ses.send_email(
+                FromEmailAddress=self.sender,
+                Destination={"ToAddresses": [to]},
+                Content={
+                    "Simple": {
+                        "Subject": {"Data": subject[:200], "Charset": "UTF-8"},
+                        "Body": {"Text": {"Data": text, "Charset": "UTF-8"}},
+                    }
+                },
+            )
+        except _BOTO_ERRORS as exc:
+            raise translate(exc, "ses", "SendEmail", self.sender) from exc
+
+
 def assumed_session(
     role_arn: str,
     *,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from rotator import __version__, log
-from rotator.compliance import OWNER_TAG, ReportFormat, build_report, render
+from rotator.compliance import ReportFormat, build_report, render
 from rotator.config import Settings, config_path, load_settings, parse_settings
 from rotator.durations import parse_duration
 from rotator.errors import BadInput, ConfigError, RotatorError
@@ -364,8 +364,7 @@ def report(obj: Context, fmt: str, output: str | None) -> None:
         scanned = app.scan(as_of=now, with_state=with_state, record=False)
     finally:
         app.close()
-    # Becomes `settings.notify.owner_tag` once that setting exists (INTERFACE.md).
-    owner_tag = OWNER_TAG
+    owner_tag = app.settings.notify.owner_tag
     built = build_report(
         scanned.inventories, now, owner_tag=owner_tag, failed_accounts=scanned.failures
     )

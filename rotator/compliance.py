@@ -41,8 +41,8 @@ from rotator.model import Decision, KeyDecision, KeyStatus
 from rotator.policy import age_days
 from rotator.render import iso
 
-# The tag naming a user's owner. `notify.owner_tag` (INTERFACE.md) will configure it;
-# until that setting exists, this is the one place that names it.
+# The default of `notify.owner_tag`, the tag naming a user's owner (the setting's
+# default is this constant; `rotator report` reads the setting).
 OWNER_TAG = "owner"
 
 CIS_MAX_AGE_DAYS = 90  # CIS 1.14

@@ -1,5 +1,7 @@
 """Notifications: a Slack-compatible webhook and an SNS topic, on done, failed,
-blocked, leaked_contained and consumers_not_switched.
+blocked, leaked_contained and consumers_not_switched; and the owners' warning digests
+(`owner_warning`), which go to the webhook and the topic naming the owner, and by email
+(SES) to an owner that is an email address.
 
 Sending happens on a background thread, so a slow or broken receiver never blocks a
 rotation. A send that failed for a passing reason (`Transient`: a 5xx, 408 or 429
@@ -34,7 +36,9 @@ _ICONS = {
     "blocked": ":no_entry:",
     "leaked_contained": ":rotating_light:",
     "consumers_not_switched": ":hourglass:",
+    "owner_warning": ":bell:",
 }
+OWNER_WARNING = "owner_warning"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Message:
     subject: str
     text: str
     fields: dict[str, str]
+    # Whom an owner warning is for (an email address or a chat handle); None for the
+    # rotation events, which go to the operators' channels only.
+    owner: str | None = None
 
 
 def message_for(event: str, rotation: Rotation, text: str) -> Message:
@@ -57,6 +64,15 @@ def message_for(event: str, rotation: Rotation, text: str) -> Message:
     }
     subject = f"rotator: {event.replace('_', ' ')}: {rotation.user_name} ({rotation.account_id})"
     return Message(event, log.scrub(subject), log.scrub(text), fields)
+
+
+def owner_message(owner: str, subject: str, text: str, key_ids: Sequence[str]) -> Message:
+    """An owner's warning digest as a message; the owner is named in the subject, so a
+    shared channel shows whom it is for."""
+    fields = {"event": OWNER_WARNING, "owner": owner, "key_ids": ",".join(key_ids)}
+    return Message(
+        OWNER_WARNING, log.scrub(f"{subject} ({owner})"), log.scrub(text), fields, owner=owner
+    )
 
 
 class WebhookSender:
@@ -108,6 +124,29 @@ class TopicSender:
         self._publish(message.subject, f"{message.text}\n\n{json.dumps(message.fields, indent=2)}")
 
 
+class EmailSender:
+    """Sends owner warnings by email (`send(to, subject, text)`: SES) to owners that
+    are email addresses; every other message is not for it."""
+
+    def __init__(
+        self, send: Callable[[str, str, str], None], is_address: Callable[[str], bool]
+    ) -> None:
+        self._send = send
+        self._is_address = is_address
+
+    def accepts(self, message: Message) -> bool:
+        return message.owner is not None and self._is_address(message.owner)
+
+    def __call__(self, message: Message) -> None:
+        if message.owner is not None and self.accepts(message):
+            self._send(message.owner, message.subject, message.text)
+
+
+def _accepts(sender: Callable[[Message], None], message: Message) -> bool:
+    """Whether `sender` sends `message` (only the email sender picks)."""
+    return not isinstance(sender, EmailSender) or sender.accepts(message)
+
+
 class Dispatcher:
     """`rotator.ports.Notifier`: queues messages and sends them from one background
     thread. A sender that fails with `Transient` is tried up to `tries` times, pausing
@@ -142,6 +181,21 @@ class Dispatcher:
         except queue.Full:
             _log.error("notify.dropped", event=event, user=rotation.user_name, why="queue full")
 
+    def warn_owner(self, owner: str, subject: str, text: str, key_ids: Sequence[str]) -> bool:
+        """`rotator.ports.OwnerNotifier`: queue one owner's digest for every sender; True
+        once it is queued for a channel that takes it (sending, and retrying, is the
+        sending thread's concern)."""
+        message = owner_message(owner, subject, text, key_ids)
+        if not any(_accepts(sender, message) for sender in self._senders):
+            return False  # e.g. only email is set up and the owner is a chat handle
+        self._start()
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            _log.error("notify.dropped", event=OWNER_WARNING, owner=owner, why="queue full")
+            return False
+        return True
+
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
@@ -157,12 +211,13 @@ class Dispatcher:
                 if message is None:
                     return
                 for sender in self._senders:
-                    self._send(sender, message)
+                    if _accepts(sender, message):
+                        self._send(sender, message)
             finally:
                 self._queue.task_done()
 
     def _send(self, sender: Callable[[Message], None], message: Message) -> None:
-        user = message.fields["user_name"]
+        user = message.fields.get("user_name") or message.owner or ""
         for attempt in range(1, self._tries + 1):
             try:
                 sender(message)

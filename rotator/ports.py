@@ -6,7 +6,7 @@ backend's: a backend type must not leak into the core.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -177,6 +177,21 @@ class StateStore(Protocol):
         first seen)); keep earlier sightings, forget users no longer quarantined."""
         ...
 
+    def warning_stages_sent(
+        self, account_id: str, key_ids: Iterable[str]
+    ) -> dict[str, dict[str, datetime]]:
+        """Key id -> {warning stage: the due moment it was sent for} of the owner
+        warnings already handed out for these keys of `account_id` (keys with none are
+        left out)."""
+        ...
+
+    def record_warning_stage(
+        self, account_id: str, user_name: str, key_id: str, stage: str, due_at: datetime
+    ) -> None:
+        """Record that the owner was warned of `key_id` at `stage` (`"7d"`) before
+        `due_at`; idempotent. Recording it again for another due moment replaces it."""
+        ...
+
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Key ids issued to replace a contained leak (by rotations that did not fail)."""
         ...
@@ -268,6 +283,14 @@ class Notifier(Protocol):
     def notify(self, event: str, rotation: Rotation, text: str) -> None:
         """Tell people about `event` (done, failed, blocked, leaked_contained,
         consumers_not_switched). Never raises, never blocks a rotation."""
+        ...
+
+
+class OwnerNotifier(Protocol):
+    def warn_owner(self, owner: str, subject: str, text: str, key_ids: Sequence[str]) -> bool:
+        """Hand one owner's warning digest (naming `key_ids`) to the channels; True when
+        it was accepted for sending (a send that fails later is retried there), False
+        when there is no channel or no room. Never raises, never blocks a pass."""
         ...
 
 

@@ -705,6 +705,8 @@ class FakeStateStore:
         self._leaks: dict[tuple[str, str], tuple[str, str | None, datetime, str]] = {}
         self._quarantines: dict[str, dict[str, tuple[str, datetime]]] = {}
         self._scans: dict[str, ScanLease] = {}
+        # (account, key id) -> {stage: due moment}
+        self._warnings: dict[tuple[str, str], dict[str, datetime]] = {}
         self._closed = False
         self._lock = threading.RLock()
 
@@ -1014,6 +1016,24 @@ class FakeStateStore:
                 del known[user]
             for user, sighting in noted.items():
                 known.setdefault(user, sighting)
+
+    def warning_stages_sent(
+        self, account_id: str, key_ids: Iterable[str]
+    ) -> dict[str, dict[str, datetime]]:
+        with self._lock:
+            self._open()
+            return {
+                k: dict(self._warnings[(account_id, k)])
+                for k in set(key_ids)
+                if (account_id, k) in self._warnings
+            }
+
+    def record_warning_stage(
+        self, account_id: str, user_name: str, key_id: str, stage: str, due_at: datetime
+    ) -> None:
+        with self._lock:
+            self._open()
+            self._warnings.setdefault((account_id, key_id), {})[stage] = _utc(due_at)
 
     # --- health ---------------------------------------------------------------------
 

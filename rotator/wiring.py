@@ -17,13 +17,29 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Generic, TypeVar, cast
 
-from rotator.aws import AwsIam, AwsQueue, AwsTopic, assumed_session, organization_accounts
+from rotator.aws import (
+    AwsEmail,
+    AwsIam,
+    AwsQueue,
+    AwsTopic,
+    assumed_session,
+    organization_accounts,
+)
 from rotator.config import Settings
+from rotator.digests import is_email_address
 from rotator.errors import NotFound, PermissionDenied, RotatorError
 from rotator.metrics import Metrics
 from rotator.model import NewKey, StoredSecret
-from rotator.notify import Dispatcher, Message, TopicSender, WebhookSender
-from rotator.ports import Clock, IamPort, LeakQueue, Notifier, SecretStore, StateStore
+from rotator.notify import Dispatcher, EmailSender, Message, TopicSender, WebhookSender
+from rotator.ports import (
+    Clock,
+    IamPort,
+    LeakQueue,
+    Notifier,
+    OwnerNotifier,
+    SecretStore,
+    StateStore,
+)
 from rotator.ratelimit import TokenBucket
 from rotator.state import SqliteStateStore, lease_owner
 from rotator.vault import VaultStore, build_auth
@@ -111,9 +127,10 @@ class Wiring:
     Overrides, for tests: `iam` is one IamPort for every configured account (with no
     `aws.accounts` or organization, its account is the one looked after) or a factory
     `account id -> IamPort`; `default_iam` is a prebuilt AwsIam for the credentials' own
-    account (a test's shared boto3 session); `secrets`, `store`, `notifier` and `queue`
-    replace what the settings describe. A handed-in secret store is counted in the
-    metrics like the built one; a handed-in IAM is neither rate-limited nor counted
+    account (a test's shared boto3 session); `secrets`, `store`, `notifier`,
+    `owner_notifier` and `queue` replace what the settings describe. A handed-in secret
+    store is counted in the metrics like the built one; a handed-in IAM is neither
+    rate-limited nor counted
     (both belong to the AWS adapter built here)."""
 
     def __init__(
@@ -127,6 +144,7 @@ class Wiring:
         secrets: SecretStore | None = None,
         store: StateStore | None = None,
         notifier: Notifier | None = None,
+        owner_notifier: OwnerNotifier | None = None,
         queue: LeakQueue | None = None,
     ) -> None:
         self.settings = settings
@@ -141,6 +159,7 @@ class Wiring:
         self._given_secrets = secrets
         self._given_store = store
         self._given_notifier = notifier
+        self._given_owner_notifier = owner_notifier
         self._given_queue = queue
         self._default = _Once(lambda: self._aws_iam() if default_iam is None else default_iam)
         self._accounts = _Once(self._find_accounts)
@@ -301,6 +320,14 @@ class Wiring:
             return self._given_notifier
         return self._dispatcher.get()
 
+    @property
+    def owner_notifier(self) -> OwnerNotifier:
+        """Where owners' warning digests go: the notifier's channels, plus SES email
+        when `notify.email.from` is set."""
+        if self._given_owner_notifier is not None:
+            return self._given_owner_notifier
+        return self._dispatcher.get()
+
     def _dispatch(self) -> Dispatcher:
         notify = self.settings.notify
         senders: list[Callable[[Message], None]] = []
@@ -311,6 +338,13 @@ class Wiring:
                 notify.sns_topic_arn, region=self.settings.aws.region, endpoint_url=self._endpoint()
             )
             senders.append(TopicSender(topic.publish))
+        if notify.email.from_:
+            ses = AwsEmail(
+                notify.email.from_,
+                region=notify.email.region or self.settings.aws.region,
+                endpoint_url=self._endpoint(),
+            )
+            senders.append(EmailSender(ses.send, is_email_address))
         return Dispatcher(senders)
 
     @property

@@ -1037,3 +1037,47 @@ def test_config_check_show_never_prints_the_state_url_password(tmp_path: Path) -
     assert refused.returncode == 2
     assert "state.url: must not hold a password" in refused.stderr
     assert DB_PASSWORD not in refused.stdout + refused.stderr
+
+
+# --- owner warnings (notify) -------------------------------------------------------------
+
+
+def test_owner_warning_settings_default_to_the_owner_tag_and_14_7_1_days() -> None:
+    """Unset, owners are read from the `owner` tag and warned 14, 7 and 1 days ahead;
+    no fallback owner, no email; `from` is spelled so in the file and in the display."""
+    notify = parse_settings(None, {"VAULT_TOKEN": "t"}).notify
+    assert notify.owner_tag == "owner"
+    assert notify.warn_before == (timedelta(days=14), timedelta(days=7), timedelta(days=1))
+    assert notify.fallback_owner is None
+    assert notify.email.from_ is None
+    assert notify.email.region is None
+    given = parse_settings(
+        {"notify": {"email": {"from": "rotator@example.com", "region": "eu-west-1"}}},
+        {"VAULT_TOKEN": "t"},
+    )
+    assert given.notify.email.from_ == "rotator@example.com"
+    assert given.redacted_dict()["notify"]["email"] == {
+        "from": "rotator@example.com",
+        "region": "eu-west-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("notify", "message"),
+    [
+        ({"warn_before": ["7d", "168h"]}, "notify.warn_before: names 7d twice"),
+        ({"warn_before": ["0s"]}, "notify.warn_before[0]: must be longer than 0s"),
+        ({"warn_before": ["soon"]}, "notify.warn_before[0]: "),
+        ({"owner_tag": ""}, "notify.owner_tag: must not be empty"),
+        ({"email": {"from": "rotator"}}, 'notify.email.from: "rotator" is not an email address'),
+        ({"email": {"frm": "a@b.io"}}, "notify.email.frm: unknown key (did you mean from?)"),
+    ],
+)
+def test_owner_warning_settings_refuse_bad_values_by_their_path(
+    notify: dict[str, object], message: str
+) -> None:
+    """Duplicate or non-positive warning distances, an empty tag name and a sender that
+    is no address are refused, each named by its path in the file."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"notify": notify}, {"VAULT_TOKEN": "t"})
+    assert message in str(caught.value)

@@ -48,6 +48,7 @@ _OPTIONAL_POLICY_FOR = {
     "organizations": "rotator-assume-role-policy.json",
     "sqs": "rotator-leaks-policy.json",
     "sns": "rotator-leaks-policy.json",
+    "ses": "rotator-policy.json",  # owner warnings by email (notify.email)
 }
 
 
@@ -182,6 +183,8 @@ def test_iam_writes_are_limited_to_users_and_account_reads_are_the_only_star_res
         resources = _as_list(statement["Resource"])
         if "*" in resources:
             assert actions <= account_wide, statement["Sid"]
+        elif actions == {"ses:SendEmail"}:
+            assert resources == ["arn:aws:ses:*:*:identity/*"], statement["Sid"]
         else:
             assert resources == ["arn:aws:iam::*:user/*"], statement["Sid"]
     writes = {"iam:CreateAccessKey", "iam:UpdateAccessKey", "iam:DeleteAccessKey"}

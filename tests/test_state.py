@@ -950,7 +950,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     store = SqliteStateStore(db_path, clock=clock)
     try:
         with raw(db_path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         assert store.get(old.id) == old
         assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
         store.add_dead_letter("sqs", "m-1", "not JSON", "{")

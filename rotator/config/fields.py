@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, PlainSerializer, PlainValidator
 
 from rotator.cron import SCHEDULE_HINT, parse_schedule
+from rotator.digests import is_email_address
 from rotator.durations import DURATION_HINT, format_duration, parse_duration
 from rotator.quoting import quoted, shown
 
@@ -25,6 +26,7 @@ __all__ = [
     "ROLE_ARN_RE",
     "AccountId",
     "Duration",
+    "EmailAddress",
     "FilePath",
     "GroupName",
     "HttpUrl",
@@ -44,6 +46,7 @@ __all__ = [
     "SnsArn",
     "TagValues",
     "UserGlob",
+    "distinct_durations",
     "not_empty_list",
     "split_listen",
     "template_fields",
@@ -113,6 +116,25 @@ def not_empty_list(value: tuple[Any, ...]) -> tuple[Any, ...]:
     if not value:
         raise ValueError("must not be empty")
     return value
+
+
+def distinct_durations(value: tuple[timedelta, ...]) -> tuple[timedelta, ...]:
+    """An AfterValidator for a list of durations that must not name one twice."""
+    seen: set[timedelta] = set()
+    for item in value:
+        if item in seen:
+            raise ValueError(f"names {format_duration(item)} twice")
+        seen.add(item)
+    return value
+
+
+def _email_address(value: str) -> str:
+    if not is_email_address(value):
+        raise ValueError(f"{quoted(value)} is not an email address")
+    return value
+
+
+EmailAddress = Annotated[str, AfterValidator(_email_address)]
 
 
 def _http_url(value: str) -> str:

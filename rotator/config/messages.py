@@ -108,5 +108,6 @@ def _suggestion(loc: tuple[str | int, ...]) -> str:
         model = inner_model(field.annotation) if field else None
     if model is None or not isinstance(loc[-1], str):
         return ""
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
     return f" (did you mean {close[0]}?)" if close else ""

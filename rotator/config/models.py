@@ -21,12 +21,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from rotator.compliance import OWNER_TAG
+
 # `checks`: the `rules` module; `Settings.rules` is the field of that name.
 from rotator.config import rules as checks
 from rotator.config.fields import (
     DEFAULT_QUARANTINE_POLICIES,
     AccountId,
     Duration,
+    EmailAddress,
     FilePath,
     GroupName,
     HttpUrl,
@@ -46,6 +49,7 @@ from rotator.config.fields import (
     SnsArn,
     TagValues,
     UserGlob,
+    distinct_durations,
     not_empty_list,
     split_listen,
 )
@@ -57,6 +61,7 @@ __all__ = [
     "SECTIONS",
     "AccountSettings",
     "AwsSettings",
+    "EmailSettings",
     "HttpSettings",
     "LeaksSettings",
     "MatchSettings",
@@ -301,11 +306,28 @@ class HttpSettings(_Section):
         return split_listen(self.listen)[1]
 
 
+class EmailSettings(_Section):
+    """Owner warnings by email through Amazon SES (off while `from` is unset)."""
+
+    # `from` in the file: a Python keyword, hence the alias.
+    from_: EmailAddress | None = Field(default=None, alias="from")
+    region: NonEmptyStr | None = None  # None: `aws.region`
+
+
 class NotifySettings(_Section):
-    """Where alerts go (done / failed / blocked / leaked)."""
+    """Where alerts go (done / failed / blocked / leaked), and who is warned before a
+    key is rotated or deactivated (`owner_tag`, `warn_before`)."""
 
     webhook_url: HttpUrl | None = None
     sns_topic_arn: SnsArn | None = None
+    owner_tag: NonEmptyStr = OWNER_TAG
+    warn_before: Annotated[tuple[PositiveDuration, ...], AfterValidator(distinct_durations)] = (
+        timedelta(days=14),
+        timedelta(days=7),
+        timedelta(days=1),
+    )
+    fallback_owner: NonEmptyStr | None = None
+    email: EmailSettings = Field(default_factory=EmailSettings)
 
 
 class Settings(_Section):
@@ -335,7 +357,7 @@ class Settings(_Section):
 
     def redacted_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able data for display, secrets replaced by "***"."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)  # `notify.email.from`
         if data["vault"]["auth"]["token"] is not None:
             data["vault"]["auth"]["token"] = REDACTED
         if data["state"]["url"] is not None:

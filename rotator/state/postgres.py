@@ -52,7 +52,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -233,6 +233,21 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             policy     text NOT NULL,
             first_seen timestamptz NOT NULL,
             PRIMARY KEY (account_id, user_name)
+        )
+        """,
+    ),
+    (
+        # Each owner warning stage of each key, once per due moment: a daemon that
+        # restarts, or another daemon sharing the store, does not warn again.
+        """
+        CREATE TABLE warning_stages (
+            account_id text NOT NULL,
+            key_id     text NOT NULL,
+            stage      text NOT NULL,
+            user_name  text NOT NULL,
+            due_at     timestamptz NOT NULL,
+            sent_at    timestamptz NOT NULL,
+            PRIMARY KEY (account_id, key_id, stage)
         )
         """,
     ),
@@ -498,6 +513,37 @@ class PostgresStateStore:
                 "(event_id, key_id, account_id, user_name, received_at, result) "
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (event_id, key_id) DO NOTHING",
                 (event_id, key_id, account_id, user_name, self._now(cur), result),
+            )
+
+    def warning_stages_sent(
+        self, account_id: str, key_ids: Iterable[str]
+    ) -> dict[str, dict[str, datetime]]:
+        """Key id -> {stage: due moment} of the owner warnings already sent."""
+        wanted = sorted(set(key_ids))
+        with self._transaction("warning_stages_sent") as cur:
+            rows = cur.execute(
+                "SELECT key_id, stage, due_at FROM warning_stages "
+                "WHERE account_id = %s AND key_id = ANY(%s)",
+                (account_id, wanted),
+            ).fetchall()
+        out: dict[str, dict[str, datetime]] = {}
+        for key_id, stage, due in rows:
+            out.setdefault(str(key_id), {})[str(stage)] = _utc(due)
+        return out
+
+    def record_warning_stage(
+        self, account_id: str, user_name: str, key_id: str, stage: str, due_at: datetime
+    ) -> None:
+        """Record an owner warning stage of a key (idempotent; a new due moment replaces
+        the old one)."""
+        with self._transaction("record_warning_stage") as cur:
+            cur.execute(
+                "INSERT INTO warning_stages "
+                "(account_id, key_id, stage, user_name, due_at, sent_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (account_id, key_id, stage) "
+                "DO UPDATE SET due_at = excluded.due_at, sent_at = excluded.sent_at "
+                "WHERE warning_stages.due_at <> excluded.due_at",
+                (account_id, key_id, stage, user_name, require_aware(due_at), self._now(cur)),
             )
 
     def quarantines(self, account_id: str) -> dict[str, datetime]:

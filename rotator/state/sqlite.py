@@ -36,7 +36,7 @@ import socket
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -204,6 +204,21 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # process did each step, and that no two ever interleaved.
         "ALTER TABLE events ADD COLUMN owner TEXT",
         "ALTER TABLE events ADD COLUMN token INTEGER",
+    ),
+    (
+        # Each owner warning stage of each key, once per due moment: a daemon that
+        # restarts, or another daemon sharing the store, does not warn again.
+        """
+        CREATE TABLE warning_stages (
+            account_id TEXT NOT NULL,
+            key_id     TEXT NOT NULL,
+            stage      TEXT NOT NULL,
+            user_name  TEXT NOT NULL,
+            due_at     TEXT NOT NULL,
+            sent_at    TEXT NOT NULL,
+            PRIMARY KEY (account_id, key_id, stage)
+        )
+        """,
     ),
 )
 
@@ -443,6 +458,44 @@ class SqliteStateStore:
                     " VALUES (?, ?, ?, ?)",
                     (account_id, user_name, policy, _encode_ts(first_seen)),
                 )
+
+    def warning_stages_sent(
+        self, account_id: str, key_ids: Iterable[str]
+    ) -> dict[str, dict[str, datetime]]:
+        """Key id -> {stage: due moment} of the owner warnings already sent."""
+        wanted = set(key_ids)
+        with self._read("warning_stages_sent") as conn:
+            rows = conn.execute(
+                "SELECT key_id, stage, due_at FROM warning_stages WHERE account_id = ?",
+                (account_id,),
+            ).fetchall()
+        out: dict[str, dict[str, datetime]] = {}
+        for key_id, stage, due in rows:
+            if str(key_id) in wanted:
+                out.setdefault(str(key_id), {})[str(stage)] = _parse_ts(due)
+        return out
+
+    def record_warning_stage(
+        self, account_id: str, user_name: str, key_id: str, stage: str, due_at: datetime
+    ) -> None:
+        """Record an owner warning stage of a key (idempotent; a new due moment replaces
+        the old one)."""
+        with self._write("record_warning_stage") as conn:
+            conn.execute(
+                "INSERT INTO warning_stages "
+                "(account_id, key_id, stage, user_name, due_at, sent_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, key_id, stage) "
+                "DO UPDATE SET due_at = excluded.due_at, sent_at = excluded.sent_at "
+                "WHERE warning_stages.due_at <> excluded.due_at",
+                (
+                    account_id,
+                    key_id,
+                    stage,
+                    user_name,
+                    _encode_ts(due_at),
+                    _encode_ts(self._clock()),
+                ),
+            )
 
     def replacement_key_ids(self, account_id: str) -> set[str]:
         """Keys issued to replace a contained leak (rotations that did not fail)."""

@@ -753,3 +753,46 @@ def test_check_passes_and_a_closed_store_refuses_every_call(store: StateStore) -
     for call in calls:
         with pytest.raises(BackendUnavailable):
             call()
+
+
+# --- owner warnings ----------------------------------------------------------------------
+
+
+def test_warning_stages_are_recorded_per_account_and_key_and_listed_for_the_keys_asked(
+    store: StateStore,
+) -> None:
+    """`record_warning_stage` keeps each (account, key, stage) with its due moment;
+    `warning_stages_sent` lists them for the keys asked only, per account, and leaves
+    out keys never warned."""
+    due = T0 + timedelta(days=5, microseconds=123456)
+    store.record_warning_stage(ACCOUNT, "alice", "AKIA1", "7d", due)
+    store.record_warning_stage(ACCOUNT, "alice", "AKIA1", "14d", due)
+    store.record_warning_stage(ACCOUNT, "bob", "AKIA2", "1d", due)
+    store.record_warning_stage("444455556666", "alice", "AKIA1", "1d", due)
+    assert store.warning_stages_sent(ACCOUNT, ["AKIA1", "AKIA3"]) == {
+        "AKIA1": {"7d": due, "14d": due}
+    }
+    assert store.warning_stages_sent(ACCOUNT, ["AKIA1", "AKIA2"]) == {
+        "AKIA1": {"7d": due, "14d": due},
+        "AKIA2": {"1d": due},
+    }
+    assert store.warning_stages_sent("444455556666", ["AKIA1"]) == {"AKIA1": {"1d": due}}
+    assert store.warning_stages_sent("999999999999", ["AKIA1"]) == {}
+    assert store.warning_stages_sent(ACCOUNT, []) == {}
+
+
+def test_recording_a_warning_stage_again_is_harmless_and_a_new_due_moment_replaces_it(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """Recording the same stage twice leaves one record; recording it for another due
+    moment (the key's deadline moved) keeps only the new one, in UTC."""
+    due = T0 + timedelta(days=5)
+    store.record_warning_stage(ACCOUNT, "alice", "AKIA1", "7d", due)
+    clock.advance(timedelta(hours=1))
+    store.record_warning_stage(ACCOUNT, "alice", "AKIA1", "7d", due)
+    assert store.warning_stages_sent(ACCOUNT, ["AKIA1"]) == {"AKIA1": {"7d": due}}
+    later = (T0 + timedelta(days=40)).astimezone(timezone(timedelta(hours=2)))
+    store.record_warning_stage(ACCOUNT, "alice", "AKIA1", "7d", later)
+    sent = store.warning_stages_sent(ACCOUNT, ["AKIA1"])
+    assert sent == {"AKIA1": {"7d": later}}
+    assert sent["AKIA1"]["7d"].utcoffset() == timedelta(0)

@@ -1,0 +1,208 @@
+"""Owner warnings, pure: which keys each owner is told about before the rotator rotates
+or deactivates them, grouped into one digest per owner per scan. No I/O.
+
+A key is warned at each distance of `notify.warn_before` (`[14d, 7d, 1d]`) before its
+due moment (`policy.due_at`), each stage once. A key first seen inside several stages
+(3 days before it is due, with 14d and 7d never sent) gets one line, for the nearest
+stage that applies (7d), and every farther stage counts as sent with it: the owner is
+not told twice in one scan, nor later about a stage that has passed. A stage counts as
+sent only for the due moment it was sent for: when a key's deadline moves (it was used
+again, the rule changed), its stages start over.
+
+Texts hold user names, key ids, dates and rule names only: never a secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from rotator.durations import format_duration
+from rotator.model import AccessKey, KeyDecision
+from rotator.policy import Rules, due_at
+
+__all__ = [
+    "Digest",
+    "Warning",
+    "build_digests",
+    "fill_key_ids",
+    "is_email_address",
+    "owner_of",
+    "pending_warnings",
+    "stage_name",
+    "users_missing_key_ids",
+]
+
+# Enough to tell an address from a chat handle or a typo; SES judges the rest.
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def is_email_address(text: str) -> bool:
+    """Whether `text` looks like an email address (else: a chat handle)."""
+    return _EMAIL_RE.fullmatch(text) is not None
+
+
+def stage_name(distance: timedelta) -> str:
+    """How a stage is stored and shown: `"7d"`, `"36h"`."""
+    return format_duration(distance)
+
+
+@dataclass(frozen=True)
+class Warning:
+    """One line of a digest: a key that will be rotated or deactivated soon."""
+
+    account_id: str
+    user_name: str
+    key_id: str
+    action: str  # "rotate" | "deactivate"
+    due_at: datetime
+    rule: str
+    stage: str  # the nearest stage that applies, e.g. "7d"
+    # Every stage this line settles: `stage` and the farther ones not sent yet.
+    stages: tuple[str, ...]
+
+    def line(self) -> str:
+        what = "rotated" if self.action == "rotate" else "deactivated as unused"
+        when = self.due_at.strftime("%Y-%m-%d %H:%M UTC")
+        return (
+            f"- {self.user_name} ({self.account_id}) key {self.key_id}: will be {what} "
+            f"after {when} (rule {self.rule}; {self.stage} notice)"
+        )
+
+
+@dataclass(frozen=True)
+class Digest:
+    """Everything one owner is told by one scan."""
+
+    owner: str
+    warnings: tuple[Warning, ...]
+
+    @property
+    def subject(self) -> str:
+        count = len(self.warnings)
+        return f"rotator: {count} access key{'s' if count != 1 else ''} of yours will change soon"
+
+    @property
+    def text(self) -> str:
+        lines = [
+            f"To {self.owner}: these IAM access keys will be rotated or deactivated by the "
+            "rotator unless something changes.",
+            *(w.line() for w in self.warnings),
+        ]
+        return "\n".join(lines)
+
+
+def owner_of(tags: Mapping[str, str], owner_tag: str, fallback: str | None) -> str | None:
+    """The user's owner: its `owner_tag` tag (trimmed), else `fallback`, else None."""
+    value = tags.get(owner_tag, "").strip()
+    return value or fallback
+
+
+def pending_warnings(
+    decisions: Iterable[KeyDecision],
+    rules: Rules,
+    now: datetime,
+    warn_before: Sequence[timedelta],
+    sent: Mapping[str, Mapping[str, datetime]],
+) -> list[Warning]:
+    """The warnings due now: for each key whose due moment is at most a stage's distance
+    away and that has a stage not yet sent for that due moment, one `Warning` for the
+    nearest such stage. `sent`: key id -> {stage: due moment it was sent for}. A key
+    already past due is left to the pass that acts on it."""
+    stages = sorted(warn_before)  # nearest first
+    out: list[Warning] = []
+    for d in decisions:
+        key_id = d.key.access_key_id
+        if key_id is None:
+            continue
+        due = due_at(d, rules.named(d.rule))
+        if due is None or due.at <= now:
+            continue
+        left = due.at - now
+        applies = [s for s in stages if left <= s]
+        if not applies:
+            continue
+        already = sent.get(key_id, {})
+        unsent = [stage_name(s) for s in applies if already.get(stage_name(s)) != due.at]
+        if not unsent:
+            continue
+        out.append(
+            Warning(
+                account_id=d.user.account_id,
+                user_name=d.user.user_name,
+                key_id=key_id,
+                action=due.action,
+                due_at=due.at,
+                rule=d.rule,
+                stage=unsent[0],
+                stages=tuple(unsent),
+            )
+        )
+    return out
+
+
+def build_digests(
+    decisions: Iterable[KeyDecision],
+    warnings: Iterable[Warning],
+    owner_tag: str,
+    fallback: str | None,
+) -> tuple[list[Digest], list[Warning]]:
+    """Group `warnings` by their user's owner (read from the users in `decisions`): one
+    digest per owner, owners and lines in a stable order. Returns the digests and the
+    warnings that have nobody to go to (no owner tag, no fallback)."""
+    tags = {(d.user.account_id, d.user.user_name): d.user.tags for d in decisions}
+    by_owner: dict[str, list[Warning]] = {}
+    nobody: list[Warning] = []
+    for w in warnings:
+        owner = owner_of(tags.get((w.account_id, w.user_name), {}), owner_tag, fallback)
+        if owner is None:
+            nobody.append(w)
+            continue
+        by_owner.setdefault(owner, []).append(w)
+    digests = [
+        Digest(owner, tuple(sorted(items, key=lambda w: (w.due_at, w.user_name, w.key_id))))
+        for owner, items in sorted(by_owner.items())
+    ]
+    return digests, nobody
+
+
+def users_missing_key_ids(
+    decisions: Iterable[KeyDecision],
+    rules: Rules,
+    now: datetime,
+    warn_before: Sequence[timedelta],
+) -> set[tuple[str, str]]:
+    """(account, user) of each user with a key inside the farthest warning distance
+    that has no key id: the credential report names none, and the scan lists keys only
+    for users whose keys need action now."""
+    if not warn_before:
+        return set()
+    farthest = max(warn_before)
+    out: set[tuple[str, str]] = set()
+    for d in decisions:
+        if d.key.access_key_id is not None:
+            continue
+        due = due_at(d, rules.named(d.rule))
+        if due is not None and now < due.at <= now + farthest:
+            out.add((d.user.account_id, d.user.user_name))
+    return out
+
+
+def fill_key_ids(
+    decisions: Iterable[KeyDecision], listed: Mapping[tuple[str, str], Sequence[AccessKey]]
+) -> list[KeyDecision]:
+    """`decisions` with the ids of `listed` keys (per (account, user)) filled in, matched
+    by creation time to the second (the credential report's precision)."""
+    out: list[KeyDecision] = []
+    for d in decisions:
+        keys = listed.get((d.user.account_id, d.user.user_name), ())
+        if d.key.access_key_id is None:
+            created = d.key.created_at.replace(microsecond=0)
+            for k in keys:
+                if k.created_at.replace(microsecond=0) == created and k.access_key_id:
+                    d = replace(d, key=replace(d.key, access_key_id=k.access_key_id))
+                    break
+        out.append(d)
+    return out
