@@ -7,19 +7,24 @@ from __future__ import annotations
 import contextlib
 import heapq
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from rotator import log
+from rotator.commands import suggested
 from rotator.config import Settings
+from rotator.console_policy import console_to_rotate
 from rotator.digests import (
     Digest,
     Warning,
     build_digests,
+    console_warning_id,
+    deactivation_notices,
     fill_key_ids,
+    pending_console_warnings,
     pending_warnings,
     users_missing_key_ids,
 )
@@ -37,11 +42,13 @@ from rotator.leaks import LeakEvent, parse_event
 from rotator.machine import OPEN, State
 from rotator.metrics import LeakEventResult, Metrics
 from rotator.model import (
+    ConsoleDecision,
     Decision,
     ForcedRotation,
     KeyDecision,
     KeyStatus,
     Rotation,
+    RotationKind,
     RotationReason,
     ScanLease,
 )
@@ -239,6 +246,9 @@ class App:
                         replacements=replacements,
                         quarantined_since=since,
                         reactivations=self._reactivations(account) if with_state else None,
+                        console_rotated_at=(
+                            self._console_rotated_at(account) if with_state else None
+                        ),
                         pmap=pool.map,
                     )
                 if record and with_state:
@@ -254,6 +264,20 @@ class App:
                 "; ".join(f"account {a}: {e}" for a, e in result.failures.items())
             )
         return result
+
+    def _console_rotated_at(self, account: str) -> Callable[[str], datetime | None]:
+        """user -> when the rotator last finished rotating its console password (None:
+        never), read from the state store one user at a time as the scan asks: the
+        credential report may be four hours old, and must not make a pass rotate a
+        password it has just set."""
+
+        def of(user_name: str) -> datetime | None:
+            last = self.store.latest_for(account, user_name, RotationKind.CONSOLE)
+            if last is None or last.state is not State.DONE:
+                return None
+            return last.verified_at or last.updated_at
+
+        return of
 
     def _reactivations(self, account: str) -> Callable[[str], dict[str, datetime]]:
         """user -> {key id: when an operator last turned it back on}, from the rotations
@@ -435,7 +459,7 @@ class App:
         result.deactivated = self.deactivate_unused(result.inventories, rules)
         result.deleted = self.delete_idle_inactive(result.inventories)
         # Owners hear of what is coming whether or not Vault is usable today.
-        result.digests = self.warn_owners(result.inventories, rules)
+        result.digests = self.warn_owners(result.inventories, rules, result.deactivated)
         # A Vault that cannot be used stops the other rotations before any opens; the
         # pass itself goes on (containment is done, open rotations wait by themselves).
         try:
@@ -447,29 +471,67 @@ class App:
         result.opened += self.open_rotations(
             (p for p in result.proposals if not p.leaked), scanned_at=started
         )
+        result.opened += self.open_console_rotations(result.inventories, scanned_at=started)
         return result
 
-    def warn_owners(self, inventories: Iterable[Inventory], rules: Rules) -> list[Digest]:
+    def open_console_rotations(
+        self, inventories: Iterable[Inventory], *, scanned_at: datetime
+    ) -> list[Rotation]:
+        """Open a rotation for each console password the scan found older than its
+        rule's `password_max_age` under `console: rotate`. One user's failure never
+        stops another's."""
+        opened: list[Rotation] = []
+        for inventory in inventories:
+            for d in console_to_rotate(inventory.console):
+                account, user = d.user.account_id, d.user.user_name
+                try:
+                    rotation = self.open_console_rotation(
+                        account,
+                        user,
+                        RotationReason.AGE,
+                        f"scan: {d.reason}",
+                        scanned_at=scanned_at,
+                    )
+                except RotatorError as exc:
+                    _log.error("console.open_failed", account=account, user=user, error=str(exc))
+                    continue
+                if rotation is not None:
+                    opened.append(rotation)
+        return opened
+
+    def warn_owners(
+        self,
+        inventories: Iterable[Inventory],
+        rules: Rules,
+        deactivated: Sequence[KeyDecision] = (),
+    ) -> list[Digest]:
         """Send each owner one digest of their keys that reach a `notify.warn_before`
         stage now, each stage once per key (the state store remembers, across restarts
-        and daemons). A stage is recorded once its digest is handed to the notifier,
+        and daemons), and of their keys this pass has just `deactivated` as unused (with
+        the command that turns one back on). A stage is recorded once its digest is
+        handed to the notifier,
         whose thread sends and retries it. Keys with no owner and no
         `notify.fallback_owner` are logged and skipped. Returns the digests handed on."""
         notify = self.settings.notify
         now = self.now()
-        warnings: list[Warning] = []
-        decisions: list[KeyDecision] = []
+        warnings: list[Warning] = deactivation_notices(deactivated, now)
+        decisions: list[KeyDecision | ConsoleDecision] = list(deactivated)
         for inventory in inventories:
             account = inventory.account_id
             try:
                 found = self._with_key_ids(inventory.decisions, rules, now)
                 ids = [d.key.access_key_id for d in found if d.key.access_key_id]
+                ids += [console_warning_id(d.user.user_name) for d in inventory.console]
                 sent = self.store.warning_stages_sent(account, ids)
             except RotatorError as exc:
                 _log.error("owners.warn_failed", account=account, error=str(exc))
                 continue
             decisions.extend(found)
+            decisions.extend(inventory.console)
             warnings.extend(pending_warnings(found, rules, now, notify.warn_before, sent))
+            warnings.extend(
+                pending_console_warnings(inventory.console, now, notify.warn_before, sent)
+            )
         digests, nobody = build_digests(
             decisions, warnings, notify.owner_tag, notify.fallback_owner
         )
@@ -646,6 +708,8 @@ class App:
         reason = request.reason
         account = request.account_id or self.accounts()[0]
         iam = self.iam(account)
+        if request.kind is RotationKind.CONSOLE:
+            return self._open_forced_console(account, request)
         with urgent() if leaked else contextlib.nullcontext():
             keys = iam.list_access_keys(user_name)  # NotFound when IAM does not know the user
         if not leaked and not request.force:
@@ -694,6 +758,81 @@ class App:
         )
         return self._open(rotation, f"forced: {reason or 'no reason given'}")
 
+    def _open_forced_console(self, account: str, request: ForcedRotation) -> Rotation:
+        """Open a forced rotation of the user's console password. Refused (`BadInput`)
+        for a user without console access unless `request.create`, and for an exempt
+        user unless `request.force`; `NotFound` for an unknown user."""
+        user_name, reason = request.user_name, request.reason
+        iam = self.iam(account)
+        user = iam.user_details(user_name)  # NotFound when IAM does not know the user
+        if not request.force:
+            exempt = exemption(user, Rules.from_settings(self.settings), self.now())
+            if exempt is not None:
+                raise BadInput(
+                    f"user {user_name} is not rotated by policy ({exempt}); add --force "
+                    "to rotate its console password anyway"
+                )
+        existing = self.store.open_for(account, user_name, RotationKind.CONSOLE)
+        if existing is not None:
+            raise RotationExists(
+                f"user {user_name} in account {account} already has open console rotation "
+                f"{existing.id} ({existing.state.value}); see `rotator status --user "
+                f"{user_name}`"
+            )
+        if not request.create and iam.login_profile(user_name) is None:
+            raise BadInput(
+                f"user {user_name} has no console access (no login profile); add --create "
+                "to give it one (a new password in Vault, a reset required at first sign-in)"
+            )
+        self.secrets.check()
+        rotation = new_rotation(
+            account,
+            user_name,
+            RotationReason.MANUAL,
+            self.now(),
+            old_key_id=None,
+            note=reason,
+            kind=RotationKind.CONSOLE,
+            create_login=request.create,
+        )
+        return self._open(rotation, f"forced console password: {reason or 'no reason given'}")
+
+    def open_console_rotation(
+        self,
+        account: str,
+        user_name: str,
+        reason: RotationReason,
+        note: str,
+        *,
+        scanned_at: datetime | None = None,
+    ) -> Rotation | None:
+        """Open a rotation of the user's console password (a pass found it too old, or
+        its key leaked). None when one is open already, when the user's latest console
+        rotation changed after `scanned_at` (another process acted on what the scan
+        saw), or FAILED less than `retry_failed_after` ago (as `open_rotations`)."""
+        kind = RotationKind.CONSOLE
+        if self.store.open_for(account, user_name, kind) is not None:
+            return None
+        last = self.store.latest_for(account, user_name, kind)
+        if last is not None and scanned_at is not None and last.updated_at > scanned_at:
+            return None
+        pause = self.settings.policy.retry_failed_after
+        if last is not None and last.state is State.FAILED and self.now() < last.updated_at + pause:
+            return None
+        rotation = new_rotation(
+            account,
+            user_name,
+            reason,
+            self.now(),
+            old_key_id=None,
+            note=note,
+            kind=RotationKind.CONSOLE,
+        )
+        try:
+            return self._open(rotation, note)
+        except RotationExists:
+            return None  # another daemon opened it meanwhile
+
     def reactivate(
         self, user_name: str, key_id: str, *, account_id: str | None = None, reason: str
     ) -> Rotation | None:
@@ -730,7 +869,7 @@ class App:
             if r.state in OPEN and key_id in (r.old_key_id, r.new_key_id):
                 raise BadInput(
                     f"key {key_id} of {user_name} belongs to open rotation {r.id} "
-                    f"({r.state.value}); `rotator rollback {user_name}` turns a rotation's "
+                    f"({r.state.value}); `{suggested('rollback', user_name)}` turns a rotation's "
                     "old key back on"
                 )
         iam.set_key_status(user_name, key_id, KeyStatus.ACTIVE)
@@ -789,7 +928,35 @@ class App:
 
     def replace_leaked(self, account_id: str, user_name: str, key_id: str, reason: str) -> Rotation:
         """The rotation that replaces a contained key: the user's open rotation, turned
-        into a leak rotation whatever its state, or a new one."""
+        into a leak rotation whatever its state, or a new one. With
+        `leaks.reset_console_password` the user's console password is rotated too."""
+        replacing = self._replace_leaked_key(account_id, user_name, key_id, reason)
+        if self.settings.leaks.reset_console_password:
+            self._reset_console_after_leak(account_id, user_name, key_id)
+        return replacing
+
+    def _reset_console_after_leak(self, account_id: str, user_name: str, key_id: str) -> None:
+        """Open a rotation of the console password of a user whose key leaked (the same
+        person or host may hold both), when the user has console access. The key is
+        contained already; a failure here is logged and never undoes that."""
+        try:
+            if self.iam(account_id).login_profile(user_name) is None:
+                return
+            opened = self.open_console_rotation(
+                account_id,
+                user_name,
+                RotationReason.LEAKED,
+                f"key {key_id} leaked: console password reset (leaks.reset_console_password)",
+            )
+        except RotatorError as exc:
+            _log.error("leak.console_reset_failed", user=user_name, key_id=key_id, error=str(exc))
+            return
+        if opened is not None:
+            _log.warning("leak.console_reset_opened", user=user_name, rotation_id=opened.id)
+
+    def _replace_leaked_key(
+        self, account_id: str, user_name: str, key_id: str, reason: str
+    ) -> Rotation:
         existing = self.store.open_for(account_id, user_name)
         if existing is not None:
             try:

@@ -30,11 +30,21 @@ from rotator.errors import (
     BackendUnavailable,
     CapConflict,
     NotFound,
+    PasswordRefused,
     PermissionDenied,
     RotatorError,
     Transient,
 )
-from rotator.model import AccessKey, IamGroup, IamUser, KeyStatus, NewKey
+from rotator.model import (
+    AccessKey,
+    IamGroup,
+    IamUser,
+    KeyStatus,
+    LoginProfile,
+    NewKey,
+    PasswordPolicy,
+)
+from rotator.passwords import IAM_DEFAULT
 from rotator.ports import KeyLastUsed, QueueMessage
 
 T = TypeVar("T")
@@ -437,6 +447,85 @@ class AwsIam:
             ),
             f"{user_name}/{access_key_id}",
         )
+
+    # --- console access ---------------------------------------------------------------
+
+    def login_profile(self, user_name: str) -> LoginProfile | None:
+        try:
+            answer = self._do(
+                "GetLoginProfile",
+                lambda: self._iam.get_login_profile(UserName=user_name),
+                user_name,
+            )
+        except NotFound:
+            # IAM says NoSuchEntity for a user without a login profile and for no user;
+            # which one matters (a rotation of a deleted user ends, of a user without
+            # console access asks for --create).
+            self.user_details(user_name)
+            return None
+        profile = answer["LoginProfile"]
+        return LoginProfile(
+            created_at=_aware(profile["CreateDate"]),
+            reset_required=bool(profile.get("PasswordResetRequired", False)),
+        )
+
+    def password_policy(self) -> PasswordPolicy:
+        try:
+            answer = self._do("GetAccountPasswordPolicy", self._iam.get_account_password_policy)
+        except NotFound:
+            return IAM_DEFAULT
+        policy = answer["PasswordPolicy"]
+        return PasswordPolicy(
+            minimum_length=int(policy.get("MinimumPasswordLength", IAM_DEFAULT.minimum_length)),
+            require_symbols=bool(policy.get("RequireSymbols", False)),
+            require_numbers=bool(policy.get("RequireNumbers", False)),
+            require_uppercase=bool(policy.get("RequireUppercaseCharacters", False)),
+            require_lowercase=bool(policy.get("RequireLowercaseCharacters", False)),
+        )
+
+    def set_password(self, user_name: str, password: str, *, create: bool = False) -> None:
+        try:
+            self._set_password(user_name, password, create=create)
+        except RotatorError as exc:
+            # Never a password in an error: botocore's parameter errors quote values.
+            if password in str(exc):
+                raise type(exc)(str(exc).replace(password, "[REDACTED]")) from None
+            raise
+
+    def _set_password(self, user_name: str, password: str, *, create: bool) -> None:
+        def update() -> None:
+            self._do(
+                "UpdateLoginProfile",
+                lambda: self._iam_write.update_login_profile(
+                    UserName=user_name, Password=password, PasswordResetRequired=True
+                ),
+                user_name,
+            )
+
+        try:
+            if not create:
+                update()
+                return
+            try:
+                # Not idempotent (a retry after a lost answer says EntityAlreadyExists):
+                # sent once, and an existing profile is updated instead.
+                self._do(
+                    "CreateLoginProfile",
+                    lambda: self._iam_once.create_login_profile(
+                        UserName=user_name, Password=password, PasswordResetRequired=True
+                    ),
+                    user_name,
+                )
+            except RotatorError as exc:
+                if "EntityAlreadyExists" not in str(exc):
+                    raise
+                update()
+        except RotatorError as exc:
+            if "PasswordPolicyViolation" in str(exc):
+                raise PasswordRefused(
+                    f"IAM refused the new console password of {user_name}: {exc}"
+                ) from None
+            raise
 
 
 def _user_from(

@@ -33,7 +33,14 @@ from rotator.config import Settings, config_path, load_settings, parse_settings
 from rotator.durations import parse_duration
 from rotator.errors import BadInput, ConfigError, RotatorError
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
-from rotator.model import Event, ForcedRotation, KeyDecision, Rotation, is_user_name
+from rotator.model import (
+    Event,
+    ForcedRotation,
+    KeyDecision,
+    Rotation,
+    RotationKind,
+    is_user_name,
+)
 from rotator.outcome import (
     ExitCode,
     exit_code,
@@ -247,6 +254,11 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     matched ("default": no rule matched, `policy` decides; --json: "rule",
     "rule_match"). Keys created before the quarantine was first seen are marked suspect
     (--json: "suspect": true); users still quarantined are listed in the notes.
+
+    Then every console password (a user's login profile) whose rule does not say
+    `console: off`, from the same credential report: its age, last sign-in, MFA and a
+    decision: rotate (at least password_max_age old), no_mfa, stale_console (no sign-in
+    for console_unused_after), warn, ok or exempt (--json: "kind": "console").
     """
     app = obj.app(need_vault=False)
     now = app.now()
@@ -258,6 +270,7 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
         app.close()
     inventories = scanned.inventories
     decisions = [d for inv in inventories for d in inv.decisions]
+    console = [c for inv in inventories for c in inv.console]
     notes = [n for inv in inventories for n in inv.notes]
     notes += [f"account {a} could not be scanned: {e}" for a, e in scanned.failures.items()]
     if as_json:
@@ -267,10 +280,11 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
             as_of=moment,
             notes=notes,
             source=",".join(sorted({inv.source for inv in inventories})),
+            console=console,
         )
         click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(plan_text(decisions, as_of=moment, notes=notes))
+        click.echo(plan_text(decisions, as_of=moment, notes=notes, console=console))
     if scanned.failures:
         click.echo("rotator: could not scan account(s): " + ", ".join(scanned.failures), err=True)
     _finish(exit_code(started=now, now=app.now(), failed_accounts=scanned.failures))
@@ -340,12 +354,16 @@ def report(obj: Context, fmt: str, output: str | None) -> None:
       CIS 1.12  not used for more than 45 days, counted from creation when never used
                 ("credentials unused for 45 days or greater are disabled")
 
+    Then every user with a console password (kind "console"): its age, last sign-in,
+    MFA and plan's decision, with the total of CIS 1.10 (console users without MFA).
+
     \b
     Formats:
-      csv   a header row, then one row per key (RFC 4180), for a spreadsheet; no
-            totals row: the cis_1_14_* and cis_1_12_* columns are true/false, sum them
+      csv   a header row, then one row per key and per console password (RFC 4180),
+            for a spreadsheet; no totals row: the cis_* columns are true/false, sum them
       json  {"generated_at", "accounts" (totals and age distribution of each),
-            "failed_accounts", "totals", "keys"}, for scripts
+            "failed_accounts", "totals", "console_totals", "keys", "console"}, for
+            scripts
       html  one self-contained page to look at or mail around: the totals, a chart of
             key ages per account (inline SVG, the 90-day limit marked) and the keys;
             no external resource, no script
@@ -649,6 +667,17 @@ def status(obj: Context, as_json: bool, user_name: str | None, limit: int) -> No
     metavar="DURATION",
     help="Keep the old key active this long instead of policy.overlap (e.g. 0s, 2h).",
 )
+@click.option(
+    "--console",
+    is_flag=True,
+    help="Rotate the console password instead: a new one into Vault "
+    "(vault.console_path_template), then into IAM with a reset required at the next sign-in.",
+)
+@click.option(
+    "--create",
+    is_flag=True,
+    help="With --console: give a user without console access a login profile.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rotation as JSON.")
 @pass_ctx
 @handle_errors
@@ -661,6 +690,8 @@ def rotate(
     force: bool,
     reason: str | None,
     overlap: str | None,
+    console: bool,
+    create: bool,
     as_json: bool,
 ) -> None:
     """Force a rotation of USER's key now and advance it at once (incident response).
@@ -672,8 +703,20 @@ def rotate(
     BLOCKED; 2 for a USER that is not an IAM user name (checked before anything is
     touched) or that IAM does not know; 3 when a backend is down, also when the rotation
     now waits to retry before its new key was stored (the next pass continues it).
+
+    With --console the console password is rotated instead (a password seen in a ticket,
+    a person leaving): a new random one that the account's password policy accepts is
+    written to Vault, then set in IAM with a reset required at the next sign-in. A user
+    without console access is refused (exit 2) unless --create is given. Read the new
+    password with `bao kv get -field=password <mount>/aws/<account>/<user>/console`.
     """
     check_user_name(user)
+    if console and (leaked or key_id or overlap):
+        raise BadInput(
+            "--console replaces the password: --leaked, --key and --overlap are for keys"
+        )
+    if create and not console:
+        raise BadInput("--create gives console access: use it with --console")
     overlap_td: timedelta | None = None
     if overlap is not None:
         try:
@@ -683,7 +726,17 @@ def rotate(
     app = obj.app(need_vault=not leaked)  # containment needs IAM only
     try:
         started = app.now()
-        request = ForcedRotation(user, account_id, key_id, leaked, reason, overlap_td, force=force)
+        request = ForcedRotation(
+            user,
+            account_id,
+            key_id,
+            leaked,
+            reason,
+            overlap_td,
+            force=force,
+            kind=RotationKind.CONSOLE if console else RotationKind.KEY,
+            create=create,
+        )
         rotation = app.force(request)
         trails = _trails(app, [rotation])
         finished = app.now()

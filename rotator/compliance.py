@@ -16,6 +16,15 @@ neither an unrotated nor an unused credential), whatever the rotator decided for
 These thresholds are the benchmark's, not the configured `policy`/`rules`: the report
 says where the account stands against the control, `plan` what the rotator will do.
 
+Console passwords get rows of their own (kind "console"): every user with a console
+password (a login profile, as the credential report tells it) with the password's age,
+the last sign-in, MFA, and the decision `plan` shows (none for a user whose rule says
+`console: off` or that `selection` leaves out), and one more control:
+
+  CIS 1.10 "Ensure multi-factor authentication (MFA) is enabled for all IAM users that
+      have a console password" (Security Hub IAM.5): a console user without an active
+      MFA device, whatever the rotator decided for it.
+
 Formats: CSV (one row per key, a header row, no totals: a spreadsheet sums them), JSON
 (`{"generated_at", "accounts", "failed_accounts", "totals", "keys"}`, for scripts) and
 HTML (one self-contained page: no external resource, a Content-Security-Policy that
@@ -37,7 +46,7 @@ from enum import StrEnum
 from typing import Any
 
 from rotator.inventory import Inventory
-from rotator.model import Decision, KeyDecision, KeyStatus
+from rotator.model import ConsoleAccess, ConsoleDecision, Decision, IamUser, KeyDecision, KeyStatus
 from rotator.policy import age_days
 from rotator.render import iso
 
@@ -121,7 +130,7 @@ class ReportRow:
 
 def row_for(decision: KeyDecision, now: datetime, owner_tag: str = OWNER_TAG) -> ReportRow:
     key, user = decision.key, decision.user
-    owner = (user.tags.get(owner_tag) or "").strip() or None
+    owner = _owner(user, owner_tag)
     return ReportRow(
         account_id=user.account_id,
         user_name=user.user_name,
@@ -136,6 +145,81 @@ def row_for(decision: KeyDecision, now: datetime, owner_tag: str = OWNER_TAG) ->
         decision=decision.decision,
         reason=decision.reason,
     )
+
+
+def _owner(user: IamUser, owner_tag: str) -> str | None:
+    return (user.tags.get(owner_tag) or "").strip() or None
+
+
+@dataclass(frozen=True)
+class ConsoleRow:
+    """One user's console password. `decision` and `rule` are None for a password the
+    rotator does not judge (`console: off`, or a user `selection` leaves out); the age
+    counts as `plan` counts it (from the later of the report's date and the rotator's
+    own last rotation), None when unknown."""
+
+    account_id: str
+    user_name: str
+    owner: str | None
+    rule: str | None
+    password_last_changed: datetime | None
+    password_age_days: int | None
+    last_sign_in: datetime | None
+    mfa_active: bool
+    decision: Decision | None
+    reason: str
+
+    kind = "console"
+
+    @property
+    def no_mfa(self) -> bool:
+        """Counted by CIS 1.10: console access without an active MFA device."""
+        return not self.mfa_active
+
+
+def console_row_for(
+    user: IamUser,
+    access: ConsoleAccess,
+    decision: ConsoleDecision | None,
+    now: datetime,
+    owner_tag: str = OWNER_TAG,
+) -> ConsoleRow:
+    if decision is not None and decision.password_age is not None:
+        age: int | None = max(0, math.floor(decision.password_age.total_seconds() / _DAY))
+    elif access.password_last_changed is not None:
+        age = _whole_days(access.password_last_changed, now)
+    else:
+        age = None
+    return ConsoleRow(
+        account_id=user.account_id,
+        user_name=user.user_name,
+        owner=_owner(user, owner_tag),
+        rule=None if decision is None else decision.rule,
+        password_last_changed=access.password_last_changed,
+        password_age_days=age,
+        last_sign_in=access.password_last_used,
+        mfa_active=access.mfa_active,
+        decision=None if decision is None else decision.decision,
+        reason=(
+            "not judged: console off for the user's rule, or outside selection"
+            if decision is None
+            else decision.reason
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ConsoleTotals:
+    users: int  # users with a console password
+    no_mfa: int  # CIS 1.10
+
+    @classmethod
+    def of(cls, rows: Iterable[ConsoleRow]) -> ConsoleTotals:
+        listed = list(rows)
+        return cls(users=len(listed), no_mfa=sum(r.no_mfa for r in listed))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"console_users": self.users, "cis_1_10_console_without_mfa": self.no_mfa}
 
 
 @dataclass(frozen=True)
@@ -181,6 +265,8 @@ class AccountReport:
     rows: tuple[ReportRow, ...]
     totals: Totals
     ages: tuple[BucketCount, ...]
+    console_rows: tuple[ConsoleRow, ...] = ()
+    console_totals: ConsoleTotals = ConsoleTotals(0, 0)
 
 
 def age_distribution(rows: Iterable[ReportRow]) -> tuple[BucketCount, ...]:
@@ -200,10 +286,15 @@ class ComplianceReport:
     totals: Totals
     # Accounts that could not be scanned (id -> why): the report is incomplete.
     failed_accounts: Mapping[str, str] = field(default_factory=dict)
+    console_totals: ConsoleTotals = ConsoleTotals(0, 0)
 
     @property
     def rows(self) -> tuple[ReportRow, ...]:
         return tuple(r for a in self.accounts for r in a.rows)
+
+    @property
+    def console_rows(self) -> tuple[ConsoleRow, ...]:
+        return tuple(r for a in self.accounts for r in a.console_rows)
 
 
 def build_report(
@@ -213,21 +304,36 @@ def build_report(
     owner_tag: str = OWNER_TAG,
     failed_accounts: Mapping[str, str] | None = None,
 ) -> ComplianceReport:
-    """The report of a scan: accounts in the scan's order, keys by user then age."""
+    """The report of a scan: accounts in the scan's order, keys by user then age, then
+    console passwords by user."""
     accounts: list[AccountReport] = []
     for inv in inventories:
         rows = sorted(
             (row_for(d, now, owner_tag) for d in inv.decisions),
             key=lambda r: (r.user_name, r.created_at, r.access_key_id or ""),
         )
+        decided = {c.user.user_name: c for c in inv.console}
+        console = tuple(
+            console_row_for(u, u.console, decided.get(u.user_name), now, owner_tag)
+            for u in sorted(inv.users, key=lambda u: u.user_name)
+            if u.console is not None
+        )
         accounts.append(
-            AccountReport(inv.account_id, tuple(rows), Totals.of(rows), age_distribution(rows))
+            AccountReport(
+                inv.account_id,
+                tuple(rows),
+                Totals.of(rows),
+                age_distribution(rows),
+                console,
+                ConsoleTotals.of(console),
+            )
         )
     return ComplianceReport(
         generated_at=now,
         accounts=tuple(accounts),
         totals=Totals.of(r for a in accounts for r in a.rows),
         failed_accounts=dict(failed_accounts or {}),
+        console_totals=ConsoleTotals.of(r for a in accounts for r in a.console_rows),
     )
 
 
@@ -248,6 +354,14 @@ CSV_COLUMNS = (
     "reason",
     "cis_1_14_over_90_days",
     "cis_1_12_unused_over_45_days",
+    # Appended, so that the columns above keep their places: "key" or "console", and a
+    # console password's columns (empty in a key's row, as a key's are in its row).
+    "kind",
+    "password_age_days",
+    "password_last_changed",
+    "last_sign_in",
+    "mfa_active",
+    "cis_1_10_console_without_mfa",
 )
 
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV
@@ -280,16 +394,49 @@ def csv_row(row: ReportRow) -> list[str]:
         _inert(row.reason),
         _flag(row.over_max_age),
         _flag(row.unused),
+        "key",
+        "",
+        "",
+        "",
+        "",
+        "",
+    ]
+
+
+def console_csv_row(row: ConsoleRow) -> list[str]:
+    return [
+        row.account_id,
+        row.user_name,
+        _inert(row.owner or ""),
+        row.rule or "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        row.decision.value if row.decision is not None else "",
+        _inert(row.reason),
+        "",
+        "",
+        row.kind,
+        "" if row.password_age_days is None else str(row.password_age_days),
+        iso(row.password_last_changed) or "",
+        iso(row.last_sign_in) or "never",
+        _flag(row.mfa_active),
+        _flag(row.no_mfa),
     ]
 
 
 def to_csv(report: ComplianceReport) -> str:
     """RFC 4180: CRLF line ends, fields quoted when they hold a comma, a quote or a line
-    break; a header row, then one row per key and nothing else (no totals row)."""
+    break; a header row, then one row per key, then one per console password, and
+    nothing else (no totals row)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     writer.writerows(csv_row(r) for r in report.rows)
+    writer.writerows(console_csv_row(r) for r in report.console_rows)
     return out.getvalue()
 
 
@@ -298,6 +445,7 @@ def to_csv(report: ComplianceReport) -> str:
 
 def key_json(row: ReportRow) -> dict[str, Any]:
     return {
+        "kind": "key",
         "account_id": row.account_id,
         "user_name": row.user_name,
         "owner": row.owner,
@@ -312,6 +460,23 @@ def key_json(row: ReportRow) -> dict[str, Any]:
         "reason": row.reason,
         "cis_1_14_over_90_days": row.over_max_age,
         "cis_1_12_unused_over_45_days": row.unused,
+    }
+
+
+def console_json(row: ConsoleRow) -> dict[str, Any]:
+    return {
+        "kind": row.kind,
+        "account_id": row.account_id,
+        "user_name": row.user_name,
+        "owner": row.owner,
+        "rule": row.rule,  # null: not judged (console off, or outside selection)
+        "password_last_changed": iso(row.password_last_changed),
+        "password_age_days": row.password_age_days,
+        "last_sign_in": iso(row.last_sign_in),  # null: never signed in
+        "mfa_active": row.mfa_active,
+        "decision": row.decision.value if row.decision is not None else None,
+        "reason": row.reason,
+        "cis_1_10_console_without_mfa": row.no_mfa,
     }
 
 
@@ -332,12 +497,15 @@ def json_document(report: ComplianceReport) -> dict[str, Any]:
                     }
                     for b in a.ages
                 ],
+                "console_totals": a.console_totals.as_dict(),
             }
             for a in report.accounts
         ],
         "failed_accounts": dict(report.failed_accounts),
         "totals": report.totals.as_dict(),
+        "console_totals": report.console_totals.as_dict(),
         "keys": [key_json(r) for r in report.rows],
+        "console": [console_json(r) for r in report.console_rows],
     }
 
 
@@ -471,12 +639,39 @@ svg text.count { font-weight: bold; }
 """
 
 
-def _totals_row(name: str, totals: Totals, css: str = "") -> str:
+def _totals_row(name: str, totals: Totals, console: ConsoleTotals, css: str = "") -> str:
     cls = f' class="{css}"' if css else ""
     return (
         f"<tr{cls}><td>{_e(name)}</td><td class=num>{totals.keys}</td>"
         f"<td class=num>{totals.active_keys}</td><td class=num>{totals.over_max_age}</td>"
-        f"<td class=num>{totals.unused}</td></tr>"
+        f"<td class=num>{totals.unused}</td><td class=num>{console.users}</td>"
+        f"<td class=num>{console.no_mfa}</td></tr>"
+    )
+
+
+def _console_row(row: ConsoleRow) -> str:
+    muted_none = '<span class="muted">none</span>'
+    cells = [
+        _e(row.account_id),
+        _e(row.user_name),
+        _e(row.owner) if row.owner else muted_none,
+        _e(row.rule) if row.rule else '<span class="muted">-</span>',
+        "?" if row.password_age_days is None else f"{row.password_age_days}",
+        _e((iso(row.password_last_changed) or "unknown")[:10]),
+        _e((iso(row.last_sign_in) or "never")[:10]),
+        "yes" if row.mfa_active else "no",
+        _e(row.decision.value) if row.decision is not None else '<span class="muted">-</span>',
+        _e(row.reason),
+        '<span class="fail">no MFA</span>' if row.no_mfa else "",
+    ]
+    numeric = {4}
+    return (
+        "<tr>"
+        + "".join(
+            f"<td class=num>{c}</td>" if i in numeric else f"<td>{c}</td>"
+            for i, c in enumerate(cells)
+        )
+        + "</tr>"
     )
 
 
@@ -532,17 +727,18 @@ def to_html(report: ComplianceReport) -> str:
         '<h2 id="summary">Summary</h2>',
         "<table><thead><tr><th>account</th><th>keys</th><th>active keys</th>"
         "<th>active, older than 90 days (CIS 1.14)</th>"
-        "<th>active, unused over 45 days (CIS 1.12)</th></tr></thead><tbody>",
+        "<th>active, unused over 45 days (CIS 1.12)</th><th>console users</th>"
+        "<th>console users without MFA (CIS 1.10)</th></tr></thead><tbody>",
     ]
-    out += [_totals_row(a.account_id, a.totals) for a in report.accounts]
-    out.append(_totals_row("all accounts", report.totals, "all"))
+    out += [_totals_row(a.account_id, a.totals, a.console_totals) for a in report.accounts]
+    out.append(_totals_row("all accounts", report.totals, report.console_totals, "all"))
     out += [
         "</tbody></table>",
         '<p class="muted">CIS AWS Foundations Benchmark 1.14: access keys rotated every '
         "90 days or less; 1.12: credentials unused for 45 days or more disabled. Both count "
         "Active keys only (an Inactive key cannot sign a request), exempt users' keys "
         "included; unused counts from the last use, or from creation for a key never "
-        "used.</p>",
+        "used. 1.10: MFA enabled for every IAM user with a console password.</p>",
         '<h2 id="ages">Age of keys per account</h2>',
         '<div class="charts">',
     ]
@@ -582,6 +778,32 @@ def to_html(report: ComplianceReport) -> str:
     out += [_key_row(r) for r in rows]
     if not rows:
         out.append(f'<tr><td colspan="{len(header)}">no keys</td></tr>')
+    out.append("</tbody></table></div>")
+    console_header = (
+        "account",
+        "user",
+        "owner",
+        "rule",
+        "password age (days)",
+        "password changed",
+        "last sign-in",
+        "MFA",
+        "decision",
+        "reason",
+        "CIS 1.10",
+    )
+    out += [
+        '<h2 id="console">Console passwords</h2>',
+        '<div class="keys-table"><table><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in console_header)
+        + "</tr></thead><tbody>",
+    ]
+    console = report.console_rows
+    out += [_console_row(r) for r in console]
+    if not console:
+        out.append(
+            f'<tr><td colspan="{len(console_header)}">no user with a console password</td></tr>'
+        )
     out += ["</tbody></table></div>", "</body></html>", ""]
     return "\n".join(out)
 

@@ -19,17 +19,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from rotator.commands import suggested
 from rotator.durations import format_duration
-from rotator.model import AccessKey, KeyDecision
+from rotator.model import AccessKey, ConsoleDecision, ConsoleMode, Decision, KeyDecision
 from rotator.policy import Rules, due_at
 
 __all__ = [
     "Digest",
     "Warning",
     "build_digests",
+    "console_warning_id",
+    "deactivation_notices",
     "fill_key_ids",
     "is_email_address",
     "owner_of",
+    "pending_console_warnings",
     "pending_warnings",
     "stage_name",
     "users_missing_key_ids",
@@ -51,12 +55,14 @@ def stage_name(distance: timedelta) -> str:
 
 @dataclass(frozen=True)
 class Warning:
-    """One line of a digest: a key that will be rotated or deactivated soon."""
+    """One line of a digest: a key that will be rotated or deactivated soon, or one this
+    pass has just deactivated as unused (`action` "deactivated")."""
 
     account_id: str
     user_name: str
     key_id: str
-    action: str  # "rotate" | "deactivate"
+    # "rotate" | "deactivate" | "deactivated" (keys); "rotate_console" (a password)
+    action: str
     due_at: datetime
     rule: str
     stage: str  # the nearest stage that applies, e.g. "7d"
@@ -64,8 +70,20 @@ class Warning:
     stages: tuple[str, ...]
 
     def line(self) -> str:
-        what = "rotated" if self.action == "rotate" else "deactivated as unused"
         when = self.due_at.strftime("%Y-%m-%d %H:%M UTC")
+        if self.action == "rotate_console":
+            return (
+                f"- {self.user_name} ({self.account_id}) console password: will be rotated "
+                f"after {when} (rule {self.rule}; {self.stage} notice); the new one will be "
+                "in Vault, and a new password is asked for at the next sign-in"
+            )
+        if self.action == "deactivated":
+            return (
+                f"- {self.user_name} ({self.account_id}) key {self.key_id}: deactivated as "
+                f"unused at {when} (rule {self.rule}); to turn it back on: "
+                + suggested("reactivate", self.user_name, "--key", self.key_id)
+            )
+        what = "rotated" if self.action == "rotate" else "deactivated as unused"
         return (
             f"- {self.user_name} ({self.account_id}) key {self.key_id}: will be {what} "
             f"after {when} (rule {self.rule}; {self.stage} notice)"
@@ -82,15 +100,24 @@ class Digest:
     @property
     def subject(self) -> str:
         count = len(self.warnings)
-        return f"rotator: {count} access key{'s' if count != 1 else ''} of yours will change soon"
+        keys = f"{count} access key{'s' if count != 1 else ''}"
+        if any(w.action == "deactivated" for w in self.warnings):
+            return f"rotator: {keys} of yours changed or will change soon"
+        return f"rotator: {keys} of yours will change soon"
 
     @property
     def text(self) -> str:
-        lines = [
-            f"To {self.owner}: these IAM access keys will be rotated or deactivated by the "
-            "rotator unless something changes.",
-            *(w.line() for w in self.warnings),
-        ]
+        done = [w.line() for w in self.warnings if w.action == "deactivated"]
+        coming = [w.line() for w in self.warnings if w.action != "deactivated"]
+        lines = [f"To {self.owner}:"]
+        if done:
+            lines += ["these IAM access keys were just deactivated as unused:", *done]
+        if coming:
+            lines += [
+                "these IAM access keys (or console passwords) will be rotated or "
+                "deactivated by the rotator unless something changes:",
+                *coming,
+            ]
         return "\n".join(lines)
 
 
@@ -98,6 +125,57 @@ def owner_of(tags: Mapping[str, str], owner_tag: str, fallback: str | None) -> s
     """The user's owner: its `owner_tag` tag (trimmed), else `fallback`, else None."""
     value = tags.get(owner_tag, "").strip()
     return value or fallback
+
+
+def console_warning_id(user_name: str) -> str:
+    """How a console password is named where a key id would be: in the warning stages
+    the state store remembers, and in a digest's `key_ids`."""
+    return f"console:{user_name}"
+
+
+def _unsent(
+    due: datetime, now: datetime, warn_before: Sequence[timedelta], already: Mapping[str, datetime]
+) -> list[str]:
+    """The stages, nearest first, that apply to something due at `due` and were not sent
+    for that due moment (empty when it is past due or farther than every stage)."""
+    if due <= now:
+        return []
+    left = due - now
+    applies = [s for s in sorted(warn_before) if left <= s]
+    return [stage_name(s) for s in applies if already.get(stage_name(s)) != due]
+
+
+def pending_console_warnings(
+    decisions: Iterable[ConsoleDecision],
+    now: datetime,
+    warn_before: Sequence[timedelta],
+    sent: Mapping[str, Mapping[str, datetime]],
+) -> list[Warning]:
+    """As `pending_warnings`, for console passwords a rule rotates (`console: rotate`):
+    due at `ConsoleDecision.due_at`, named by `console_warning_id` in `sent`."""
+    out: list[Warning] = []
+    for d in decisions:
+        if d.mode is not ConsoleMode.ROTATE or d.decision is Decision.EXEMPT:
+            continue
+        if d.due_at is None:
+            continue
+        name = console_warning_id(d.user.user_name)
+        unsent = _unsent(d.due_at, now, warn_before, sent.get(name, {}))
+        if not unsent:
+            continue
+        out.append(
+            Warning(
+                account_id=d.user.account_id,
+                user_name=d.user.user_name,
+                key_id=name,
+                action="rotate_console",
+                due_at=d.due_at,
+                rule=d.rule,
+                stage=unsent[0],
+                stages=tuple(unsent),
+            )
+        )
+    return out
 
 
 def pending_warnings(
@@ -111,21 +189,15 @@ def pending_warnings(
     away and that has a stage not yet sent for that due moment, one `Warning` for the
     nearest such stage. `sent`: key id -> {stage: due moment it was sent for}. A key
     already past due is left to the pass that acts on it."""
-    stages = sorted(warn_before)  # nearest first
     out: list[Warning] = []
     for d in decisions:
         key_id = d.key.access_key_id
         if key_id is None:
             continue
         due = due_at(d, rules.named(d.rule))
-        if due is None or due.at <= now:
+        if due is None:
             continue
-        left = due.at - now
-        applies = [s for s in stages if left <= s]
-        if not applies:
-            continue
-        already = sent.get(key_id, {})
-        unsent = [stage_name(s) for s in applies if already.get(stage_name(s)) != due.at]
+        unsent = _unsent(due.at, now, warn_before, sent.get(key_id, {}))
         if not unsent:
             continue
         out.append(
@@ -143,8 +215,29 @@ def pending_warnings(
     return out
 
 
+def deactivation_notices(deactivated: Iterable[KeyDecision], at: datetime) -> list[Warning]:
+    """One line for each key a pass has just set Inactive as unused: its owner is told
+    whether or not a warning came before (a key already past the threshold when first
+    seen is deactivated by the first pass that sees it). Nothing to remember: a key is
+    deactivated once."""
+    return [
+        Warning(
+            account_id=d.user.account_id,
+            user_name=d.user.user_name,
+            key_id=d.key.access_key_id,
+            action="deactivated",
+            due_at=at,
+            rule=d.rule,
+            stage="deactivated",
+            stages=(),
+        )
+        for d in deactivated
+        if d.key.access_key_id is not None
+    ]
+
+
 def build_digests(
-    decisions: Iterable[KeyDecision],
+    decisions: Iterable[KeyDecision | ConsoleDecision],
     warnings: Iterable[Warning],
     owner_tag: str,
     fallback: str | None,

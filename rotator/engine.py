@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from rotator import log
 from rotator.backoff import retry_pause
+from rotator.commands import suggested
 from rotator.deadlines import call_deadline, iam_create_deadline, vault_call_deadline
 from rotator.durations import format_duration
 from rotator.errors import (
@@ -52,11 +53,12 @@ from rotator.errors import (
     CasConflict,
     LeaseLost,
     NotFound,
+    PasswordRefused,
     RotatorError,
     StaleRotation,
     Transient,
 )
-from rotator.machine import TERMINAL, State, check_transition
+from rotator.machine import TERMINAL, RotationKind, State, check_transition
 from rotator.model import (
     AccessKey,
     KeyStatus,
@@ -64,8 +66,10 @@ from rotator.model import (
     NewKey,
     Rotation,
     RotationReason,
+    StoredPassword,
     StoredSecret,
 )
+from rotator.passwords import new_password
 from rotator.ports import Clock, IamPort, Notifier, SecretStore, StateStore, key_ids
 
 _log = log.get_logger("rotator.engine")
@@ -210,6 +214,8 @@ def new_rotation(
     leaked: bool = False,
     note: str | None = None,
     overlap: timedelta | None = None,
+    kind: RotationKind = RotationKind.KEY,
+    create_login: bool = False,
 ) -> Rotation:
     return Rotation(
         id=uuid.uuid4().hex,
@@ -223,6 +229,8 @@ def new_rotation(
         leaked=leaked,
         note=note,
         overlap=overlap,
+        kind=kind,
+        create_login=create_login,
     )
 
 
@@ -357,7 +365,7 @@ class Engine:
             raise BadInput(
                 f"rotation {rotation.id} replaced a leaked key: a rollback would turn the "
                 f"leaked key {rotation.old_key_id} back on. To replace the new key, run "
-                f"`rotator rotate {rotation.user_name}`"
+                f"`{suggested('rotate', rotation.user_name)}`"
             )
         if rotation.state not in (State.DEACTIVATE, State.RETIRE, State.DELETE):
             raise BadInput(
@@ -548,8 +556,11 @@ class Engine:
 
     @staticmethod
     def _dangling(r: Rotation) -> bool:
-        """Whether `r` may hold a key that Vault does not: then it must stay open until
-        recovery has dealt with that key."""
+        """Whether `r` may hold a key that Vault does not (or, for a console password,
+        Vault may hold a password IAM does not): then it must stay open until recovery
+        has dealt with it."""
+        if r.kind is RotationKind.CONSOLE:
+            return r.vault_version is not None or r.store_started_at is not None
         return r.state is State.STORE or (r.state is State.CREATE and r.intent_key_ids is not None)
 
     def _gives_up(self, r: Rotation, attempts: int) -> bool:
@@ -590,6 +601,14 @@ class Engine:
         )
 
     def _refused(self, r: Rotation, error: str) -> Rotation:
+        if r.kind is RotationKind.CONSOLE and self._dangling(r):
+            # Vault may hold a password IAM does not have: never give up on setting it.
+            return self._block(
+                r,
+                f"{error}. Vault may hold a new console password for {r.user_name} that IAM "
+                "does not have yet; it is set once this is fixed (looked at again every few "
+                "minutes, or at once by run --once)",
+            )
         if self._dangling(r):
             return self._retry_later(r, error)
         if r.leaked:
@@ -633,7 +652,7 @@ class Engine:
         return updated
 
     def _move(self, r: Rotation, to: State, reason: str, **changes: Any) -> Rotation:
-        check_transition(r.state, to)
+        check_transition(r.state, to, r.kind)
         changes.setdefault("next_action_at", None)
         if to is not r.state and to in _PROGRESS and "attempts" not in changes:
             changes["attempts"] = 0
@@ -664,6 +683,8 @@ class Engine:
     # --- steps ----------------------------------------------------------------------
 
     def _step(self, r: Rotation) -> Rotation:
+        if r.kind is RotationKind.CONSOLE:
+            return self._console_step(r)
         handler = {
             State.PLANNED: self._planned,
             State.CONTAIN: self._contain,
@@ -1436,6 +1457,188 @@ class Engine:
         self._delete_key(r, r.old_key_id)
         self._fault("delete:done")
         return self._done(r, f"old key {r.old_key_id} deleted")
+
+    # --- console passwords ------------------------------------------------------------
+    #
+    # The new password goes to Vault first (STORE), tagged with this rotation's id in
+    # the data, and only then to IAM (SET_PASSWORD), with a reset required at the next
+    # sign-in. Each step reads Vault before it acts, so a crash anywhere ends with
+    # Vault holding the password IAM has, or with IAM unchanged:
+    #   - a write whose answer was lost is recognised by its rotation id and adopted;
+    #   - UpdateLoginProfile with the same password is harmless, so SET_PASSWORD reruns;
+    #   - a Vault path someone else wrote since is never overwritten, nor is their
+    #     password replaced in IAM by ours: the rotation ends and says so.
+    # The password lives in this process only between Vault and IAM, registered with
+    # the log scrubber meanwhile; never in the state store, an event or an error.
+
+    def _console_step(self, r: Rotation) -> Rotation:
+        if r.state is State.PLANNED:
+            return self._console_planned(r)
+        if r.state is State.SET_PASSWORD or (r.state is State.BLOCKED and r.stored_at is not None):
+            return self._console_set(r)
+        # STORE, or BLOCKED before a password IAM would take was stored.
+        return self._console_store(r)
+
+    def _console_path(self, r: Rotation) -> str:
+        return self._secrets.console_path_for(r.account_id, r.user_name)
+
+    def _read_password(self, path: str) -> StoredPassword | None:
+        """What Vault holds at a console path; None also when it holds no password
+        (then it certainly does not hold this rotation's)."""
+        try:
+            return self._secrets.read_password(path)
+        except BadInput:
+            return None
+
+    def _console_planned(self, r: Rotation) -> Rotation:
+        try:
+            path = self._console_path(r)
+        except BadInput as exc:
+            return self._fail(r, str(exc))
+        if not r.create_login and self._iam(r.account_id).login_profile(r.user_name) is None:
+            return self._move(
+                r,
+                State.CANCELLED,
+                f"user {r.user_name} has no console access (no login profile): nothing to "
+                "rotate. To give it one: "
+                + suggested("rotate", r.user_name, "--console", "--create"),
+            )
+        return self._move(r, State.STORE, f"a new console password goes to Vault at {path} first")
+
+    def _console_store(self, r: Rotation) -> Rotation:
+        path = self._console_path(r)
+        held = self._read_password(path)
+        refused = r.vault_version or 0  # a version of ours IAM refused: never adopted
+        if held is not None and held.rotation_id == r.id and held.version > refused:
+            # Written by an earlier attempt whose answer was lost (or a crash after it).
+            return self._console_stored(r, path, held.version)
+        password = new_password(self._iam(r.account_id).password_policy())
+        log.register_secret(password)
+        try:
+            cas = held.version if held is not None else self._secrets.current_version(path)
+            metadata = {
+                "rotation_id": r.id,
+                "rotated_at": self.now().astimezone(UTC).isoformat(timespec="seconds"),
+            }
+            self._before_side_effect(r)
+            # Journalled before the write is sent: from now on Vault may hold a password
+            # IAM does not, and the rotation never gives up before it has settled that.
+            r = self._save(r, store_started_at=self.now())
+            try:
+                version = self._secrets.write_password(path, password, r.id, metadata, cas)
+            except (CasConflict, Transient) as exc:
+                # Someone wrote since we read (ours only if it is our own lost write), or
+                # no answer came: the write may have been applied all the same. One read
+                # tells; when it cannot be had, the next attempt reads again.
+                self._ensure_lease(r, renew=True)
+                try:
+                    latest = self._read_password(path)
+                except Transient:
+                    raise exc from None
+                if latest is None or latest.rotation_id != r.id:
+                    raise
+                version = latest.version
+        finally:
+            log.forget_secret(password)
+        self._fault("console:stored")
+        return self._console_stored(r, path, version)
+
+    def _console_stored(self, r: Rotation, path: str, version: int) -> Rotation:
+        return self._move(
+            r,
+            State.SET_PASSWORD,
+            f"new console password stored in Vault at {path} (version {version})",
+            stored_at=self.now(),
+            vault_version=version,
+        )
+
+    def _console_set(self, r: Rotation) -> Rotation:
+        path = self._console_path(r)
+        held = self._read_password(path)
+        if held is None or held.rotation_id != r.id:
+            return self._console_taken(r, path, held)
+        iam = self._iam(r.account_id)
+        if r.intent_at is None:
+            # Journalled before IAM is asked: from now on IAM may hold the new password.
+            r = self._save(r, intent_at=self.now())
+        log.register_secret(held.password)
+        try:
+            self._before_side_effect(r)
+            iam.set_password(r.user_name, held.password, create=r.create_login)
+        except PasswordRefused as exc:
+            return self._console_refused(r, str(exc))
+        except NotFound:
+            if iam.login_profile(r.user_name) is not None:  # NotFound here: no user
+                raise
+            return self._move(
+                r,
+                State.CANCELLED,
+                f"user {r.user_name} has no console access any more (its login profile was "
+                f"deleted): IAM is unchanged, and Vault version {held.version} at {path} "
+                "holds a password IAM never took",
+            )
+        finally:
+            log.forget_secret(held.password)
+        self._fault("console:set")
+        done = self._move(
+            r,
+            State.DONE,
+            f"console password set in IAM from Vault version {held.version} at {path}; "
+            "a reset is required at the next sign-in",
+            verified_at=self.now(),
+        )
+        self._notifier.notify(
+            "done",
+            done,
+            f"{r.user_name}: console password rotated, in Vault at {path} "
+            f"(version {held.version}); a reset is required at the next sign-in",
+        )
+        return done
+
+    def _console_taken(self, r: Rotation, path: str, held: StoredPassword | None) -> Rotation:
+        """Vault no longer holds this rotation's password: someone wrote the path (or
+        deleted its latest version) since. Neither is overwritten: the rotation ends."""
+        now_there = (
+            "its latest version was deleted, or holds no password"
+            if held is None
+            else f"version {held.version} was written outside this rotation"
+        )
+        if r.intent_at is None:
+            return self._move(
+                r,
+                State.CANCELLED,
+                f"Vault at {path} no longer holds this rotation's console password (version "
+                f"{r.vault_version}): {now_there}. IAM is unchanged and nothing is "
+                "overwritten. For a new password: " + suggested("rotate", r.user_name, "--console"),
+            )
+        return self._fail(
+            r,
+            f"Vault at {path} no longer holds this rotation's console password: {now_there} "
+            f"after IAM may have been given version {r.vault_version} (read it with: bao kv "
+            f"get -version={r.vault_version} <mount>/{path}). Nothing is overwritten. To "
+            "set one password in both: " + suggested("rotate", r.user_name, "--console"),
+        )
+
+    def _console_refused(self, r: Rotation, error: str) -> Rotation:
+        """IAM refused the password: the account's policy changed since it was read. A
+        new one is made under the policy as it is now, three times at most."""
+        attempts = r.attempts + 1
+        if attempts >= 3:
+            # Looked at again with a new password (`stored_at` None: STORE's work).
+            return self._block(
+                replace(r, attempts=attempts, stored_at=None, intent_at=None),
+                f"{error}. IAM refused {attempts} passwords made to the account's password "
+                "policy: check GetAccountPasswordPolicy; IAM is unchanged",
+            )
+        return self._move(
+            r,
+            State.STORE,
+            f"{error}: a new password is made under the account's current policy",
+            attempts=attempts,
+            last_error=error,
+            stored_at=None,
+            intent_at=None,
+        )
 
     def _done(self, r: Rotation, reason: str) -> Rotation:
         done = self._move(r, State.DONE, reason)

@@ -58,6 +58,11 @@ class CapConflict(RotatorError):
     """IAM refused a new key: the user already holds two (`LimitExceeded`)."""
 
 
+class PasswordRefused(RotatorError):
+    """IAM refused a console password (`PasswordPolicyViolation`): the account's password
+    policy changed since it was read."""
+
+
 class CasConflict(RotatorError):
     """Vault refused a check-and-set write: someone else wrote the secret meanwhile."""
 

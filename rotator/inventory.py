@@ -4,6 +4,7 @@ Cost model (IAM has no raisable call rate, so calls are what matters at scale):
   - users, paths, tags, groups and attached policies (the users' own and their
     groups'): `GetAccountAuthorizationDetails` pages, whatever the rules ask about;
   - key ages and last use for everyone: the credential report (about three calls);
+  - console passwords (age, last sign-in, MFA): the same report's columns, no call more;
   - key ids: `ListAccessKeys` only for users whose keys need action, because the
     credential report names no key ids.
 Only when the credential report cannot be had does the scan fall back to per-user calls,
@@ -20,8 +21,17 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from rotator.backoff import retry_pause
+from rotator.console_policy import decide_console
 from rotator.errors import PermissionDenied, Transient
-from rotator.model import AccessKey, Decision, IamUser, KeyDecision, KeyStatus
+from rotator.model import (
+    AccessKey,
+    ConsoleAccess,
+    ConsoleDecision,
+    Decision,
+    IamUser,
+    KeyDecision,
+    KeyStatus,
+)
 from rotator.policy import Rules, decide_user, needs_action, quarantine
 from rotator.ports import IamPort
 
@@ -40,6 +50,9 @@ class Inventory:
     notes: list[str] = field(default_factory=list)
     # user -> (quarantine policy name, when the rotator first saw it attached)
     quarantined: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    # One decision per console password judged (`rotator.console_policy`); empty when
+    # the credential report could not be read (console access is then unknown).
+    console: list[ConsoleDecision] = field(default_factory=list)
 
 
 def parse_report_time(text: str) -> datetime | None:
@@ -49,29 +62,69 @@ def parse_report_time(text: str) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
-def parse_credential_report(content: bytes) -> dict[str, list[AccessKey]]:
-    """Keys per user name from the report's CSV. The report has no key ids."""
-    out: dict[str, list[AccessKey]] = {}
+@dataclass(frozen=True)
+class CredentialReport:
+    """What the scan reads from IAM's credential report: each user's keys (without
+    ids), and the console access of the users that have a password."""
+
+    keys: dict[str, list[AccessKey]]
+    console: dict[str, ConsoleAccess]
+
+
+def _is_true(text: str | None) -> bool:
+    return (text or "").strip().lower() == "true"
+
+
+def _console_access(row: Mapping[str, str]) -> ConsoleAccess | None:
+    """A row's console columns; None when the user has no password (no login profile).
+    `password_last_used` is no_information for a password never used (or last used
+    before October 2014); N/A and not_supported mean no date either."""
+    if not _is_true(row.get("password_enabled")):
+        return None
+    return ConsoleAccess(
+        password_last_changed=parse_report_time(row.get("password_last_changed", "N/A")),
+        password_last_used=parse_report_time(row.get("password_last_used", "N/A")),
+        mfa_active=_is_true(row.get("mfa_active")),
+    )
+
+
+def read_credential_report(content: bytes) -> CredentialReport:
+    """The report's CSV, read once: keys per user name, and console access per user name
+    for users with a password. The report has no key ids and never a password."""
+    keys: dict[str, list[AccessKey]] = {}
+    console: dict[str, ConsoleAccess] = {}
     for row in csv.DictReader(io.StringIO(content.decode("utf-8"))):
         name = row.get("user", "")
         if not name or name == "<root_account>":
             continue
-        keys: list[AccessKey] = []
-        for n in (1, 2):
-            created = parse_report_time(row.get(f"access_key_{n}_last_rotated", "N/A"))
-            if created is None:
-                continue
-            active = row.get(f"access_key_{n}_active", "false").strip().lower() == "true"
-            keys.append(
-                AccessKey(
-                    access_key_id=None,
-                    status=KeyStatus.ACTIVE if active else KeyStatus.INACTIVE,
-                    created_at=created,
-                    last_used_at=parse_report_time(row.get(f"access_key_{n}_last_used_date", "")),
-                )
+        keys[name] = _report_keys(row)
+        access = _console_access(row)
+        if access is not None:
+            console[name] = access
+    return CredentialReport(keys, console)
+
+
+def parse_credential_report(content: bytes) -> dict[str, list[AccessKey]]:
+    """Keys per user name from the report's CSV. The report has no key ids."""
+    return read_credential_report(content).keys
+
+
+def _report_keys(row: Mapping[str, str]) -> list[AccessKey]:
+    keys: list[AccessKey] = []
+    for n in (1, 2):
+        created = parse_report_time(row.get(f"access_key_{n}_last_rotated", "N/A"))
+        if created is None:
+            continue
+        active = row.get(f"access_key_{n}_active", "false").strip().lower() == "true"
+        keys.append(
+            AccessKey(
+                access_key_id=None,
+                status=KeyStatus.ACTIVE if active else KeyStatus.INACTIVE,
+                created_at=created,
+                last_used_at=parse_report_time(row.get(f"access_key_{n}_last_used_date", "")),
             )
-        out[name] = keys
-    return out
+        )
+    return keys
 
 
 def fetch_credential_report(
@@ -137,6 +190,7 @@ def scan(
     replacements: Iterable[str] = (),
     quarantined_since: Mapping[str, datetime] | None = None,
     reactivations: Callable[[str], Mapping[str, datetime]] | None = None,
+    console_rotated_at: Callable[[str], datetime | None] | None = None,
     report_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     pmap: Callable[[Callable[[IamUser], IamUser], list[IamUser]], Iterable[IamUser]] = map,
@@ -148,7 +202,10 @@ def scan(
     `quarantined_since`: user -> when the rotator first saw its quarantine policy (a
     user missing from it is seeing it now: every key it holds is suspect).
     `reactivations`: user name -> {key id: when an operator turned it back on}; asked
-    only for a user with a key judged unused, whose idle clock restarts then."""
+    only for a user with a key judged unused, whose idle clock restarts then.
+    `console_rotated_at`: user name -> when the rotator last set its console password
+    (None: never); asked only for a user with console access, whose password's age
+    counts from then when that is later than the report says."""
     issued = frozenset(replacements)
     account = iam.account_id()
     users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
@@ -176,14 +233,24 @@ def scan(
     notes: list[str] = []
     reported: dict[str, list[AccessKey]] | None
     try:
-        reported = parse_credential_report(
+        report = read_credential_report(
             fetch_credential_report(iam, timeout=report_timeout, sleep=sleep)
         )
+        reported = report.keys
         source = "credential_report"
+        # Console access comes from the same report; a user it does not list (created
+        # after it) is left as the listing gave it.
+        users = [
+            replace(u, console=report.console[u.user_name]) if u.user_name in report.console else u
+            for u in users
+        ]
     except (PermissionDenied, Transient) as exc:
         reported = None
         source = "per_user"
         notes.append(f"credential report unavailable ({exc}); read keys with per-user calls")
+        notes.append(
+            "console access unknown without the credential report: no console password is judged"
+        )
 
     def with_listed_keys(user: IamUser) -> IamUser:
         from_report = (reported or {}).get(user.user_name)
@@ -208,10 +275,19 @@ def scan(
 
     done_users = [settled[u.user_name] for u in users]
     decisions = [d for u in done_users for d in decide_listed(u)]
+    console: list[ConsoleDecision] = []
+    if reported is not None:
+        for user in done_users:
+            rotated = None
+            if user.console is not None and console_rotated_at is not None:
+                rotated = console_rotated_at(user.user_name)
+            judged = decide_console(user, rules, now, rotated)
+            if judged is not None:
+                console.append(judged)
     for name, (policy, since) in sorted(quarantined.items()):
         notes.append(
             f"user {name} is still quarantined ({policy}, first seen "
             f"{since.isoformat(timespec='seconds')}): keys created before that are leaked; "
             "detach the policy once the leak has been reviewed"
         )
-    return Inventory(account, done_users, decisions, source, notes, quarantined)
+    return Inventory(account, done_users, decisions, source, notes, quarantined, console)

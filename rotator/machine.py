@@ -6,6 +6,9 @@
     leaked
     PLANNED -> CONTAIN -> MAKE_ROOM -> CREATE -> STORE -> VERIFY -> DELETE -> DONE
 
+    console password (`kind: console`)
+    PLANNED -> STORE -> SET_PASSWORD -> DONE
+
     side exits: BLOCKED (needs an operator), FAILED (retries exhausted or refused),
                 ROLLED_BACK (old key reactivated), CANCELLED (user gone, or withdrawn)
 
@@ -15,6 +18,12 @@ appeared, or Vault holds someone else's newer key. BLOCKED leads back to MAKE_RO
 later pass finds a free slot. OVERLAP and DEACTIVATE end DONE when the old key is already
 gone (the goal is reached). Every state from VERIFY on leads back to MAKE_ROOM when the
 new key itself leaked: it is contained and deleted, and another one replaces it.
+
+A console rotation writes a new password to Vault (STORE) before IAM is given it
+(SET_PASSWORD, with a reset required at the next sign-in). SET_PASSWORD leads back to
+STORE when IAM refused the password (the account's policy changed): a new one is made.
+A BLOCKED console rotation is looked at again in place: it writes its password (to
+SET_PASSWORD), or sets the one Vault holds for it (to DONE).
 """
 
 from __future__ import annotations
@@ -22,6 +31,13 @@ from __future__ import annotations
 from enum import StrEnum
 
 from rotator.errors import IllegalTransition
+
+
+class RotationKind(StrEnum):
+    """What a rotation replaces: a user's access key, or its console password."""
+
+    KEY = "key"
+    CONSOLE = "console"
 
 
 class State(StrEnum):
@@ -35,6 +51,7 @@ class State(StrEnum):
     DEACTIVATE = "DEACTIVATE"
     RETIRE = "RETIRE"
     DELETE = "DELETE"
+    SET_PASSWORD = "SET_PASSWORD"  # noqa: S105 - a state name
     DONE = "DONE"
     BLOCKED = "BLOCKED"
     FAILED = "FAILED"
@@ -63,12 +80,25 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.CANCELLED: frozenset(),
 }
 
+# A console password's rotation: its own, shorter table over the same states.
+CONSOLE_TRANSITIONS: dict[State, frozenset[State]] = {
+    S.PLANNED: frozenset({S.STORE, S.BLOCKED} | _EXITS),
+    S.STORE: frozenset({S.SET_PASSWORD, S.BLOCKED} | _EXITS),
+    S.SET_PASSWORD: frozenset({S.DONE, S.STORE, S.BLOCKED} | _EXITS),
+    S.BLOCKED: frozenset({S.STORE, S.SET_PASSWORD, S.DONE} | _EXITS),
+    S.DONE: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
 # Terminal states end a rotation; every other state holds the user's one open slot.
 TERMINAL: frozenset[State] = frozenset({S.DONE, S.FAILED, S.ROLLED_BACK, S.CANCELLED})
 OPEN: frozenset[State] = frozenset(State) - TERMINAL
 
 
-def check_transition(current: State, target: State) -> None:
-    """Raise `IllegalTransition` naming both states unless the table allows the move."""
-    if target not in TRANSITIONS[current]:
-        raise IllegalTransition(f"illegal transition {current} -> {target}")
+def check_transition(current: State, target: State, kind: RotationKind = RotationKind.KEY) -> None:
+    """Raise `IllegalTransition` naming both states unless the table of rotations of
+    `kind` allows the move."""
+    table = CONSOLE_TRANSITIONS if kind is RotationKind.CONSOLE else TRANSITIONS
+    if target not in table.get(current, frozenset()):
+        raise IllegalTransition(f"illegal transition {current} -> {target} ({kind} rotation)")

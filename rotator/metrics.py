@@ -16,9 +16,10 @@ from typing import Literal, get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rotator.console_policy import CONSOLE_DECISIONS
 from rotator.inventory import Inventory
-from rotator.machine import OPEN, TERMINAL, State
-from rotator.model import Decision, Rotation, RotationReason, ScanLease
+from rotator.machine import OPEN, TERMINAL, RotationKind, State
+from rotator.model import KEY_DECISIONS, Decision, Rotation, RotationReason, ScanLease
 
 __all__ = ["CONTENT_TYPE_LATEST", "LEAK_EVENT_RESULTS", "LeakEventResult", "Metrics"]
 
@@ -44,23 +45,37 @@ class Metrics:
             ["account", "decision"],
             registry=r,
         )
+        self.console_users = Gauge(
+            "rotator_console_users",
+            "Users with a console password, by the decision on it at the last scan (absent "
+            "for an account whose credential report could not be read).",
+            ["account", "decision"],
+            registry=r,
+        )
         self.oldest_active_key_age = Gauge(
             "rotator_oldest_active_key_age_seconds",
             "Age of the oldest active, non-exempt access key at the last scan.",
             ["account"],
             registry=r,
         )
+        # `kind`: "key" (an access key) or "console" (a console password).
         self.opened = Counter(
-            "rotator_rotations_opened_total", "Rotations opened.", ["account", "reason"], registry=r
+            "rotator_rotations_opened_total",
+            "Rotations opened, by kind and reason.",
+            ["account", "kind", "reason"],
+            registry=r,
         )
         self.finished = Counter(
             "rotator_rotations_finished_total",
-            "Rotations that reached a terminal state, by reason and result.",
-            ["account", "reason", "result"],
+            "Rotations that reached a terminal state, by kind, reason and result.",
+            ["account", "kind", "reason", "result"],
             registry=r,
         )
         self.open_rotations = Gauge(
-            "rotator_open_rotations", "Open rotations by state.", ["state"], registry=r
+            "rotator_open_rotations",
+            "Open rotations by state and kind.",
+            ["state", "kind"],
+            registry=r,
         )
         self.scan_duration = Histogram(
             "rotator_scan_duration_seconds",
@@ -161,8 +176,7 @@ class Metrics:
             "over or had expired (the work stopped, as fencing requires).",
             registry=r,
         )
-        for state in sorted(OPEN):
-            self.open_rotations.labels(state=state.value).set(0)
+        self.observe_open(())
         for kind in ("scan", "rotation"):
             self.lease_takeovers.labels(kind=kind)
         # An age, computed when scraped: it grows while the key stays Active.
@@ -180,9 +194,10 @@ class Metrics:
     def observe_scan(self, inventories: Iterable[Inventory], now: datetime) -> None:
         for inv in inventories:
             counts = TallyCounter(d.decision for d in inv.decisions)
-            for decision in Decision:
+            for decision in KEY_DECISIONS:
                 labels = {"account": inv.account_id, "decision": decision.value}
                 self.keys.labels(**labels).set(counts[decision])
+            self._observe_console(inv)
             ages = [
                 (now - d.key.created_at).total_seconds()
                 for d in inv.decisions
@@ -191,6 +206,22 @@ class Metrics:
             labels = {"account": inv.account_id}
             self.oldest_active_key_age.labels(**labels).set(max(ages, default=0))
         self.last_scan_success.set(now.timestamp())
+
+    def _observe_console(self, inv: Inventory) -> None:
+        # Without the credential report console access is unknown: no series, rather
+        # than zeros that would read as "nobody has console access".
+        if inv.source != "credential_report":
+            self._forget_console(inv.account_id)
+            return
+        counts = TallyCounter(c.decision for c in inv.console)
+        for decision in CONSOLE_DECISIONS:
+            labels = {"account": inv.account_id, "decision": decision.value}
+            self.console_users.labels(**labels).set(counts[decision])
+
+    def _forget_console(self, account: str) -> None:
+        for decision in CONSOLE_DECISIONS:
+            with contextlib.suppress(KeyError):
+                self.console_users.remove(account, decision.value)
 
     def observe_scan_duration(self, seconds: float) -> None:
         self.scan_duration.observe(seconds)
@@ -206,9 +237,13 @@ class Metrics:
 
     def observe_open(self, rotations: Iterable[Rotation]) -> None:
         rotations = list(rotations)
-        counts: Mapping[State, int] = TallyCounter(r.state for r in rotations)
-        for state in sorted(OPEN):
-            self.open_rotations.labels(state=state.value).set(counts.get(state, 0))
+        counts: Mapping[tuple[State, RotationKind], int] = TallyCounter(
+            (r.state, r.kind) for r in rotations
+        )
+        for kind in RotationKind:
+            for state in sorted(OPEN):
+                labels = {"state": state.value, "kind": kind.value}
+                self.open_rotations.labels(**labels).set(counts.get((state, kind), 0))
         waiting = TallyCounter(
             r.account_id for r in rotations if r.state is State.OVERLAP and r.waiting_on
         )
@@ -237,11 +272,12 @@ class Metrics:
         """Create every per-account series at 0 as soon as the accounts are known, so
         that an alert on `increase()` sees a counter's first step too."""
         for account in accounts:
-            for reason in RotationReason:
-                self.opened.labels(account=account, reason=reason.value)
-                for state in sorted(TERMINAL):
-                    labels = {"account": account, "reason": reason.value, "result": state.value}
-                    self.finished.labels(**labels)
+            for kind in RotationKind:
+                for reason in RotationReason:
+                    labels = {"account": account, "kind": kind.value, "reason": reason.value}
+                    self.opened.labels(**labels)
+                    for state in sorted(TERMINAL):
+                        self.finished.labels(**labels, result=state.value)
             self.leaks_contained.labels(account=account)
             self.deactivated_in_use.labels(account=account)
             self.leaked_active.labels(account=account).set(0)
@@ -261,9 +297,10 @@ class Metrics:
             self.account_last_scan.labels(**labels).set(last)
 
     def _forget_scan(self, account: str) -> None:
-        for decision in Decision:
+        for decision in KEY_DECISIONS:
             with contextlib.suppress(KeyError):
                 self.keys.remove(account, decision.value)
+        self._forget_console(account)
         with contextlib.suppress(KeyError):
             self.oldest_active_key_age.remove(account)
 
@@ -290,13 +327,18 @@ class Metrics:
         if rotation.state in TERMINAL and from_state not in TERMINAL:
             labels = {
                 "account": rotation.account_id,
+                "kind": rotation.kind.value,
                 "reason": rotation.reason.value,
                 "result": rotation.state.value,
             }
             self.finished.labels(**labels).inc()
 
     def observe_opened(self, rotation: Rotation) -> None:
-        labels = {"account": rotation.account_id, "reason": rotation.reason.value}
+        labels = {
+            "account": rotation.account_id,
+            "kind": rotation.kind.value,
+            "reason": rotation.reason.value,
+        }
         self.opened.labels(**labels).inc()
 
     def observe_contained(self, account_id: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from rotator.machine import RotationKind as RotationKind  # re-exported: a value type
 from rotator.machine import State
 
 # IAM's rule for user names: 1 to 64 of these characters (ASCII only: `\w` would also let
@@ -33,6 +34,24 @@ class Decision(StrEnum):
     BLOCKED = "blocked"
     EXEMPT = "exempt"
     UNUSED = "unused"
+    # Console decisions only (a user's login profile, not a key):
+    NO_MFA = "no_mfa"  # console access without an MFA device
+    STALE_CONSOLE = "stale_console"  # no sign-in for `console_unused_after`
+
+
+# The decisions a key can get; the rest are a console password's only.
+KEY_DECISIONS: tuple[Decision, ...] = tuple(
+    d for d in Decision if d not in (Decision.NO_MFA, Decision.STALE_CONSOLE)
+)
+
+
+class ConsoleMode(StrEnum):
+    """What a rule does with console passwords (`console`): nothing, show them in
+    `plan`, or rotate them into Vault."""
+
+    OFF = "off"
+    REPORT = "report"
+    ROTATE = "rotate"
 
 
 class RotationReason(StrEnum):
@@ -67,6 +86,17 @@ class IamGroup:
 
 
 @dataclass(frozen=True)
+class ConsoleAccess:
+    """A user's console sign-in as the credential report tells it (only users with a
+    login profile have one). Dates are None where the report says N/A or
+    no_information."""
+
+    password_last_changed: datetime | None
+    password_last_used: datetime | None
+    mfa_active: bool
+
+
+@dataclass(frozen=True)
 class IamUser:
     account_id: str
     user_name: str
@@ -78,6 +108,9 @@ class IamUser:
     keys: tuple[AccessKey, ...] = ()
     # The user's groups: read by the bulk listing only (`IamPort.iter_users_with_details`).
     groups: tuple[IamGroup, ...] = ()
+    # Console access from the credential report: None when the user has no login
+    # profile, or when no report could be read.
+    console: ConsoleAccess | None = None
 
 
 # The rule name of a decision no rule of `rules` decided: the `policy` section's.
@@ -107,6 +140,24 @@ class KeyDecision:
 
 
 @dataclass(frozen=True)
+class ConsoleDecision:
+    """What the policy decides for one user's console password (`kind: console` in
+    `plan`). `decision`: ok, warn, rotate, no_mfa, stale_console or exempt. `due_at`:
+    when the password reaches its rule's `password_max_age` (None when its age is not
+    known)."""
+
+    user: IamUser
+    access: ConsoleAccess
+    decision: Decision
+    reason: str
+    mode: ConsoleMode
+    rule: str = DEFAULT_RULE
+    rule_match: str | None = None
+    password_age: timedelta | None = None
+    due_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class NewKey:
     """A freshly minted key. The secret is returned by IAM exactly once; it is hidden
     from `repr` and `str` so that it cannot slip into a log line or a traceback."""
@@ -132,6 +183,42 @@ class StoredSecret:
 
 
 @dataclass(frozen=True)
+class StoredPassword:
+    """What Vault holds at a console path: the password, the rotation that wrote it
+    (kept beside it in the data, so that a write whose answer was lost is recognised),
+    the version and custom metadata. The password is hidden from `repr`."""
+
+    password: str = field(repr=False)
+    rotation_id: str | None = None
+    version: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"StoredPassword(version={self.version}, rotation_id={self.rotation_id})"
+
+
+@dataclass(frozen=True)
+class LoginProfile:
+    """A user's console access (`GetLoginProfile`): never the password, which IAM does
+    not return."""
+
+    created_at: datetime
+    reset_required: bool
+
+
+@dataclass(frozen=True)
+class PasswordPolicy:
+    """What the account asks of a password (`GetAccountPasswordPolicy`); `IAM_DEFAULT`
+    when the account has none."""
+
+    minimum_length: int = 8
+    require_symbols: bool = False
+    require_numbers: bool = False
+    require_uppercase: bool = False
+    require_lowercase: bool = False
+
+
+@dataclass(frozen=True)
 class ForcedRotation:
     """A request to replace one user's key now: `rotate`, the HTTP trigger, a leak."""
 
@@ -143,6 +230,10 @@ class ForcedRotation:
     overlap: timedelta | None = None
     # Rotate a user that is exempt or excluded (`selection`) all the same.
     force: bool = False
+    # Rotate the console password instead of the key; `create`: give a user without
+    # console access a login profile (never done unless asked).
+    kind: RotationKind = RotationKind.KEY
+    create: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +269,14 @@ class Rotation:
     attempts: int = 0
     last_error: str | None = None
     waiting_on: str | None = None
+    # What it replaces: the user's access key (the default) or its console password. A
+    # user has at most one open rotation of each kind. A console rotation holds no key
+    # ids; `vault_version` is the Vault version holding its new password, and
+    # `store_started_at` when it began writing it.
+    kind: RotationKind = RotationKind.KEY
+    # A console rotation that may give a user without console access a login profile
+    # (`rotate --console --create`); without it such a user is left alone.
+    create_login: bool = False
 
     def is_due(self, now: datetime) -> bool:
         """Whether a tick should advance this rotation at `now` (a BLOCKED one is looked

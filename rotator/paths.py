@@ -13,6 +13,10 @@ from rotator.errors import BadInput
 # The field names consumers read (INTERFACE.md); changing them breaks every consumer.
 ACCESS_KEY_FIELD = "aws_access_key_id"
 SECRET_KEY_FIELD = "aws_secret_access_key"  # noqa: S105 - a field name
+# A console password's data: the password, and the rotation that wrote it.
+PASSWORD_FIELD = "password"  # noqa: S105 - a field name
+ROTATION_ID_FIELD = "rotation_id"
+DEFAULT_CONSOLE_PATH_TEMPLATE = "aws/{account_id}/{user_name}/console"
 
 
 def secret_path(template: str, account_id: str, user_name: str) -> str:

@@ -44,6 +44,7 @@ from typing import Any
 from rotator.model import (
     DEFAULT_RULE,
     AccessKey,
+    ConsoleMode,
     Decision,
     IamUser,
     KeyDecision,
@@ -63,12 +64,26 @@ class UnusedAction(StrEnum):
     DEACTIVATE = "deactivate"
 
 
-# The keys a rule may set: of `policy`, those that judge a key or that a rotation
-# records when it opens; and two of its own. The other keys of `policy` apply to every
-# rotation alike (the configuration refuses them in a rule).
+# The keys a rule may set: of `policy`, those that judge a key or a console password or
+# that a rotation records when it opens; and two of its own. The other keys of `policy`
+# apply to every rotation alike (the configuration refuses them in a rule).
 RULE_KEYS = frozenset(
-    {"max_age", "warn_age", "overlap", "inactive_delete_after", "unused_after", "unused_action"}
+    {
+        "max_age",
+        "warn_age",
+        "overlap",
+        "inactive_delete_after",
+        "unused_after",
+        "unused_action",
+        "console",
+        "password_max_age",
+        "password_warn_age",
+        "console_unused_after",
+    }
 )
+# The defaults of the console keys, as `policy` has them when built in Python.
+PASSWORD_MAX_AGE = timedelta(days=90)
+PASSWORD_WARN_AGE = timedelta(days=80)
 
 
 @dataclass(frozen=True)
@@ -148,7 +163,11 @@ class Rule:
     `overlap`: what the rule sets itself (None: `policy.overlap`, as the engine has it);
     a rotation opened under the rule records it and keeps it. `unused_after`: None, no
     key is judged unused. `inactive_delete_after`: None, inactive keys are not deleted
-    for being idle."""
+    for being idle.
+
+    Console passwords (`rotator.console_policy`): `console` says what is done with them,
+    `password_max_age` and `password_warn_age` judge their age, `console_unused_after`
+    (None: not judged) the time since the last sign-in."""
 
     name: str
     max_age: timedelta
@@ -158,6 +177,10 @@ class Rule:
     unused_after: timedelta | None = None
     unused_action: UnusedAction = UnusedAction.REPORT
     inactive_delete_after: timedelta | None = None
+    console: ConsoleMode = ConsoleMode.REPORT
+    password_max_age: timedelta = PASSWORD_MAX_AGE
+    password_warn_age: timedelta = PASSWORD_WARN_AGE
+    console_unused_after: timedelta | None = None
 
     @property
     def deactivates_unused(self) -> bool:
@@ -173,6 +196,8 @@ def resolve(default: Rule, name: str, match: Match, **own: Any) -> Rule:
     given = {k: v for k, v in own.items() if v is not None}
     if "unused_action" in given:
         given["unused_action"] = UnusedAction(given["unused_action"])
+    if "console" in given:
+        given["console"] = ConsoleMode(given["console"])
     return replace(default, name=name, match=match, **given)
 
 
@@ -189,6 +214,11 @@ class Rules:
     quarantine_policies: frozenset[str] = frozenset()
     inactive_delete_after: timedelta | None = None
     rules: tuple[Rule, ...] = ()
+    # The `policy` section's console keys (`Rule`).
+    console: ConsoleMode = ConsoleMode.REPORT
+    password_max_age: timedelta = PASSWORD_MAX_AGE
+    password_warn_age: timedelta = PASSWORD_WARN_AGE
+    console_unused_after: timedelta | None = None
 
     @property
     def default(self) -> Rule:
@@ -198,6 +228,10 @@ class Rules:
             self.max_age,
             self.warn_age,
             inactive_delete_after=self.inactive_delete_after,
+            console=self.console,
+            password_max_age=self.password_max_age,
+            password_warn_age=self.password_warn_age,
+            console_unused_after=self.console_unused_after,
         )
 
     def rule_for(self, user: IamUser) -> tuple[Rule, str | None]:
@@ -228,6 +262,10 @@ class Rules:
             exempt_tag=settings.selection.exempt_tag,
             quarantine_policies=frozenset(settings.leaks.quarantine_policies),
             inactive_delete_after=settings.policy.inactive_delete_after,
+            console=ConsoleMode(settings.policy.console),
+            password_max_age=settings.policy.password_max_age,
+            password_warn_age=settings.policy.password_warn_age,
+            console_unused_after=settings.policy.console_unused_after,
         )
         default = base.default
         rules = []
@@ -286,14 +324,26 @@ def _tag_exemption(user: IamUser, rules: Rules, now: datetime) -> tuple[str | No
     return f"tagged {tag}={value}", None
 
 
-def exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:
-    """Why the user is never touched at `now`, or None."""
+def unselected(user: IamUser, rules: Rules) -> str | None:
+    """Why `selection` leaves the user out (its path is outside `include_paths`, its
+    name matches an `exclude_users` glob), or None."""
     if not any(user.path.startswith(prefix) for prefix in rules.include_paths):
         return f"path {user.path} is outside include_paths"
     for pattern in rules.exclude_users:
         if fnmatch.fnmatchcase(user.user_name, pattern):
             return f"user matches exclude_users pattern {pattern!r}"
+    return None
+
+
+def tag_exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:
+    """Why the user's exempt tag exempts it at `now` (a dated one until its day has
+    passed), or None."""
     return _tag_exemption(user, rules, now)[0]
+
+
+def exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:
+    """Why the user is never touched at `now`, or None."""
+    return unselected(user, rules) or tag_exemption(user, rules, now)
 
 
 def lapsed_exemption(user: IamUser, rules: Rules, now: datetime) -> str | None:

@@ -18,9 +18,13 @@ from rotator.model import (
     IamUser,
     KeyStatus,
     Lease,
+    LoginProfile,
     NewKey,
+    PasswordPolicy,
     Rotation,
+    RotationKind,
     ScanLease,
+    StoredPassword,
     StoredSecret,
 )
 
@@ -74,6 +78,26 @@ class IamPort(Protocol):
 
     def delete_access_key(self, user_name: str, access_key_id: str) -> None: ...
 
+    # --- console access -------------------------------------------------------------
+
+    def login_profile(self, user_name: str) -> LoginProfile | None:
+        """The user's console access (`GetLoginProfile`), None when it has none; raises
+        `NotFound` when the user does not exist."""
+        ...
+
+    def password_policy(self) -> PasswordPolicy:
+        """The account's password policy (`GetAccountPasswordPolicy`), or
+        `rotator.passwords.IAM_DEFAULT` when it has none."""
+        ...
+
+    def set_password(self, user_name: str, password: str, *, create: bool = False) -> None:
+        """Set the user's console password with a reset required at the next sign-in
+        (`UpdateLoginProfile`; `CreateLoginProfile` when `create` and the user has no
+        login profile). Idempotent: setting the same password twice changes nothing.
+        Raises `NotFound` (no login profile and not `create`), `PasswordRefused`. No
+        error text holds the password."""
+        ...
+
     def iam_time(self) -> datetime | None:
         """IAM's clock now, as its latest answer showed it (None before any answer)."""
         ...
@@ -84,7 +108,7 @@ class IamPort(Protocol):
 
 
 class SecretStore(Protocol):
-    """Where new keys live (Vault KV v2)."""
+    """Where new keys and console passwords live (Vault KV v2)."""
 
     def path_for(self, account_id: str, user_name: str) -> str:
         """The user's secret path; raises `BadInput` when the user name cannot be one."""
@@ -111,6 +135,28 @@ class SecretStore(Protocol):
         the metadata, was lost)."""
         ...
 
+    def console_path_for(self, account_id: str, user_name: str) -> str:
+        """The user's console password path (`vault.console_path_template`); raises
+        `BadInput` when the user name cannot be one."""
+        ...
+
+    def read_password(self, path: str) -> StoredPassword | None:
+        """The latest version at a console path, or None (nothing, or deleted). Raises
+        `BadInput` when it holds no password."""
+        ...
+
+    def write_password(
+        self,
+        path: str,
+        password: str,
+        rotation_id: str,
+        metadata: Mapping[str, str],
+        cas: int,
+    ) -> int:
+        """Write a new version holding `password` and `rotation_id` with check-and-set
+        `cas`, set custom metadata; return the new version. Raises `CasConflict`."""
+        ...
+
     def check(self) -> None:
         """Raise unless the store is reachable, unsealed and the credentials are valid."""
         ...
@@ -126,9 +172,17 @@ class StateStore(Protocol):
 
     def get(self, rotation_id: str) -> Rotation | None: ...
 
-    def open_for(self, account_id: str, user_name: str) -> Rotation | None: ...
+    def open_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
+        """The user's open rotation of that kind (a user has at most one of each)."""
+        ...
 
-    def latest_for(self, account_id: str, user_name: str) -> Rotation | None: ...
+    def latest_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
+        """The user's newest rotation of that kind, open or closed."""
+        ...
 
     def list_open(self) -> list[Rotation]: ...
 

@@ -107,9 +107,12 @@ class LocalAws:
                 for arn in list(user.managed_policies):
                     iam.detach_user_policy(arn, name)
                 user.policies.clear()
+                user.password = None
+                user.mfa_devices.clear()
                 iam.delete_user(name)
             iam.roles.clear()
             iam.credential_report = None
+            iam.account_password_policy = None
 
         for service in ("sts", "sqs", "sns", "organizations"):
             for regions in get_backend(service).values():
@@ -211,6 +214,58 @@ class LocalAws:
                 _utc_naive(moment - spec.last_used_ago), "s3", "us-east-1"
             )
         return NewKey(key.access_key_id, key.secret_access_key)
+
+    def add_login_profile(
+        self,
+        user_name: str,
+        password: str,
+        *,
+        age: timedelta = timedelta(0),
+        last_sign_in_ago: timedelta | None = None,
+        mfa: bool = False,
+        now: datetime | None = None,
+        account_id: str = ACCOUNT_ID,
+    ) -> None:
+        """Give the user console access: a password set `age` ago (moto's credential
+        report dates a password by the user's creation, which is moved back to match),
+        a last sign-in, and an MFA device when `mfa`."""
+        moment = now or datetime.now(UTC)
+        backend = self.account(account_id)
+        backend.create_login_profile(user_name, password)
+        user = backend.users[user_name]
+        user.create_date = _utc_naive(moment - age)
+        if last_sign_in_ago is not None:
+            user.password_last_used = _utc_naive(moment - last_sign_in_ago)
+        if mfa:
+            serial = f"arn:aws:iam::{account_id}:mfa/{user_name}"
+            backend.enable_mfa_device(user_name, serial, "123456", "654321")
+
+    def login_profile(
+        self, user_name: str, account_id: str = ACCOUNT_ID
+    ) -> tuple[str, bool] | None:
+        """The user's console password and whether a reset is required at the next
+        sign-in, read from the backend (no API call); None without a login profile."""
+        user = self.account(account_id).users[user_name]
+        if not user.password:
+            return None
+        return str(user.password), bool(user.password_reset_required)
+
+    def set_password_policy(self, account_id: str = ACCOUNT_ID, **policy: Any) -> None:
+        """Set the account's password policy (`UpdateAccountPasswordPolicy` keywords in
+        snake case: minimum_password_length=32, require_symbols=True, ...)."""
+        values: dict[str, Any] = {
+            "allow_change_password": True,
+            "hard_expiry": False,
+            "max_password_age": 0,
+            "minimum_password_length": 8,
+            "password_reuse_prevention": 0,
+            "require_lowercase_characters": False,
+            "require_numbers": False,
+            "require_symbols": False,
+            "require_uppercase_characters": False,
+        }
+        values.update(policy)
+        self.account(account_id).update_account_password_policy(**values)
 
     def set_last_used(self, user_name: str, key_id: str, when: datetime) -> None:
         from moto.iam.models import AccessKeyLastUsed

@@ -38,6 +38,7 @@ from rotator.errors import (
     CasConflict,
     LeaseLost,
     NotFound,
+    PasswordRefused,
     RotationExists,
     RotatorError,
     StaleRotation,
@@ -51,12 +52,24 @@ from rotator.model import (
     IamUser,
     KeyStatus,
     Lease,
+    LoginProfile,
     NewKey,
+    PasswordPolicy,
     Rotation,
+    RotationKind,
     ScanLease,
+    StoredPassword,
     StoredSecret,
 )
-from rotator.paths import ACCESS_KEY_FIELD, SECRET_KEY_FIELD, secret_path
+from rotator.passwords import IAM_DEFAULT, problems
+from rotator.paths import (
+    ACCESS_KEY_FIELD,
+    DEFAULT_CONSOLE_PATH_TEMPLATE,
+    PASSWORD_FIELD,
+    ROTATION_ID_FIELD,
+    SECRET_KEY_FIELD,
+    secret_path,
+)
 from rotator.ports import Clock, KeyLastUsed
 from rotator.sandbox import ACCOUNT_ID, SeedKey
 
@@ -195,6 +208,13 @@ class _User:
     tags: dict[str, str] = field(default_factory=dict)
     policies: set[str] = field(default_factory=set)
     keys: list[_Key] = field(default_factory=list)
+    # Console access: the password (None: no login profile), as IAM keeps it.
+    password: str | None = field(default=None, repr=False)
+    reset_required: bool = False
+    password_changed_at: datetime | None = None
+    password_last_used: datetime | None = None
+    profile_created_at: datetime | None = None
+    mfa: bool = False
 
 
 @dataclass
@@ -233,6 +253,8 @@ class FakeIam:
         self._groups: dict[str, _Group] = {}
         self._report: tuple[datetime, bytes] | None = None
         self._answered = False
+        # None: the account has no password policy (IAM's own minimums apply).
+        self.account_password_policy: PasswordPolicy | None = None
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -367,6 +389,17 @@ class FakeIam:
                 arn=user.arn,
                 user_creation_time=_report_time(user.created_at),
             )
+            if user.password is not None:
+                row["password_enabled"] = "true"  # noqa: S105 - a report column
+                row["password_last_changed"] = _report_time(user.password_changed_at)
+                row["password_last_used"] = (
+                    "no_information"
+                    if user.password_last_used is None
+                    else _report_time(user.password_last_used)
+                )
+            else:
+                row["password_last_used"] = "not_supported"  # noqa: S105 - a report column
+            row["mfa_active"] = "true" if user.mfa else "false"
             for n in (1, 2):
                 key = user.keys[n - 1] if len(user.keys) >= n else None
                 row[f"access_key_{n}_active"] = (
@@ -425,6 +458,43 @@ class FakeIam:
             user = self._user("iam:DeleteAccessKey", user_name)
             user.keys.remove(self._key("iam:DeleteAccessKey", user, access_key_id))
 
+    # --- console access ---------------------------------------------------------------
+
+    def login_profile(self, user_name: str) -> LoginProfile | None:
+        self._call("iam:GetLoginProfile")
+        with self._lock:
+            user = self._user("iam:GetLoginProfile", user_name)
+            if user.password is None:
+                return None
+            assert user.profile_created_at is not None
+            return LoginProfile(user.profile_created_at, user.reset_required)
+
+    def password_policy(self) -> PasswordPolicy:
+        self._call("iam:GetAccountPasswordPolicy")
+        with self._lock:
+            return self.account_password_policy or IAM_DEFAULT
+
+    def set_password(self, user_name: str, password: str, *, create: bool = False) -> None:
+        """As IAM: the account's policy is enforced (`PasswordRefused`), an update needs a
+        login profile (`NotFound`), and a reset is required at the next sign-in."""
+        operation = "iam:CreateLoginProfile" if create else "iam:UpdateLoginProfile"
+        self._call(operation)
+        with self._lock:
+            user = self._user(operation, user_name)
+            if user.password is None and not create:
+                raise _refusal(NotFound(f"{operation}: Login profile for {user_name} not found"))
+            broken = problems(password, self.account_password_policy or IAM_DEFAULT)
+            if broken:
+                raise _refusal(
+                    PasswordRefused(f"{operation}: PasswordPolicyViolation: {'; '.join(broken)}")
+                )
+            if user.password is None:
+                user.profile_created_at = self._clock()
+            if user.password != password:
+                user.password_changed_at = self._clock()
+            user.password = password
+            user.reset_required = True
+
     def _mint(self, user: _User, status: KeyStatus, created: datetime) -> _Key:
         key = _Key(
             access_key_id="AKIA" + "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(16)),
@@ -461,6 +531,31 @@ class FakeIam:
                 policies=set(policies),
             )
         return [self.add_key(name, spec, now=now) for spec in keys]
+
+    def add_login_profile(
+        self,
+        user_name: str,
+        password: str,
+        *,
+        age: timedelta = timedelta(0),
+        last_sign_in_ago: timedelta | None = None,
+        mfa: bool = False,
+    ) -> None:
+        """Console access set `age` ago (as `LocalAws.add_login_profile`)."""
+        now = self._clock()
+        with self._lock:
+            user = self._users[user_name]
+            user.password = password
+            user.profile_created_at = user.password_changed_at = now - age
+            user.password_last_used = None if last_sign_in_ago is None else now - last_sign_in_ago
+            user.mfa = mfa
+
+    def login_password(self, user_name: str) -> tuple[str, bool] | None:
+        """The user's password and whether a reset is required (as
+        `LocalAws.login_profile`); None without a login profile."""
+        with self._lock:
+            user = self._users[user_name]
+            return None if user.password is None else (user.password, user.reset_required)
 
     def add_key(self, user_name: str, spec: SeedKey, *, now: datetime | None = None) -> NewKey:
         """A key created `spec.age` before `now`, with the given status and last use."""
@@ -553,10 +648,12 @@ class FakeSecrets:
         self,
         path_template: str = "aws/{account_id}/{user_name}",
         *,
+        console_path_template: str = DEFAULT_CONSOLE_PATH_TEMPLATE,
         mount: str = "secret",
         before_call: Callable[[str], None] | None = None,
     ) -> None:
         self.path_template = path_template
+        self.console_path_template = console_path_template
         self.mount = mount
         self.before_call = before_call
         self.calls: Counter[str] = Counter()
@@ -595,6 +692,48 @@ class FakeSecrets:
             return StoredSecret(key_id, value, version, dict(secret.custom_metadata))
 
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+        payload = {ACCESS_KEY_FIELD: key.access_key_id, SECRET_KEY_FIELD: key.secret_access_key}
+        return self._write_data(path, payload, metadata, cas)
+
+    def console_path_for(self, account_id: str, user_name: str) -> str:
+        return secret_path(self.console_path_template, account_id, user_name)
+
+    def read_password(self, path: str) -> StoredPassword | None:
+        self._call("vault:read")
+        with self._lock:
+            secret = self._paths.get(path)
+            if secret is None or not secret.versions or secret.versions[-1].deleted:
+                return None
+            version = len(secret.versions)
+            data = secret.versions[-1].data
+            if not data.get(PASSWORD_FIELD):
+                raise _refusal(
+                    BadInput(
+                        f"Vault secret {self.mount}/data/{path} (version {version}) lacks "
+                        f"{PASSWORD_FIELD}"
+                    )
+                )
+            return StoredPassword(
+                data[PASSWORD_FIELD],
+                data.get(ROTATION_ID_FIELD),
+                version,
+                dict(secret.custom_metadata),
+            )
+
+    def write_password(
+        self,
+        path: str,
+        password: str,
+        rotation_id: str,
+        metadata: Mapping[str, str],
+        cas: int,
+    ) -> int:
+        payload = {PASSWORD_FIELD: password, ROTATION_ID_FIELD: rotation_id}
+        return self._write_data(path, payload, metadata, cas)
+
+    def _write_data(
+        self, path: str, payload: Mapping[str, str], metadata: Mapping[str, str], cas: int
+    ) -> int:
         """One step here, where `VaultStore` makes two calls (data with check-and-set,
         then custom metadata): the fake cannot lose the second one."""
         self._call("vault:write")
@@ -607,11 +746,7 @@ class FakeSecrets:
                         "someone else wrote it"
                     )
                 )
-            secret.versions.append(
-                _Version(
-                    {ACCESS_KEY_FIELD: key.access_key_id, SECRET_KEY_FIELD: key.secret_access_key}
-                )
-            )
+            secret.versions.append(_Version(dict(payload)))
             secret.custom_metadata = {str(k): str(v) for k, v in metadata.items()}
             return len(secret.versions)
 
@@ -685,8 +820,8 @@ def _stored(rotation: Rotation) -> Rotation:
 
 
 class FakeStateStore:
-    """`StateStore` in memory: one open rotation per (account, user), an append-only
-    trail, fenced leases on the store's own clock, bounded dead letters.
+    """`StateStore` in memory: one open rotation per (account, user, kind), an
+    append-only trail, fenced leases on the store's own clock, bounded dead letters.
 
     A fake lives in one process, so the SQLite store's takeover of a lease whose holder
     process died on this host has no counterpart here: a lease ends when released or
@@ -726,15 +861,18 @@ class FakeStateStore:
                 r.id != rotation.id
                 and r.account_id == rotation.account_id
                 and r.user_name == rotation.user_name
+                and r.kind == rotation.kind
                 and r.state not in TERMINAL
             ):
                 return r.id
         return None
 
     def _exists_error(self, rotation: Rotation, other: str) -> RotationExists:
+        # The words of `rotator.state.shared.rotation_conflict`: a console one says so.
+        kind = "" if rotation.kind == RotationKind.KEY else f"{RotationKind(rotation.kind)} "
         return RotationExists(
             f"user {rotation.user_name} in account {rotation.account_id} already has "
-            f"open rotation {other}"
+            f"open {kind}rotation {other}"
         )
 
     def _append(
@@ -787,22 +925,27 @@ class FakeStateStore:
             self._rows.values(), key=lambda sr: (sr[1].created_at, sr[0]), reverse=newest_first
         )
 
-    def open_for(self, account_id: str, user_name: str) -> Rotation | None:
+    def open_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
         with self._lock:
             self._open()
             for _, r in self._ordered(newest_first=False):
-                if (r.account_id, r.user_name) == (
+                if (r.account_id, r.user_name, r.kind) == (
                     account_id,
                     user_name,
+                    kind,
                 ) and r.state not in TERMINAL:
                     return r
             return None
 
-    def latest_for(self, account_id: str, user_name: str) -> Rotation | None:
+    def latest_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
         with self._lock:
             self._open()
             for _, r in self._ordered(newest_first=True):
-                if (r.account_id, r.user_name) == (account_id, user_name):
+                if (r.account_id, r.user_name, r.kind) == (account_id, user_name, kind):
                     return r
             return None
 

@@ -41,8 +41,15 @@ from rotator.errors import (
     RotatorError,
     Transient,
 )
-from rotator.model import NewKey, StoredSecret
-from rotator.paths import ACCESS_KEY_FIELD, SECRET_KEY_FIELD, secret_path
+from rotator.model import NewKey, StoredPassword, StoredSecret
+from rotator.paths import (
+    ACCESS_KEY_FIELD,
+    DEFAULT_CONSOLE_PATH_TEMPLATE,
+    PASSWORD_FIELD,
+    ROTATION_ID_FIELD,
+    SECRET_KEY_FIELD,
+    secret_path,
+)
 from rotator.ports import Clock
 from rotator.secretfile import read_secret_file
 
@@ -364,6 +371,19 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _checked_template(name: str, template: str) -> str:
+    """`template` when it may serve as a path template, else `ConfigError` naming it."""
+    try:
+        sample = template.format(account_id="123456789012", user_name="alice")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            [f"{name}: {template!r} may use only {{account_id}} and {{user_name}}"]
+        ) from exc
+    if not sample.strip("/"):
+        raise ConfigError([f"{name}: empty"])
+    return template
+
+
 class VaultStore:
     """`SecretStore` on a Vault (or OpenBao) KV version 2 mount.
 
@@ -377,6 +397,7 @@ class VaultStore:
         path_template: str,
         auth: VaultAuth,
         *,
+        console_path_template: str = DEFAULT_CONSOLE_PATH_TEMPLATE,
         timeout: float = 10.0,
         clock: Clock | None = None,
         connections: int = 10,
@@ -385,18 +406,10 @@ class VaultStore:
         self.mount = mount.strip("/")
         if not self.mount:
             raise ConfigError(["vault.mount: empty"])
-        self.path_template = path_template
-        try:
-            sample = path_template.format(account_id="123456789012", user_name="alice")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(
-                [
-                    f"vault.path_template: {path_template!r} may use only "
-                    "{account_id} and {user_name}"
-                ]
-            ) from exc
-        if not sample.strip("/"):
-            raise ConfigError(["vault.path_template: empty"])
+        self.path_template = _checked_template("vault.path_template", path_template)
+        self.console_path_template = _checked_template(
+            "vault.console_path_template", console_path_template
+        )
         self._auth = auth
         self._clock: Clock = clock or _utc_now
         # token="" (not None): hvac would otherwise pick up VAULT_TOKEN or
@@ -425,7 +438,61 @@ class VaultStore:
     def path_for(self, account_id: str, user_name: str) -> str:
         return secret_path(self.path_template, account_id, user_name)
 
+    def console_path_for(self, account_id: str, user_name: str) -> str:
+        return secret_path(self.console_path_template, account_id, user_name)
+
     def read(self, path: str) -> StoredSecret | None:
+        found = self._read_data(path)
+        if found is None:
+            return None
+        data, version, custom = found
+        key_id, secret = data.get(ACCESS_KEY_FIELD), data.get(SECRET_KEY_FIELD)
+        if not isinstance(key_id, str) or not isinstance(secret, str) or not key_id or not secret:
+            unusable = BadInput(
+                f"Vault secret {self.mount}/data/{path} (version {version}) lacks "
+                f"{ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
+            )
+            raise _refused(unusable)  # Vault answered the read
+        return StoredSecret(
+            access_key_id=key_id, secret_access_key=secret, version=version, metadata=custom
+        )
+
+    def read_password(self, path: str) -> StoredPassword | None:
+        found = self._read_data(path)
+        if found is None:
+            return None
+        data, version, custom = found
+        password, rotation_id = data.get(PASSWORD_FIELD), data.get(ROTATION_ID_FIELD)
+        if not isinstance(password, str) or not password:
+            unusable = BadInput(
+                f"Vault secret {self.mount}/data/{path} (version {version}) lacks {PASSWORD_FIELD}"
+            )
+            raise _refused(unusable)
+        return StoredPassword(
+            password=password,
+            rotation_id=rotation_id if isinstance(rotation_id, str) else None,
+            version=version,
+            metadata=custom,
+        )
+
+    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+        payload = {ACCESS_KEY_FIELD: key.access_key_id, SECRET_KEY_FIELD: key.secret_access_key}
+        return self._write_data(path, payload, metadata, cas)
+
+    def write_password(
+        self,
+        path: str,
+        password: str,
+        rotation_id: str,
+        metadata: Mapping[str, str],
+        cas: int,
+    ) -> int:
+        payload = {PASSWORD_FIELD: password, ROTATION_ID_FIELD: rotation_id}
+        return self._write_data(path, payload, metadata, cas)
+
+    def _read_data(self, path: str) -> tuple[dict[str, Any], int, dict[str, str]] | None:
+        """The latest version's data, number and the path's custom metadata; None when
+        nothing (or a deleted version) is there."""
         resource = f"{self.mount}/data/{path}"
 
         def op() -> Any:
@@ -455,25 +522,17 @@ class VaultStore:
         if data is None:
             return None
         version = int(meta.get("version") or 0)
-        key_id = data.get(ACCESS_KEY_FIELD) if isinstance(data, dict) else None
-        secret = data.get(SECRET_KEY_FIELD) if isinstance(data, dict) else None
-        if not isinstance(key_id, str) or not isinstance(secret, str) or not key_id or not secret:
-            unusable = BadInput(
-                f"Vault secret {resource} (version {version}) lacks "
-                f"{ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
-            )
-            raise _refused(unusable)  # Vault answered the read
         custom = meta.get("custom_metadata") or {}
-        return StoredSecret(
-            access_key_id=key_id,
-            secret_access_key=secret,
-            version=version,
-            metadata={str(k): str(v) for k, v in custom.items()},
+        return (
+            data if isinstance(data, dict) else {},
+            version,
+            {str(k): str(v) for k, v in custom.items()},
         )
 
-    def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
+    def _write_data(
+        self, path: str, payload: Mapping[str, str], metadata: Mapping[str, str], cas: int
+    ) -> int:
         resource = f"{self.mount}/data/{path}"
-        payload = {ACCESS_KEY_FIELD: key.access_key_id, SECRET_KEY_FIELD: key.secret_access_key}
 
         def op() -> Any:
             try:

@@ -29,7 +29,7 @@ from rotator.config import Settings
 from rotator.digests import is_email_address
 from rotator.errors import NotFound, PermissionDenied, RotatorError
 from rotator.metrics import Metrics
-from rotator.model import NewKey, StoredSecret
+from rotator.model import NewKey, StoredPassword, StoredSecret
 from rotator.notify import Dispatcher, EmailSender, Message, TopicSender, WebhookSender
 from rotator.ports import (
     Clock,
@@ -75,7 +75,8 @@ def build_secrets(settings: Settings) -> VaultStore:
         str(settings.vault.url),
         settings.vault.mount,
         settings.vault.path_template,
-        build_auth(
+        console_path_template=settings.vault.console_path_template,
+        auth=build_auth(
             auth.method,
             token=auth.token,
             token_file=str(auth.token_file) if auth.token_file else None,
@@ -115,6 +116,24 @@ class CountedSecrets:
 
     def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
         self._counted(lambda: self._inner.set_metadata(path, metadata))
+
+    def console_path_for(self, account_id: str, user_name: str) -> str:
+        return self._inner.console_path_for(account_id, user_name)
+
+    def read_password(self, path: str) -> StoredPassword | None:
+        return self._counted(lambda: self._inner.read_password(path))
+
+    def write_password(
+        self,
+        path: str,
+        password: str,
+        rotation_id: str,
+        metadata: Mapping[str, str],
+        cas: int,
+    ) -> int:
+        return self._counted(
+            lambda: self._inner.write_password(path, password, rotation_id, metadata, cas)
+        )
 
     def check(self) -> None:
         self._counted(self._inner.check)
@@ -394,6 +413,22 @@ class _SecretsOnDemand:
 
     def set_metadata(self, path: str, metadata: Mapping[str, str]) -> None:
         self._wiring.secrets.set_metadata(path, metadata)
+
+    def console_path_for(self, account_id: str, user_name: str) -> str:
+        return self._wiring.secrets.console_path_for(account_id, user_name)
+
+    def read_password(self, path: str) -> StoredPassword | None:
+        return self._wiring.secrets.read_password(path)
+
+    def write_password(
+        self,
+        path: str,
+        password: str,
+        rotation_id: str,
+        metadata: Mapping[str, str],
+        cas: int,
+    ) -> int:
+        return self._wiring.secrets.write_password(path, password, rotation_id, metadata, cas)
 
     def check(self) -> None:
         self._wiring.secrets.check()

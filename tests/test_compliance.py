@@ -243,7 +243,15 @@ def test_json_document_has_totals_accounts_and_keys() -> None:
         failed_accounts={OTHER: "AccessDenied"},
     )
     doc = json.loads(to_json(report))
-    assert set(doc) == {"generated_at", "accounts", "failed_accounts", "totals", "keys"}
+    assert set(doc) == {
+        "generated_at",
+        "accounts",
+        "failed_accounts",
+        "totals",
+        "keys",
+        "console_totals",
+        "console",
+    }
     expected = {
         "keys": 2,
         "active_keys": 2,

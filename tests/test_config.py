@@ -630,6 +630,22 @@ RULE_CASES: dict[Callable[..., object], tuple[dict[str, object], str]] = {
         },
         f'rules[0].match.account: "{ACCOUNT_B}" is not in aws.accounts: the rule would never match',
     ),
+    rules.password_warn_age_below_max_age: (
+        {"policy": {"password_max_age": "60d", "password_warn_age": "60d"}},
+        "policy.password_warn_age: 60d is not below password_max_age 60d; a console "
+        "password would be due before any warning",
+    ),
+    rules.rules_warn_before_console_rotation: (
+        {"rules": [{"name": "admins", "match": {}, "password_max_age": "30d"}]},
+        'rules[0]: rule "admins" has password_warn_age 80d (from policy.password_warn_age), '
+        "not below its password_max_age 30d: its console passwords would be due without a "
+        "warning first; set a shorter password_warn_age in the rule",
+    ),
+    rules.console_path_apart_from_key_path: (
+        {"vault": {"console_path_template": "aws/{account_id}/{user_name}"}},
+        'vault.console_path_template: "aws/{account_id}/{user_name}" is also path_template: '
+        "a console password would overwrite the user's access key in Vault",
+    ),
 }
 
 

@@ -95,8 +95,9 @@ def test_daemon_rotates_serves_probes_and_stops_cleanly(aws: LocalAws, daemon: R
     for name in (
         'rotator_keys{account="123456789012",decision="ok"}',
         "rotator_oldest_active_key_age_seconds",
-        'rotator_rotations_opened_total{account="123456789012",reason="age"} 1.0',
-        'rotator_rotations_finished_total{account="123456789012",reason="age",result="DONE"} 1.0',
+        'rotator_rotations_opened_total{account="123456789012",kind="key",reason="age"} 1.0',
+        'rotator_rotations_finished_total{account="123456789012",kind="key",reason="age",'
+        'result="DONE"} 1.0',
         "rotator_open_rotations",
         "rotator_scan_duration_seconds_count",
         "rotator_last_successful_scan_timestamp_seconds",

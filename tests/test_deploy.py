@@ -171,12 +171,13 @@ def test_iam_policy_grants_no_iam_action_the_code_does_not_call(code_actions: se
 
 
 def test_iam_writes_are_limited_to_users_and_account_reads_are_the_only_star_resources() -> None:
-    """Key writes apply to IAM users only; "*" is used only for the account-wide reads that
-    support no resource ARN."""
+    """Key and console password writes apply to IAM users only; "*" is used only for the
+    account-wide reads that support no resource ARN."""
     account_wide = {
         "iam:GetAccountAuthorizationDetails",
         "iam:GenerateCredentialReport",
         "iam:GetCredentialReport",
+        "iam:GetAccountPasswordPolicy",
     }
     for statement in _statements(IAM_DIR / "rotator-policy.json"):
         actions = set(_as_list(statement["Action"]))
@@ -187,7 +188,13 @@ def test_iam_writes_are_limited_to_users_and_account_reads_are_the_only_star_res
             assert resources == ["arn:aws:ses:*:*:identity/*"], statement["Sid"]
         else:
             assert resources == ["arn:aws:iam::*:user/*"], statement["Sid"]
-    writes = {"iam:CreateAccessKey", "iam:UpdateAccessKey", "iam:DeleteAccessKey"}
+    writes = {
+        "iam:CreateAccessKey",
+        "iam:UpdateAccessKey",
+        "iam:DeleteAccessKey",
+        "iam:UpdateLoginProfile",
+        "iam:CreateLoginProfile",
+    }
     assert writes <= _allowed_actions(IAM_DIR / "rotator-policy.json")
 
 
@@ -403,6 +410,34 @@ def test_consumer_policy_reads_its_own_user_secret_and_nothing_else(
     got = _capabilities(local_vault, token, [f"{mount}/data/{own}", f"{mount}/data/{other}"])
     assert got[f"{mount}/data/{own}"] == {"read"}
     assert got[f"{mount}/data/{other}"] == {"deny"}
+
+
+def test_console_reader_policy_reads_one_users_console_password_and_not_its_key(
+    local_vault: LocalVault,
+) -> None:
+    """A token with console-reader-policy.hcl may read break-glass-admin's console
+    password at the default console path, not write it, and read neither that user's
+    access key nor another user's console password."""
+    rules = _hcl_rules(DEPLOY / "vault" / "console-reader-policy.hcl")
+    assert rules
+    assert all(capabilities == {"read"} for capabilities in rules.values())
+    name = f"console-{uuid.uuid4().hex[:8]}"
+    hcl = (DEPLOY / "vault" / "console-reader-policy.hcl").read_text(encoding="utf-8")
+    local_vault.request("PUT", f"/v1/sys/policies/acl/{name}", {"policy": hcl})
+    created = local_vault.request(
+        "POST", "/v1/auth/token/create", {"policies": [name], "no_default_policy": True}
+    )
+    token = created["auth"]["client_token"]
+    mount, key_path = _default_secret_path("break-glass-admin")
+    template = parse_settings(None, {"VAULT_TOKEN": "unused"}).vault.console_path_template
+    console = f"{mount}/data/" + template.format(
+        account_id="111122223333", user_name="break-glass-admin"
+    )
+    other = f"{mount}/data/" + template.format(account_id="111122223333", user_name="someone-else")
+    got = _capabilities(local_vault, token, [console, f"{mount}/data/{key_path}", other])
+    assert got[console] == {"read"}
+    assert got[f"{mount}/data/{key_path}"] == {"deny"}
+    assert got[other] == {"deny"}
 
 
 # --- systemd ------------------------------------------------------------------------------

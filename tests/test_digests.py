@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from rotator.commands import suggested
 from rotator.digests import (
     build_digests,
+    deactivation_notices,
     fill_key_ids,
     is_email_address,
     owner_of,
@@ -112,3 +114,24 @@ def test_owner_of_reads_the_configured_tag_and_email_addresses_are_told_from_han
     assert is_email_address("ann@example.com")
     assert not is_email_address("@bob")
     assert not is_email_address("ann@localhost")
+
+
+def test_a_deactivation_notice_gives_a_reactivate_command_that_runs_for_any_user_name() -> None:
+    """The line for a key deactivated as unused names the key and the command that turns
+    it back on; for a user name that begins with `-` the command puts the name after
+    `--`, or the command line would read it as an option."""
+    [plain] = deactivation_notices(decided("ann", "AK1", 60), NOW)
+    assert plain.line().endswith("to turn it back on: rotator reactivate ann --key AK1")
+    [dashed] = deactivation_notices(decided("-svc", "AK2", 60), NOW)
+    assert dashed.line().endswith("rotator reactivate --key AK2 -- -svc")
+    digest, nobody = build_digests(decided("ann", "AK1", 60), [plain], "owner", "sec@example.com")
+    assert nobody == []
+    assert "just deactivated as unused" in digest[0].text
+    assert "changed or will change soon" in digest[0].subject
+
+
+def test_suggested_commands_put_an_option_like_user_name_after_a_double_dash() -> None:
+    """`suggested` writes `rotator VERB USER OPTIONS`, and `rotator VERB OPTIONS -- USER`
+    for a name that begins with `-`."""
+    assert suggested("rotate", "bob", "--console") == "rotator rotate bob --console"
+    assert suggested("rollback", "-x") == "rotator rollback -- -x"

@@ -274,8 +274,9 @@ def test_per_account_series_exist_at_zero_once_the_accounts_are_known() -> None:
     step; nothing is created for an account not named."""
     metrics = Metrics()
     metrics.observe_accounts([ACCOUNT_ID])
-    labels = {"account": ACCOUNT_ID, "reason": "age", "result": "FAILED"}
-    assert _sample(metrics, "rotator_rotations_finished_total", **labels) == 0.0
+    for kind in ("key", "console"):
+        labels = {"account": ACCOUNT_ID, "kind": kind, "reason": "age", "result": "FAILED"}
+        assert _sample(metrics, "rotator_rotations_finished_total", **labels) == 0.0
     assert _sample(metrics, "rotator_leaked_keys_contained_total", account=ACCOUNT_ID) == 0.0
     assert _sample(metrics, "rotator_leaked_keys_contained_total", account="999999999999") is None
 

@@ -85,7 +85,7 @@ def test_exported_series_names_counters_and_histograms_by_their_suffixes(
     assert exported["rotator_scan_duration_seconds_bucket"] == {"le"}
     assert "rotator_scan_duration_seconds_count" in exported
     assert exported["rotator_keys"] == {"account", "decision"}
-    assert exported["rotator_rotations_finished_total"] == {"account", "reason", "result"}
+    assert exported["rotator_rotations_finished_total"] == {"account", "kind", "reason", "result"}
 
 
 # --- reading PromQL -----------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_promtool_unit_tests_fail_when_blocked_rotations_are_summed_over_daemons
     BLOCKED count that three daemons each report (instead of max) fails them."""
     text = RULES.read_text(encoding="utf-8")
     summed = text.replace(
-        'max(rotator_open_rotations{state="BLOCKED"})',
+        'sum(max by (kind) (rotator_open_rotations{state="BLOCKED"}))',
         'sum(rotator_open_rotations{state="BLOCKED"})',
     )
     assert summed != text
@@ -377,7 +377,7 @@ def test_promtool_unit_tests_fail_when_blocked_rotations_are_summed_over_daemons
     shutil.copy(PROMETHEUS_DIR / "tests" / "rotations.yml", tmp_path / "tests")
     done = _run(_promtool(), "test", "rules", "tests/rotations.yml", cwd=tmp_path)
     assert done.returncode != 0
-    assert "3 rotation(s) BLOCKED" in done.stdout + done.stderr
+    assert "6 rotation(s) BLOCKED" in done.stdout + done.stderr
 
 
 # --- the dashboard ------------------------------------------------------------------------

@@ -331,3 +331,70 @@ def test_each_new_secret_is_forgotten_by_the_scrubber_once_stored(
     assert len(rotations) == 3
     assert all(r.state is State.DONE for r in rotations), [r.last_error for r in rotations]
     assert log.secrets_held() == before
+
+
+def test_console_passwords_at_debug_leak_nowhere(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Console passwords, at DEBUG with JSON logs: a forced `rotate --console`, a pass
+    that rotates a due password under `console: rotate`, a leaked key whose user's
+    password is reset (`leaks.reset_console_password`), then `status` (text, JSON, per
+    user), `plan --json` and `report --format json`. No password, old or new, whole or
+    half, is in any stdout or stderr, nor in the state files."""
+    secrets = Secrets()
+    old_passwords = {
+        "hal": "Hal-Old-Password-0001!",
+        "ida": "Ida-Old-Password-0002!",
+        "jon": "Jon-Old-Password-0003!",
+    }
+    for name, password in old_passwords.items():
+        secrets.add(aws.add_user(name, keys=[SeedKey(5 * D)]))
+        aws.add_login_profile(name, password, age=(100 if name == "ida" else 5) * D)
+    db = tmp_path / "state.db"
+    config = tmp_path / "rotator.yaml"
+    config.write_text(
+        f"aws:\n  endpoint_url: {aws.endpoint_url}\n"
+        f"vault:\n  url: {vault.addr}\n  mount: {vault.mount}\n  auth:\n    token: {vault.token}\n"
+        f"state:\n  path: {db}\n"
+        "policy:\n  overlap: 0s\n  delete_after: 0s\n  console: rotate\n"
+        "leaks:\n  reset_console_password: true\n"
+    )
+    debug = ("--log-level", "DEBUG", "--log-format", "json")
+    outputs: dict[str, subprocess.CompletedProcess[str]] = {}
+    outputs["rotate --console"] = rotator_cli(
+        config, *debug, "rotate", "hal", "--console", "--json"
+    )
+    outputs["run"] = rotator_cli(config, *debug, "run", "--once", "--json")
+    outputs["rotate --leaked"] = rotator_cli(config, *debug, "rotate", "jon", "--leaked")
+    outputs["run again"] = rotator_cli(config, *debug, "run", "--once", "--json")
+    for args in (
+        ("status",),
+        ("status", "--json"),
+        ("status", "--json", "--user", "jon"),
+        ("plan", "--json"),
+        ("report", "--format", "json"),
+    ):
+        outputs[" ".join(args)] = rotator_cli(config, *debug, *args)
+    for name, result in outputs.items():
+        assert result.returncode in (0, 4), (name, result.stdout, result.stderr)
+
+    passwords = set(old_passwords.values())
+    for name in old_passwords:
+        path = f"aws/{ACCOUNT_ID}/{name}/console"
+        meta = vault.server.request("GET", f"/v1/{vault.mount}/metadata/{path}")
+        for number in meta["data"]["versions"]:
+            got = vault.server.request("GET", f"/v1/{vault.mount}/data/{path}?version={number}")
+            passwords.add(got["data"]["data"]["password"])
+        profile = aws.login_profile(name)
+        assert profile is not None
+        passwords.add(profile[0])
+    assert len(passwords) == 6  # three old passwords, three rotated ones
+    secrets.values |= passwords
+    secrets.from_backend(aws)
+    for name, result in outputs.items():
+        assert_no_secret(f"{name} stdout", result.stdout, secrets)
+        assert_no_secret(f"{name} stderr", result.stderr or "-", secrets)
+    # The positive control: the logs do describe the console rotations.
+    assert "console" in outputs["rotate --console"].stderr
+    for raw_name, raw in state_files(db).items():
+        assert_no_secret(f"state file {raw_name}", raw, secrets)

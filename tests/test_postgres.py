@@ -25,7 +25,7 @@ import pytest
 from rotator.config import parse_settings
 from rotator.errors import BackendUnavailable, LeaseLost, RotationExists, RotatorError
 from rotator.machine import State
-from rotator.model import Lease, Rotation, RotationReason, ScanLease
+from rotator.model import Lease, Rotation, RotationKind, RotationReason, ScanLease
 from rotator.sandbox import free_port
 from rotator.state import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from rotator.state import SqliteStateStore
@@ -231,6 +231,73 @@ def test_an_open_index_built_for_other_terminal_states_is_rebuilt_on_open(
     open_now = store.open_for(ACCOUNT, "alice")
     assert open_now is not None
     assert open_now.id == "r2"
+
+
+def test_a_database_from_before_rotation_kinds_is_migrated_to_one_open_rotation_per_kind(
+    db_url: str, stores: Callable[..., PostgresStateStore]
+) -> None:
+    """A database at schema version 2 (no `kind` column, the one-open index over account
+    and user with the comment of that version's rotator) holding an open rotation:
+    opened by this rotator it gains version 3, the rotation is a key rotation, the index
+    is rebuilt over the kind, and the user may open a console rotation but still no
+    second key rotation."""
+    from rotator.state import postgres as pg_module
+    from rotator.state import shared
+
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        # What version 2's rotator did on an empty database.
+        conn.execute(
+            "CREATE TABLE rotator_schema (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL)"
+        )
+        for number, statements in enumerate(pg_module._MIGRATIONS[:2], start=1):
+            for statement in statements:
+                conn.execute(statement.encode())
+            conn.execute(
+                "INSERT INTO rotator_schema (version, applied_at) VALUES (%s, now())", (number,)
+            )
+        conn.execute(
+            b"CREATE UNIQUE INDEX rotations_one_open ON rotations (account_id, user_name) "
+            + f"WHERE {shared.OPEN_WHERE}".encode()
+        )
+        old_comment = "terminal states: " + " ".join(shared.TERMINAL_VALUES)
+        conn.execute(f"COMMENT ON INDEX rotations_one_open IS '{old_comment}'".encode())
+        conn.execute(
+            "INSERT INTO rotations (id, account_id, user_name, reason, state, created_at, "
+            "updated_at, leaked, attempts) VALUES ('r-old', %s, 'alice', 'age', 'PLANNED', "
+            "%s, %s, false, 0)",
+            (ACCOUNT, T0, T0),
+        )
+
+    store = stores()
+
+    assert sql(db_url, "SELECT version FROM rotator_schema ORDER BY 1") == [(1,), (2,), (3,)]
+    assert SCHEMA_VERSION == 3
+    [(comment, definition)] = sql(
+        db_url,
+        "SELECT obj_description('rotations_one_open'::regclass, 'pg_class'), "
+        "pg_get_indexdef('rotations_one_open'::regclass)",
+    )
+    assert comment != old_comment
+    assert "kind" in comment
+    assert "(account_id, user_name, kind)" in definition
+    assert store.get("r-old") == rotation("r-old")
+    assert store.open_for(ACCOUNT, "alice") == rotation("r-old")
+    assert store.open_for(ACCOUNT, "alice", RotationKind.CONSOLE) is None
+
+    console = replace(rotation("r-console"), kind=RotationKind.CONSOLE)
+    assert store.create(console, "planned") == console
+    with pytest.raises(RotationExists, match="already has open rotation r-old"):
+        store.create(rotation("r-key2"), "planned")
+    with pytest.raises(RotationExists, match="already has open console rotation r-console"):
+        store.create(replace(console, id="r-console2"), "planned")
+    assert {r.id for r in store.list_open()} == {"r-old", "r-console"}
+
+    # A second daemon finds the schema current and changes nothing.
+    before = sql(db_url, "SELECT version, applied_at FROM rotator_schema ORDER BY 1")
+    again = stores()
+    assert sql(db_url, "SELECT version, applied_at FROM rotator_schema ORDER BY 1") == before
+    assert again.open_for(ACCOUNT, "alice", RotationKind.CONSOLE) == console
 
 
 def test_the_event_trail_refuses_update_delete_and_truncate_from_any_client(

@@ -30,7 +30,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.machine import TERMINAL, State
-from rotator.model import Rotation, RotationReason
+from rotator.model import Rotation, RotationKind, RotationReason
 from rotator.state import SCHEMA_VERSION, SqliteStateStore, lease_owner
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -131,6 +131,8 @@ def test_every_rotation_field_round_trips(store: SqliteStateStore) -> None:
         attempts=4,
         last_error="Throttling",
         waiting_on="consumers",
+        kind=RotationKind.CONSOLE,
+        create_login=True,
     )
     # Guard for the future: a field added to Rotation must be set here (and stored).
     defaults = {f.name: f.default for f in dataclasses.fields(Rotation)}
@@ -936,7 +938,8 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
         conn.execute(sql)
     # A rotation and its first event, as the first schema's code wrote them.
     row = state_module._encode(old)
-    del row["intent_until"], row["store_started_at"]  # columns of later schemas
+    # columns of later schemas
+    del row["intent_until"], row["store_started_at"], row["kind"], row["create_login"]
     names = ", ".join(row)
     values = ", ".join(":" + n for n in row)
     conn.execute(f"INSERT INTO rotations ({names}) VALUES ({values})", row)  # noqa: S608
@@ -950,7 +953,7 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
     store = SqliteStateStore(db_path, clock=clock)
     try:
         with raw(db_path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         assert store.get(old.id) == old
         assert [e.reason for e in store.events(old.id)] == ["planned before the upgrade"]
         store.add_dead_letter("sqs", "m-1", "not JSON", "{")
@@ -958,6 +961,69 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_rotations(
         assert [(s, m, e) for s, m, _, e in store.dead_letters()] == [("sqs", "m-1", "not JSON")]
     finally:
         store.close()
+
+
+def test_a_store_from_before_rotation_kinds_is_migrated_to_one_open_rotation_per_kind(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """A file at schema version 8 (no `kind` column, the one-open index over account
+    and user only, as the rotator of that version built it) holding an open rotation:
+    opened by this rotator, the rotation is a key rotation, the index spans the kind,
+    and its user may open a console rotation but still no second key rotation."""
+    from rotator.state import shared
+    from rotator.state import sqlite as state_module
+
+    old = rotation("r-old")
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statements in state_module._MIGRATIONS[:8]:
+        for sql in statements:
+            conn.execute(sql)
+    # The index exactly as version 8's code made it.
+    conn.execute(
+        "CREATE UNIQUE INDEX rotations_one_open ON rotations (account_id, user_name) "
+        f"WHERE {shared.OPEN_WHERE}"
+    )
+    row = state_module._encode(old)
+    del row["kind"], row["create_login"]  # the columns of the next schema
+    names = ", ".join(row)
+    values = ", ".join(":" + n for n in row)
+    conn.execute(f"INSERT INTO rotations ({names}) VALUES ({values})", row)  # noqa: S608
+    conn.execute("PRAGMA user_version = 8")
+    conn.close()
+
+    store = SqliteStateStore(db_path, clock=clock)
+    try:
+        assert _user_version(db_path) == SCHEMA_VERSION == 9
+        with contextlib.closing(raw(db_path)) as check:
+            [(index_sql,)] = check.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'rotations_one_open'"
+            ).fetchall()
+        assert index_sql == shared.OPEN_INDEX_SQL
+        assert "kind" in index_sql
+
+        got = store.get("r-old")
+        assert got == old
+        assert got.kind is RotationKind.KEY
+        assert store.open_for("111122223333", "alice") == old
+        assert store.open_for("111122223333", "alice", RotationKind.CONSOLE) is None
+
+        console = rotation("r-console", created_at=T0 + timedelta(hours=1))
+        console = dataclasses.replace(console, kind=RotationKind.CONSOLE)
+        assert store.create(console, "planned") == console
+        with pytest.raises(RotationExists, match="already has open rotation r-old"):
+            store.create(rotation("r-key2", created_at=T0 + timedelta(hours=1)), "planned")
+        with pytest.raises(RotationExists, match="already has open console rotation r-console"):
+            store.create(dataclasses.replace(console, id="r-console2"), "planned")
+        assert {r.id for r in store.list_open()} == {"r-old", "r-console"}
+    finally:
+        store.close()
+
+    # Opening it again changes nothing more.
+    again = SqliteStateStore(db_path, clock=clock)
+    try:
+        assert again.open_for("111122223333", "alice", RotationKind.CONSOLE) == console
+    finally:
+        again.close()
 
 
 def test_quarantine_first_sighting_is_kept_and_forgotten_once_the_policy_is_detached(

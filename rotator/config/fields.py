@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_QUARANTINE_POLICIES",
     "ROLE_ARN_RE",
     "AccountId",
+    "ConsoleModeText",
     "Duration",
     "EmailAddress",
     "FilePath",
@@ -99,6 +100,29 @@ def _validate_schedule_text(value: object) -> str:
 
 ScheduleText = Annotated[str, PlainValidator(_validate_schedule_text)]
 """A 5-field cron expression or an interval, kept as (whitespace-normalised) text."""
+
+
+# --- console mode -------------------------------------------------------------------------
+
+_CONSOLE_MODES = ("off", "report", "rotate")
+
+
+def _console_mode(value: object) -> str:
+    # YAML 1.1 reads an unquoted `off` as false: that is what the operator wrote.
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in _CONSOLE_MODES:
+        return value
+    expected = ", ".join(quoted(m) for m in _CONSOLE_MODES)
+    message = f"expected one of {expected}, got {shown(value)}"
+    if value is True:
+        message += " (YAML reads unquoted yes/on/true as true; write report or rotate)"
+    raise ValueError(message)
+
+
+ConsoleModeText = Annotated[str, PlainValidator(_console_mode)]
+"""`console`: off | report | rotate (`rotator.model.ConsoleMode`); YAML's `off` (false)
+is read as "off"."""
 
 
 # --- strings, paths and lists -------------------------------------------------------------

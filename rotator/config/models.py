@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     model_validator,
@@ -28,6 +29,7 @@ from rotator.config import rules as checks
 from rotator.config.fields import (
     DEFAULT_QUARANTINE_POLICIES,
     AccountId,
+    ConsoleModeText,
     Duration,
     EmailAddress,
     FilePath,
@@ -154,12 +156,20 @@ class VaultSettings(_Section):
     auth: VaultAuthSettings = Field(default_factory=VaultAuthSettings)
     mount: KvMount = "secret"
     path_template: PathTemplate = "aws/{account_id}/{user_name}"
+    # Where a user's console password goes (data key `password`), beside its key.
+    console_path_template: PathTemplate = "aws/{account_id}/{user_name}/console"
     # Connect and read timeout of one Vault request (rotator.deadlines).
     timeout: PositiveDuration = timedelta(seconds=10)
+
+    cross_checks = (checks.console_path_apart_from_key_path,)
 
     def secret_path(self, account_id: str, user_name: str) -> str:
         """The KV path (inside `mount`) that holds this user's key."""
         return secret_path(self.path_template, account_id, user_name)
+
+    def console_secret_path(self, account_id: str, user_name: str) -> str:
+        """The KV path (inside `mount`) that holds this user's console password."""
+        return secret_path(self.console_path_template, account_id, user_name)
 
 
 def _state_url(value: str) -> str:
@@ -215,11 +225,21 @@ class PolicySettings(_Section):
     inactive_min_idle: Duration = timedelta(days=7)
     # A pass deletes an inactive key idle (last used, else created) this long; None: off.
     inactive_delete_after: PositiveDuration | None = None
+    # Console passwords (a user's login profile), from the credential report: off (not
+    # looked at), report (plan shows them) or rotate (the pass rotates them into Vault).
+    console: ConsoleModeText = "report"
+    # A console password older than this is due; from password_warn_age on, `warn`.
+    password_max_age: PositiveDuration = timedelta(days=90)
+    password_warn_age: Duration = timedelta(days=80)
+    # No console sign-in for this long (never: since the password was set) is
+    # `stale_console`; None: not judged.
+    console_unused_after: PositiveDuration | None = None
 
     cross_checks = (
         checks.warn_age_within_max_age,
         checks.overlap_limit_covers_overlap,
         checks.inactive_delete_after_covers_min_idle,
+        checks.password_warn_age_below_max_age,
     )
 
 
@@ -261,6 +281,11 @@ class RuleSettings(_Section):
     unused_after: PositiveDuration | None = None
     # report: shown by plan only. deactivate: the next pass sets it Inactive. Default report.
     unused_action: Literal["report", "deactivate"] | None = None
+    # Console passwords of the rule's users, as under `policy` (None: the policy's value).
+    console: ConsoleModeText | None = None
+    password_max_age: PositiveDuration | None = None
+    password_warn_age: Duration | None = None
+    console_unused_after: PositiveDuration | None = None
     overlap_limit: PolicyOnly = _policy_only()
     delete_after: PolicyOnly = _policy_only()
     verify_timeout: PolicyOnly = _policy_only()
@@ -275,6 +300,9 @@ class LeaksSettings(_Section):
 
     quarantine_policies: tuple[PolicyArn, ...] = DEFAULT_QUARANTINE_POLICIES
     sqs_queue_url: HttpUrl | None = None
+    # When a leaked key is contained, also reset the user's console password (whoever
+    # holds the key may have changed it).
+    reset_console_password: StrictBool = False
 
 
 class ScheduleSettings(_Section):
@@ -350,6 +378,7 @@ class Settings(_Section):
         checks.path_template_tells_accounts_apart,
         checks.rule_names_unique,
         checks.rules_warn_before_rotating,
+        checks.rules_warn_before_console_rotation,
         checks.rules_keep_inactive_min_idle,
         checks.unused_keys_can_be_reactivated,
         checks.rules_match_listed_accounts,

@@ -43,11 +43,13 @@ __all__ = [
     "Rule",
     "accounts_listed_once",
     "accounts_or_organization",
+    "console_path_apart_from_key_path",
     "external_id_needs_role_arn",
     "inactive_delete_after_covers_min_idle",
     "lease_covers_a_call",
     "model_problems",
     "overlap_limit_covers_overlap",
+    "password_warn_age_below_max_age",
     "path_template_tells_accounts_apart",
     "raw_problems",
     "redacted_url",
@@ -55,6 +57,7 @@ __all__ = [
     "rule_names_unique",
     "rules_keep_inactive_min_idle",
     "rules_match_listed_accounts",
+    "rules_warn_before_console_rotation",
     "rules_warn_before_rotating",
     "state_url_problems",
     "unused_action_needs_unused_after",
@@ -80,6 +83,16 @@ def warn_age_within_max_age(policy: Fields) -> Iterator[str]:
         yield (
             f"warn_age: {format_duration(warn_age)} is longer than max_age "
             f"{format_duration(max_age)}; a key would be rotated before any warning"
+        )
+
+
+def password_warn_age_below_max_age(policy: Fields) -> Iterator[str]:
+    """A console password is warned about before it is due."""
+    max_age, warn_age = policy.get("password_max_age"), policy.get("password_warn_age")
+    if isinstance(max_age, timedelta) and isinstance(warn_age, timedelta) and warn_age >= max_age:
+        yield (
+            f"password_warn_age: {format_duration(warn_age)} is not below password_max_age "
+            f"{format_duration(max_age)}; a console password would be due before any warning"
         )
 
 
@@ -166,6 +179,30 @@ def rules_warn_before_rotating(settings: Fields) -> Iterator[str]:
                 f"{format_duration(warn_age)}{_origin(rule, 'warn_age')}, not below its "
                 f"max_age {format_duration(max_age)}{_origin(rule, 'max_age')}: its keys "
                 "would be rotated without a warning first; set a shorter warn_age in the rule"
+            )
+
+
+def rules_warn_before_console_rotation(settings: Fields) -> Iterator[str]:
+    """A rule that sets password_max_age or password_warn_age warns before a console
+    password is due: its password_warn_age (its own or the policy's) is below its
+    password_max_age."""
+    policy = settings.section("policy")
+    for index, own in enumerate(settings.items("rules")):
+        if not (own.given("password_max_age") or own.given("password_warn_age")):
+            continue  # the policy's own values, judged under policy
+        rule = Inherited(own, policy)
+        max_age, warn_age = rule.get("password_max_age"), rule.get("password_warn_age")
+        if (
+            isinstance(max_age, timedelta)
+            and isinstance(warn_age, timedelta)
+            and warn_age >= max_age
+        ):
+            yield (
+                f"rules[{index}]: {_rule_label(own)} has password_warn_age "
+                f"{format_duration(warn_age)}{_origin(rule, 'password_warn_age')}, not below "
+                f"its password_max_age {format_duration(max_age)}"
+                f"{_origin(rule, 'password_max_age')}: its console passwords would be due "
+                "without a warning first; set a shorter password_warn_age in the rule"
             )
 
 
@@ -278,15 +315,27 @@ def lease_covers_a_call(settings: Fields) -> Iterator[str]:
 
 
 def path_template_tells_accounts_apart(settings: Fields) -> Iterator[str]:
-    """With several accounts, each user's secret path names the account."""
-    template = settings.section("vault").get("path_template")
+    """With several accounts, each user's secret paths (key and console) name the
+    account."""
     # Invalid accounts count too: the operator listed them, and will fix them.
-    if not isinstance(template, str) or len(settings.section("aws").items("accounts")) < 2:
+    if len(settings.section("aws").items("accounts")) < 2:
         return
-    if "account_id" not in template_fields(template):
+    for name in ("path_template", "console_path_template"):
+        template = settings.section("vault").get(name)
+        if isinstance(template, str) and "account_id" not in template_fields(template):
+            yield (
+                f"vault.{name}: must contain {{account_id}} when several accounts are "
+                "listed, or users with the same name in two accounts would share one secret"
+            )
+
+
+def console_path_apart_from_key_path(vault: Fields) -> Iterator[str]:
+    """A console password never lands where consumers read the user's key."""
+    key, console = vault.get("path_template"), vault.get("console_path_template")
+    if isinstance(key, str) and isinstance(console, str) and key == console:
         yield (
-            "vault.path_template: must contain {account_id} when several accounts are "
-            "listed, or users with the same name in two accounts would share one secret"
+            f"console_path_template: {quoted(console)} is also path_template: a console "
+            "password would overwrite the user's access key in Vault"
         )
 
 

@@ -6,11 +6,12 @@ SQLite store (`rotator.state.sqlite`), by the database's own means:
 
 - Durability: a write returns once its transaction has committed (with the server's
   `synchronous_commit`, the DBA's choice; the default waits for the WAL flush).
-- Invariant 5 (one rotation in flight per user) is enforced by the database: a partial
-  unique index over (account_id, user_name) for rows whose state is not terminal. Two
-  daemons creating the same user's rotation at once cannot both succeed; `create` turns
-  the loss into `RotationExists`. The index's comment records the terminal set it was
-  built for, so a rotator whose terminal states changed rebuilds it on start.
+- Invariant 5 (one rotation in flight per user and kind) is enforced by the database: a
+  partial unique index over (account_id, user_name, kind) for rows whose state is not
+  terminal. Two daemons creating the same user's rotation of one kind at once cannot
+  both succeed; `create` turns the loss into `RotationExists`. The index's comment
+  records the columns and the terminal set it was built for, so a rotator whose index
+  differs (an older one's, or terminal states that changed) rebuilds it on start.
 - The event trail is append-only: triggers refuse UPDATE, DELETE and TRUNCATE on `events`.
 - Leases are rows, taken and renewed with `SELECT ... FOR UPDATE` then a write, in one
   transaction: two daemons asking at once queue on the row lock, and the second sees what
@@ -72,12 +73,13 @@ from rotator.errors import (
     Transient,
 )
 from rotator.machine import State
-from rotator.model import Event, Lease, Rotation, RotationReason, ScanLease
+from rotator.model import Event, Lease, Rotation, RotationKind, RotationReason, ScanLease
 from rotator.ports import Clock
 from rotator.state.shared import (
     CLOSED_WHERE,
     MAX_DEAD_LETTERS,
     OPEN_INDEX,
+    OPEN_INDEX_COLUMNS,
     OPEN_INDEX_SQL,
     OPEN_WHERE,
     TERMINAL_VALUES,
@@ -94,8 +96,12 @@ __all__ = ["SCHEMA_VERSION", "PostgresStateStore"]
 
 Cursor = psycopg.Cursor[TupleRow]
 
-# What the index's comment says when it was built for today's terminal set.
-_OPEN_INDEX_COMMENT: Final = "terminal states: " + " ".join(TERMINAL_VALUES)
+# What the index's comment says when it was built as today's code builds it: over these
+# columns, for this terminal set. An index whose comment says anything else (an older
+# rotator's, "terminal states: ..." over account and user only) is rebuilt on start.
+_OPEN_INDEX_COMMENT: Final = (
+    "columns: " + " ".join(OPEN_INDEX_COLUMNS) + "; terminal states: " + " ".join(TERMINAL_VALUES)
+)
 
 # Each migration is a sequence of statements, applied in order in one transaction.
 # Append new migrations; never edit one that has shipped.
@@ -251,6 +257,13 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    (
+        # What a rotation replaces: the user's access key (every row before this one) or
+        # its console password. The one-open index then spans (account, user, kind): it
+        # is rebuilt after the migrations, as its comment changed.
+        "ALTER TABLE rotations ADD COLUMN kind text NOT NULL DEFAULT 'key'",
+        "ALTER TABLE rotations ADD COLUMN create_login boolean NOT NULL DEFAULT false",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -285,6 +298,8 @@ _COLUMNS: Final = (
     "attempts",
     "last_error",
     "waiting_on",
+    "kind",
+    "create_login",
 )
 # An empty Python list has no element type to send: the column's type is spelt out.
 _PARAMS: Final = {c: f"%({c})s::text[]" if c == "intent_key_ids" else f"%({c})s" for c in _COLUMNS}
@@ -438,19 +453,23 @@ class PostgresStateStore:
         with self._transaction("get") as cur:
             return self._select_one(cur, rotation_id)
 
-    def open_for(self, account_id: str, user_name: str) -> Rotation | None:
-        sql = f"{_SELECT} WHERE account_id = %s AND user_name = %s AND {OPEN_WHERE}"
+    def open_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
+        sql = f"{_SELECT} WHERE account_id = %s AND user_name = %s AND kind = %s AND {OPEN_WHERE}"
         with self._transaction("open_for") as cur:
-            row = cur.execute(sql, (account_id, user_name)).fetchone()
+            row = cur.execute(sql, (account_id, user_name, RotationKind(kind).value)).fetchone()
         return None if row is None else _decode(row)
 
-    def latest_for(self, account_id: str, user_name: str) -> Rotation | None:
+    def latest_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
         sql = (
-            f"{_SELECT} WHERE account_id = %s AND user_name = %s "
+            f"{_SELECT} WHERE account_id = %s AND user_name = %s AND kind = %s "
             "ORDER BY created_at DESC, seq DESC LIMIT 1"
         )
         with self._transaction("latest_for") as cur:
-            row = cur.execute(sql, (account_id, user_name)).fetchone()
+            row = cur.execute(sql, (account_id, user_name, RotationKind(kind).value)).fetchone()
         return None if row is None else _decode(row)
 
     def list_open(self) -> list[Rotation]:
@@ -837,7 +856,8 @@ class PostgresStateStore:
                     (number, self._now(cur)),
                 )
             if self._index_comment(cur) != _OPEN_INDEX_COMMENT:
-                # The terminal set in `machine` changed since the index was built.
+                # The terminal set in `machine`, or the indexed columns, changed since the
+                # index was built.
                 cur.execute(f"DROP INDEX IF EXISTS {OPEN_INDEX}")
                 try:
                     with conn.transaction():
@@ -876,11 +896,17 @@ class PostgresStateStore:
 
     def _conflict(self, cur: Cursor, rotation: Rotation) -> RotatorError:
         """Name the constraint an insert or update of `rotation` broke: the one-open-
-        rotation index (another open rotation for the user exists) or the primary key."""
+        rotation index (another open rotation of the same kind for the user exists) or
+        the primary key."""
         row = cur.execute(
             f"SELECT id FROM rotations WHERE account_id = %s AND user_name = %s "  # noqa: S608
-            f"AND {OPEN_WHERE} AND id != %s",
-            (rotation.account_id, rotation.user_name, rotation.id),
+            f"AND kind = %s AND {OPEN_WHERE} AND id != %s",
+            (
+                rotation.account_id,
+                rotation.user_name,
+                RotationKind(rotation.kind).value,
+                rotation.id,
+            ),
         ).fetchone()
         return rotation_conflict(rotation, None if row is None else row[0])
 
@@ -1078,6 +1104,8 @@ def _encode(r: Rotation) -> dict[str, object]:
         "attempts": r.attempts,
         "last_error": r.last_error,
         "waiting_on": r.waiting_on,
+        "kind": RotationKind(r.kind).value,
+        "create_login": r.create_login,
     }
     assert tuple(row) == _COLUMNS
     return row
@@ -1114,6 +1142,8 @@ def _decode(values: Sequence[Any]) -> Rotation:
         attempts=int(row["attempts"]),
         last_error=_opt_str(row["last_error"]),
         waiting_on=_opt_str(row["waiting_on"]),
+        kind=RotationKind(str(row["kind"])),
+        create_login=bool(row["create_login"]),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from rotator.errors import LeaseLost, RotationExists, RotatorError
 from rotator.machine import TERMINAL
-from rotator.model import Lease, Rotation, ScanLease
+from rotator.model import Lease, Rotation, RotationKind, ScanLease
 
 # The state values below are our own enum's values (no user input), so building SQL
 # from them is safe; the partial unique index must spell out the terminal set literally.
@@ -27,10 +27,13 @@ _TERMINAL_SQL: Final = ", ".join(f"'{v}'" for v in TERMINAL_VALUES)
 OPEN_WHERE: Final = f"state NOT IN ({_TERMINAL_SQL})"
 CLOSED_WHERE: Final = f"state IN ({_TERMINAL_SQL})"
 
-# Invariant 5 (one rotation in flight per user), enforced by the database itself.
+# Invariant 5 (one rotation in flight per user and kind: a key rotation and a console
+# one may be open together), enforced by the database itself.
 OPEN_INDEX: Final = "rotations_one_open"
+OPEN_INDEX_COLUMNS: Final = ("account_id", "user_name", "kind")
 OPEN_INDEX_SQL: Final = (
-    f"CREATE UNIQUE INDEX {OPEN_INDEX} ON rotations (account_id, user_name) WHERE {OPEN_WHERE}"
+    f"CREATE UNIQUE INDEX {OPEN_INDEX} ON rotations ({', '.join(OPEN_INDEX_COLUMNS)}) "
+    f"WHERE {OPEN_WHERE}"
 )
 
 # Dead letters kept at most; the oldest go first (a flood of junk must not fill the disk).
@@ -136,11 +139,17 @@ def check_fence(
 
 def rotation_conflict(rotation: Rotation, open_id: object | None) -> RotatorError:
     """The error for an insert or update of `rotation` that broke a constraint: the
-    one-open-rotation index when `open_id` (another open rotation of the user, as the
-    store found it) is given, else the primary key."""
+    one-open-rotation index when `open_id` (another open rotation of the user of the
+    same kind, as the store found it) is given, else the primary key."""
     if open_id is not None:
         return RotationExists(
             f"user {rotation.user_name} in account {rotation.account_id} already has "
-            f"open rotation {open_id}"
+            f"open {kind_words(rotation.kind)}rotation {open_id}"
         )
     return RotatorError(f"rotation {rotation.id} already exists")
+
+
+def kind_words(kind: RotationKind) -> str:
+    """How a conflict message names a rotation's kind: nothing for a key rotation (the
+    words every message had before console rotations), `console ` for the other."""
+    return "" if kind == RotationKind.KEY else f"{RotationKind(kind).value} "

@@ -5,10 +5,10 @@ sqlite3. What it guarantees, and how:
 
 - Durability: WAL with `synchronous=FULL`, so once a write returns (CREATE's intent above
   all) a crash or power loss cannot take it back.
-- Invariant 5 (one rotation in flight per user) is enforced by the database itself: a
-  partial unique index over (account_id, user_name) for rows whose state is not
-  terminal. The daemon, the CLI and a second instance on the same file cannot race past
-  it; `create` turns the violation into `RotationExists`.
+- Invariant 5 (one rotation in flight per user and kind) is enforced by the database
+  itself: a partial unique index over (account_id, user_name, kind) for rows whose state
+  is not terminal. The daemon, the CLI and a second instance on the same file cannot
+  race past it; `create` turns the violation into `RotationExists`.
 - The event trail is append-only: triggers refuse UPDATE and DELETE on `events`.
 - Leases: the owner string is opaque, but the row also records the holder's host and pid,
   so a lease left by a process that died on this host is taken over at once instead of
@@ -51,7 +51,7 @@ from rotator.errors import (
     Transient,
 )
 from rotator.machine import State
-from rotator.model import Event, Lease, Rotation, RotationReason, ScanLease
+from rotator.model import Event, Lease, Rotation, RotationKind, RotationReason, ScanLease
 from rotator.ports import Clock
 from rotator.state.shared import (
     CLOSED_WHERE,
@@ -220,6 +220,15 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    (
+        # What a rotation replaces: the user's access key (every row before this one) or
+        # its console password. The one-open index then spans (account, user, kind): it
+        # is rebuilt after the migrations, as its SQL changed.
+        "ALTER TABLE rotations ADD COLUMN kind TEXT NOT NULL DEFAULT 'key'",
+        # A console rotation that may give the user a login profile (`--create`).
+        "ALTER TABLE rotations ADD COLUMN create_login INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (create_login IN (0, 1))",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -250,6 +259,8 @@ _COLUMNS: Final = (
     "attempts",
     "last_error",
     "waiting_on",
+    "kind",
+    "create_login",
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM rotations"  # noqa: S608 - fixed names
 _INSERT: Final = (
@@ -354,19 +365,23 @@ class SqliteStateStore:
         with self._read("get") as conn:
             return self._select_one(conn, rotation_id)
 
-    def open_for(self, account_id: str, user_name: str) -> Rotation | None:
-        sql = f"{_SELECT} WHERE account_id = ? AND user_name = ? AND {OPEN_WHERE}"
+    def open_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
+        sql = f"{_SELECT} WHERE account_id = ? AND user_name = ? AND kind = ? AND {OPEN_WHERE}"
         with self._read("open_for") as conn:
-            row = conn.execute(sql, (account_id, user_name)).fetchone()
+            row = conn.execute(sql, (account_id, user_name, RotationKind(kind).value)).fetchone()
         return None if row is None else _decode(row)
 
-    def latest_for(self, account_id: str, user_name: str) -> Rotation | None:
+    def latest_for(
+        self, account_id: str, user_name: str, kind: RotationKind = RotationKind.KEY
+    ) -> Rotation | None:
         sql = (
-            f"{_SELECT} WHERE account_id = ? AND user_name = ? "
+            f"{_SELECT} WHERE account_id = ? AND user_name = ? AND kind = ? "
             "ORDER BY created_at DESC, rowid DESC LIMIT 1"
         )
         with self._read("latest_for") as conn:
-            row = conn.execute(sql, (account_id, user_name)).fetchone()
+            row = conn.execute(sql, (account_id, user_name, RotationKind(kind).value)).fetchone()
         return None if row is None else _decode(row)
 
     def list_open(self) -> list[Rotation]:
@@ -763,7 +778,8 @@ class SqliteStateStore:
                     c.execute(sql)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if self._index_sql(c) != OPEN_INDEX_SQL:
-                # The terminal set in `machine` changed since the index was built.
+                # The terminal set in `machine`, or the indexed columns, changed since the
+                # index was built.
                 c.execute(f"DROP INDEX IF EXISTS {OPEN_INDEX}")
                 try:
                     c.execute(OPEN_INDEX_SQL)
@@ -872,11 +888,17 @@ class SqliteStateStore:
 
     def _conflict(self, conn: sqlite3.Connection, rotation: Rotation) -> RotatorError:
         """Name the constraint an insert or update of `rotation` broke: the one-open-
-        rotation index (another open rotation for the user exists) or the primary key."""
+        rotation index (another open rotation of the same kind for the user exists) or
+        the primary key."""
         row = conn.execute(
             f"SELECT id FROM rotations WHERE account_id = ? AND user_name = ? "  # noqa: S608
-            f"AND {OPEN_WHERE} AND id != ?",
-            (rotation.account_id, rotation.user_name, rotation.id),
+            f"AND kind = ? AND {OPEN_WHERE} AND id != ?",
+            (
+                rotation.account_id,
+                rotation.user_name,
+                RotationKind(rotation.kind).value,
+                rotation.id,
+            ),
         ).fetchone()
         return rotation_conflict(rotation, None if row is None else row[0])
 
@@ -1056,6 +1078,8 @@ def _encode(r: Rotation) -> dict[str, object]:
         "attempts": r.attempts,
         "last_error": r.last_error,
         "waiting_on": r.waiting_on,
+        "kind": RotationKind(r.kind).value,
+        "create_login": int(r.create_login),
     }
     assert tuple(row) == _COLUMNS
     return row
@@ -1091,4 +1115,6 @@ def _decode(values: Sequence[object]) -> Rotation:
         attempts=_int(row["attempts"]),
         last_error=_opt_str(row["last_error"]),
         waiting_on=_opt_str(row["waiting_on"]),
+        kind=RotationKind(str(row["kind"])),
+        create_login=bool(row["create_login"]),
     )

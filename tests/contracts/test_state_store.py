@@ -24,7 +24,7 @@ from rotator.errors import (
     StaleRotation,
 )
 from rotator.machine import TERMINAL, State
-from rotator.model import Rotation, RotationReason
+from rotator.model import Rotation, RotationKind, RotationReason
 from rotator.ports import StateStore
 from rotator.state import MAX_DEAD_LETTERS, SqliteStateStore
 from rotator.state.postgres import PostgresStateStore
@@ -76,6 +76,7 @@ def rotation(
     user: str = "alice",
     state: State = State.PLANNED,
     created_at: datetime = T0,
+    kind: RotationKind = RotationKind.KEY,
 ) -> Rotation:
     return Rotation(
         id=rid,
@@ -85,6 +86,7 @@ def rotation(
         state=state,
         created_at=created_at,
         updated_at=created_at,
+        kind=kind,
     )
 
 
@@ -128,6 +130,8 @@ def test_a_created_rotation_reads_back_equal_in_every_field_with_times_in_utc(
         attempts=4,
         last_error="Throttling",
         waiting_on="consumers",
+        kind=RotationKind.CONSOLE,
+        create_login=True,
     )
     # A field added to Rotation must be set above, so that this test covers it.
     unset = [
@@ -187,6 +191,103 @@ def test_the_one_open_rotation_rule_is_per_account_and_user(store: StateStore) -
     store.create(rotation("r2", account="444455556666"), "planned")
     store.create(rotation("r3", user="bob"), "planned")
     assert {r.id for r in store.list_open()} == {"r1", "r2", "r3"}
+
+
+def test_a_rotation_is_a_key_rotation_unless_it_says_otherwise(store: StateStore) -> None:
+    """A Rotation made without a kind is a key rotation, and reads back as one; a console
+    rotation reads back as a console one from `create`, `get` and every listing."""
+    plain = store.create(rotation("r-key"), "planned")
+    console = store.create(rotation("r-console", kind=RotationKind.CONSOLE), "planned")
+
+    assert rotation().kind is RotationKind.KEY
+    assert (plain.kind, console.kind) == (RotationKind.KEY, RotationKind.CONSOLE)
+    got_key, got_console = store.get("r-key"), store.get("r-console")
+    assert got_key is not None
+    assert got_console is not None
+    assert (got_key.kind, got_console.kind) == (RotationKind.KEY, RotationKind.CONSOLE)
+    assert {(r.id, r.kind) for r in store.list_open()} == {
+        ("r-key", RotationKind.KEY),
+        ("r-console", RotationKind.CONSOLE),
+    }
+    assert {(r.id, r.kind) for r in store.list_recent()} == {
+        ("r-key", RotationKind.KEY),
+        ("r-console", RotationKind.CONSOLE),
+    }
+
+
+def test_a_user_may_have_one_open_rotation_of_each_kind(store: StateStore) -> None:
+    """A console rotation may open beside the user's open key rotation (and the other
+    way round), but a second open rotation of either kind raises RotationExists naming
+    the open one of that kind, a console one in so many words, and leaves nothing."""
+    store.create(rotation("k1"), "planned")
+    store.create(rotation("c1", kind=RotationKind.CONSOLE), "planned")
+
+    with pytest.raises(RotationExists, match=r"already has open console rotation c1$"):
+        store.create(rotation("c2", kind=RotationKind.CONSOLE), "planned")
+    with pytest.raises(RotationExists, match=r"already has open rotation k1$"):
+        store.create(rotation("k2"), "planned")
+    for refused in ("c2", "k2"):
+        assert store.get(refused) is None
+        assert store.events(refused) == []
+    assert {r.id for r in store.list_open()} == {"k1", "c1"}
+
+
+def test_a_console_rotation_opens_while_a_key_one_is_open_and_the_other_way_round(
+    store: StateStore,
+) -> None:
+    """The order does not matter: a key rotation may open beside an open console one."""
+    store.create(rotation("c1", kind=RotationKind.CONSOLE), "planned")
+    store.create(rotation("k1"), "planned")
+    assert {r.id for r in store.list_open()} == {"c1", "k1"}
+
+
+def test_closing_one_kind_frees_that_kind_only(store: StateStore) -> None:
+    """A closed console rotation lets a new console rotation open, while the open key
+    rotation still keeps a second key one out; reopening the closed console rotation
+    beside the new one raises RotationExists naming it, and changes nothing."""
+    store.create(rotation("k1"), "planned")
+    c1 = store.create(rotation("c1", kind=RotationKind.CONSOLE), "planned")
+    closed = close(store, c1, State.CANCELLED)
+    store.create(rotation("c2", kind=RotationKind.CONSOLE, created_at=T0 + timedelta(hours=1)), "p")
+    with pytest.raises(RotationExists, match="k1"):
+        store.create(rotation("k2", created_at=T0 + timedelta(hours=1)), "planned")
+    with pytest.raises(RotationExists, match="open console rotation c2"):
+        store.save(replace(closed, state=State.PLANNED), "oops", State.CANCELLED)
+    assert store.get("c1") == closed
+
+
+def test_open_for_and_latest_for_answer_for_one_kind_and_default_to_key(
+    store: StateStore,
+) -> None:
+    """`open_for` and `latest_for` see only rotations of the kind asked, the key kind
+    when none is named: a user's open console rotation is no open key rotation, and its
+    newer console rotation is not its latest key one."""
+    console = RotationKind.CONSOLE
+    close(store, store.create(rotation("k-old", created_at=T0), "planned"))
+    store.create(rotation("c-open", kind=console, created_at=T0 + timedelta(days=1)), "p")
+
+    assert store.open_for(ACCOUNT, "alice") is None
+    assert store.open_for(ACCOUNT, "alice", RotationKind.KEY) is None
+    open_console = store.open_for(ACCOUNT, "alice", console)
+    assert open_console is not None
+    assert open_console.id == "c-open"
+    latest_key = store.latest_for(ACCOUNT, "alice")
+    assert latest_key is not None
+    assert latest_key.id == "k-old"
+    latest_console = store.latest_for(ACCOUNT, "alice", kind=console)
+    assert latest_console is not None
+    assert latest_console.id == "c-open"
+
+    store.create(rotation("k-open", created_at=T0 + timedelta(days=2)), "planned")
+    open_key = store.open_for(ACCOUNT, "alice")
+    assert open_key is not None
+    assert open_key.id == "k-open"
+    open_console = store.open_for(ACCOUNT, "alice", console)
+    assert open_console is not None
+    assert open_console.id == "c-open"
+    assert store.open_for(ACCOUNT, "bob", console) is None
+    assert store.latest_for(ACCOUNT, "bob", console) is None
+    assert store.latest_for("444455556666", "alice", console) is None
 
 
 def test_reusing_a_rotation_id_is_refused_but_not_as_rotation_exists(store: StateStore) -> None:
