@@ -785,17 +785,36 @@ class App:
                 "to give it one (a new password in Vault, a reset required at first sign-in)"
             )
         self.secrets.check()
-        rotation = new_rotation(
+        return self._open_console(
             account,
             user_name,
             RotationReason.MANUAL,
-            self.now(),
-            old_key_id=None,
-            note=reason,
-            kind=RotationKind.CONSOLE,
+            reason,
+            f"forced console password: {reason or 'no reason given'}",
             create_login=request.create,
         )
-        return self._open(rotation, f"forced console password: {reason or 'no reason given'}")
+
+    def _open_console(
+        self,
+        account: str,
+        user_name: str,
+        reason: RotationReason,
+        note: str | None,
+        why: str,
+        *,
+        create_login: bool = False,
+    ) -> Rotation:
+        rotation = new_rotation(
+            account,
+            user_name,
+            reason,
+            self.now(),
+            old_key_id=None,
+            note=note,
+            kind=RotationKind.CONSOLE,
+            create_login=create_login,
+        )
+        return self._open(rotation, why)
 
     def open_console_rotation(
         self,
@@ -819,17 +838,8 @@ class App:
         pause = self.settings.policy.retry_failed_after
         if last is not None and last.state is State.FAILED and self.now() < last.updated_at + pause:
             return None
-        rotation = new_rotation(
-            account,
-            user_name,
-            reason,
-            self.now(),
-            old_key_id=None,
-            note=note,
-            kind=RotationKind.CONSOLE,
-        )
         try:
-            return self._open(rotation, note)
+            return self._open_console(account, user_name, reason, note, note)
         except RotationExists:
             return None  # another daemon opened it meanwhile
 

@@ -21,7 +21,14 @@ from datetime import datetime, timedelta
 
 from rotator.commands import suggested
 from rotator.durations import format_duration
-from rotator.model import AccessKey, ConsoleDecision, ConsoleMode, Decision, KeyDecision
+from rotator.model import (
+    AccessKey,
+    ConsoleDecision,
+    ConsoleMode,
+    Decision,
+    IamUser,
+    KeyDecision,
+)
 from rotator.policy import Rules, due_at
 
 __all__ = [
@@ -133,16 +140,36 @@ def console_warning_id(user_name: str) -> str:
     return f"console:{user_name}"
 
 
-def _unsent(
-    due: datetime, now: datetime, warn_before: Sequence[timedelta], already: Mapping[str, datetime]
-) -> list[str]:
-    """The stages, nearest first, that apply to something due at `due` and were not sent
-    for that due moment (empty when it is past due or farther than every stage)."""
+def _pending(
+    user: IamUser,
+    name: str,
+    action: str,
+    due: datetime,
+    rule: str,
+    now: datetime,
+    warn_before: Sequence[timedelta],
+    sent: Mapping[str, Mapping[str, datetime]],
+) -> Warning | None:
+    """The warning for `name` (a key id, or a console password's) due at `due`: for the
+    nearest stage that applies and was not sent for that due moment, settling the farther
+    unsent ones with it. None when it is past due, farther than every stage, or sent."""
     if due <= now:
-        return []
-    left = due - now
+        return None
+    left, already = due - now, sent.get(name, {})
     applies = [s for s in sorted(warn_before) if left <= s]
-    return [stage_name(s) for s in applies if already.get(stage_name(s)) != due]
+    unsent = [stage_name(s) for s in applies if already.get(stage_name(s)) != due]
+    if not unsent:
+        return None
+    return Warning(
+        account_id=user.account_id,
+        user_name=user.user_name,
+        key_id=name,
+        action=action,
+        due_at=due,
+        rule=rule,
+        stage=unsent[0],
+        stages=tuple(unsent),
+    )
 
 
 def pending_console_warnings(
@@ -160,21 +187,9 @@ def pending_console_warnings(
         if d.due_at is None:
             continue
         name = console_warning_id(d.user.user_name)
-        unsent = _unsent(d.due_at, now, warn_before, sent.get(name, {}))
-        if not unsent:
-            continue
-        out.append(
-            Warning(
-                account_id=d.user.account_id,
-                user_name=d.user.user_name,
-                key_id=name,
-                action="rotate_console",
-                due_at=d.due_at,
-                rule=d.rule,
-                stage=unsent[0],
-                stages=tuple(unsent),
-            )
-        )
+        w = _pending(d.user, name, "rotate_console", d.due_at, d.rule, now, warn_before, sent)
+        if w is not None:
+            out.append(w)
     return out
 
 
@@ -197,21 +212,9 @@ def pending_warnings(
         due = due_at(d, rules.named(d.rule))
         if due is None:
             continue
-        unsent = _unsent(due.at, now, warn_before, sent.get(key_id, {}))
-        if not unsent:
-            continue
-        out.append(
-            Warning(
-                account_id=d.user.account_id,
-                user_name=d.user.user_name,
-                key_id=key_id,
-                action=due.action,
-                due_at=due.at,
-                rule=d.rule,
-                stage=unsent[0],
-                stages=tuple(unsent),
-            )
-        )
+        w = _pending(d.user, key_id, due.action, due.at, d.rule, now, warn_before, sent)
+        if w is not None:
+            out.append(w)
     return out
 
 

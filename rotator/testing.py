@@ -672,7 +672,10 @@ class FakeSecrets:
     def path_for(self, account_id: str, user_name: str) -> str:
         return secret_path(self.path_template, account_id, user_name)
 
-    def read(self, path: str) -> StoredSecret | None:
+    def _latest(self, path: str, *fields: str) -> tuple[dict[str, str], int, dict[str, str]] | None:
+        """The latest version's data, number and the path's custom metadata, None when
+        nothing (or a deleted version) is there; a refusal (`BadInput`) when the data
+        lacks one of `fields`, as VaultStore answers."""
         self._call("vault:read")
         with self._lock:
             secret = self._paths.get(path)
@@ -680,16 +683,22 @@ class FakeSecrets:
                 # KV v2 shows nothing when the latest version is deleted, not an older one.
                 return None
             version = len(secret.versions)
-            data = secret.versions[-1].data
-            key_id, value = data.get(ACCESS_KEY_FIELD), data.get(SECRET_KEY_FIELD)
-            if not key_id or not value:
+            data = dict(secret.versions[-1].data)
+            if not all(data.get(f) for f in fields):
                 raise _refusal(
                     BadInput(
                         f"Vault secret {self.mount}/data/{path} (version {version}) lacks "
-                        f"{ACCESS_KEY_FIELD} and {SECRET_KEY_FIELD}"
+                        f"{' and '.join(fields)}"
                     )
                 )
-            return StoredSecret(key_id, value, version, dict(secret.custom_metadata))
+            return data, version, dict(secret.custom_metadata)
+
+    def read(self, path: str) -> StoredSecret | None:
+        found = self._latest(path, ACCESS_KEY_FIELD, SECRET_KEY_FIELD)
+        if found is None:
+            return None
+        data, version, custom = found
+        return StoredSecret(data[ACCESS_KEY_FIELD], data[SECRET_KEY_FIELD], version, custom)
 
     def write(self, path: str, key: NewKey, metadata: Mapping[str, str], cas: int) -> int:
         payload = {ACCESS_KEY_FIELD: key.access_key_id, SECRET_KEY_FIELD: key.secret_access_key}
@@ -699,26 +708,11 @@ class FakeSecrets:
         return secret_path(self.console_path_template, account_id, user_name)
 
     def read_password(self, path: str) -> StoredPassword | None:
-        self._call("vault:read")
-        with self._lock:
-            secret = self._paths.get(path)
-            if secret is None or not secret.versions or secret.versions[-1].deleted:
-                return None
-            version = len(secret.versions)
-            data = secret.versions[-1].data
-            if not data.get(PASSWORD_FIELD):
-                raise _refusal(
-                    BadInput(
-                        f"Vault secret {self.mount}/data/{path} (version {version}) lacks "
-                        f"{PASSWORD_FIELD}"
-                    )
-                )
-            return StoredPassword(
-                data[PASSWORD_FIELD],
-                data.get(ROTATION_ID_FIELD),
-                version,
-                dict(secret.custom_metadata),
-            )
+        found = self._latest(path, PASSWORD_FIELD)
+        if found is None:
+            return None
+        data, version, custom = found
+        return StoredPassword(data[PASSWORD_FIELD], data.get(ROTATION_ID_FIELD), version, custom)
 
     def write_password(
         self,

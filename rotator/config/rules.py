@@ -160,50 +160,44 @@ def rule_names_unique(settings: Fields) -> Iterator[str]:
             first_index[name] = index
 
 
-def rules_warn_before_rotating(settings: Fields) -> Iterator[str]:
-    """A rule that sets max_age or warn_age warns before it rotates: its warn_age (its
-    own or the policy's) is below its max_age."""
+def _rules_warn_first(settings: Fields, max_key: str, warn_key: str, what: str) -> Iterator[str]:
+    """Each rule that sets `max_key` or `warn_key` has its `warn_key` (its own or the
+    policy's) below its `max_key`: `what` would otherwise be due without a warning."""
     policy = settings.section("policy")
     for index, own in enumerate(settings.items("rules")):
-        if not (own.given("max_age") or own.given("warn_age")):
+        if not (own.given(max_key) or own.given(warn_key)):
             continue  # the policy's own values, judged under policy
         rule = Inherited(own, policy)
-        max_age, warn_age = rule.get("max_age"), rule.get("warn_age")
+        max_age, warn_age = rule.get(max_key), rule.get(warn_key)
         if (
             isinstance(max_age, timedelta)
             and isinstance(warn_age, timedelta)
             and warn_age >= max_age
         ):
             yield (
-                f"rules[{index}]: {_rule_label(own)} has warn_age "
-                f"{format_duration(warn_age)}{_origin(rule, 'warn_age')}, not below its "
-                f"max_age {format_duration(max_age)}{_origin(rule, 'max_age')}: its keys "
-                "would be rotated without a warning first; set a shorter warn_age in the rule"
+                f"rules[{index}]: {_rule_label(own)} has {warn_key} "
+                f"{format_duration(warn_age)}{_origin(rule, warn_key)}, not below its "
+                f"{max_key} {format_duration(max_age)}{_origin(rule, max_key)}: {what} "
+                f"without a warning first; set a shorter {warn_key} in the rule"
             )
+
+
+def rules_warn_before_rotating(settings: Fields) -> Iterator[str]:
+    """A rule that sets max_age or warn_age warns before it rotates: its warn_age (its
+    own or the policy's) is below its max_age."""
+    yield from _rules_warn_first(settings, "max_age", "warn_age", "its keys would be rotated")
 
 
 def rules_warn_before_console_rotation(settings: Fields) -> Iterator[str]:
     """A rule that sets password_max_age or password_warn_age warns before a console
     password is due: its password_warn_age (its own or the policy's) is below its
     password_max_age."""
-    policy = settings.section("policy")
-    for index, own in enumerate(settings.items("rules")):
-        if not (own.given("password_max_age") or own.given("password_warn_age")):
-            continue  # the policy's own values, judged under policy
-        rule = Inherited(own, policy)
-        max_age, warn_age = rule.get("password_max_age"), rule.get("password_warn_age")
-        if (
-            isinstance(max_age, timedelta)
-            and isinstance(warn_age, timedelta)
-            and warn_age >= max_age
-        ):
-            yield (
-                f"rules[{index}]: {_rule_label(own)} has password_warn_age "
-                f"{format_duration(warn_age)}{_origin(rule, 'password_warn_age')}, not below "
-                f"its password_max_age {format_duration(max_age)}"
-                f"{_origin(rule, 'password_max_age')}: its console passwords would be due "
-                "without a warning first; set a shorter password_warn_age in the rule"
-            )
+    yield from _rules_warn_first(
+        settings,
+        "password_max_age",
+        "password_warn_age",
+        "its console passwords would be due",
+    )
 
 
 def rules_keep_inactive_min_idle(settings: Fields) -> Iterator[str]:
