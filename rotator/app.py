@@ -826,9 +826,10 @@ class App:
         scanned_at: datetime | None = None,
     ) -> Rotation | None:
         """Open a rotation of the user's console password (a pass found it too old, or
-        its key leaked). None when one is open already, when the user's latest console
-        rotation changed after `scanned_at` (another process acted on what the scan
-        saw), or FAILED less than `retry_failed_after` ago (as `open_rotations`)."""
+        its key leaked). None when one is open already; for a pass also when the user's
+        latest console rotation changed after `scanned_at` (another process acted on what
+        the scan saw) or FAILED less than `retry_failed_after` ago (as `open_rotations`;
+        a leak is never held back by an earlier failure)."""
         kind = RotationKind.CONSOLE
         if self.store.open_for(account, user_name, kind) is not None:
             return None
@@ -836,7 +837,12 @@ class App:
         if last is not None and scanned_at is not None and last.updated_at > scanned_at:
             return None
         pause = self.settings.policy.retry_failed_after
-        if last is not None and last.state is State.FAILED and self.now() < last.updated_at + pause:
+        if (
+            reason is not RotationReason.LEAKED
+            and last is not None
+            and last.state is State.FAILED
+            and self.now() < last.updated_at + pause
+        ):
             return None
         try:
             return self._open_console(account, user_name, reason, note, note)
@@ -961,8 +967,17 @@ class App:
         except RotatorError as exc:
             _log.error("leak.console_reset_failed", user=user_name, key_id=key_id, error=str(exc))
             return
-        if opened is not None:
-            _log.warning("leak.console_reset_opened", user=user_name, rotation_id=opened.id)
+        if opened is None:
+            # The rotation already open goes on; it sets a password made after the leak
+            # only if it has not stored one yet. Said, so nobody assumes a reset.
+            _log.warning(
+                "leak.console_reset_not_opened",
+                user=user_name,
+                key_id=key_id,
+                why="a console rotation of this user is open already",
+            )
+            return
+        _log.warning("leak.console_reset_opened", user=user_name, rotation_id=opened.id)
 
     def _replace_leaked_key(
         self, account_id: str, user_name: str, key_id: str, reason: str

@@ -506,20 +506,16 @@ class AwsIam:
             if not create:
                 update()
                 return
-            try:
-                # Not idempotent (a retry after a lost answer says EntityAlreadyExists):
-                # sent once, and an existing profile is updated instead.
-                self._do(
-                    "CreateLoginProfile",
-                    lambda: self._iam_once.create_login_profile(
-                        UserName=user_name, Password=password, PasswordResetRequired=True
-                    ),
-                    user_name,
-                )
-            except RotatorError as exc:
-                if "EntityAlreadyExists" not in str(exc):
-                    raise
-                update()
+            # Not idempotent (a retry after a lost answer says EntityAlreadyExists): sent
+            # once. A profile that exists already is never replaced here: the engine
+            # decides whether it is its own (an earlier attempt) or someone else's.
+            self._do(
+                "CreateLoginProfile",
+                lambda: self._iam_once.create_login_profile(
+                    UserName=user_name, Password=password, PasswordResetRequired=True
+                ),
+                user_name,
+            )
         except RotatorError as exc:
             if "PasswordPolicyViolation" in str(exc):
                 raise PasswordRefused(

@@ -471,15 +471,15 @@ def _report_unresolved(rotations: Sequence[Rotation], limit: int = 10) -> None:
     )
 
 
-def _standing(app: App, users: Iterable[tuple[str, str]]) -> list[Rotation]:
+def _standing(app: App, users: Iterable[tuple[str, str, RotationKind]]) -> list[Rotation]:
     """What exit code 4 looks at: every open rotation, and the latest rotation of each
-    (account, user) in `users` that has none open."""
+    (account, user, kind) in `users` that has none of that kind open."""
     standing = app.store.list_open()
-    has_open = {(r.account_id, r.user_name) for r in standing}
-    for account_id, user_name in dict.fromkeys(users):
-        if (account_id, user_name) in has_open:
+    has_open = {(r.account_id, r.user_name, r.kind) for r in standing}
+    for account_id, user_name, kind in dict.fromkeys(users):
+        if (account_id, user_name, kind) in has_open:
             continue
-        latest = app.store.latest_for(account_id, user_name)
+        latest = app.store.latest_for(account_id, user_name, kind)
         if latest is not None:
             standing.append(latest)
     return standing
@@ -508,7 +508,14 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
         # A dry run changes nothing: it handles no rotation, only looks at what stands.
         handled = {} if dry_run else {r.id: r for r in [*result.opened, *result.rotations]}
         trails = _trails(app, handled.values())
-        scanned = ((u.account_id, u.user_name) for inv in result.inventories for u in inv.users)
+        # Every scanned user's key rotations; console ones for users with console access.
+        scanned = (
+            (u.account_id, u.user_name, kind)
+            for inv in result.inventories
+            for u in inv.users
+            for kind in RotationKind
+            if kind is RotationKind.KEY or u.console is not None
+        )
         standing = _standing(app, scanned)
         finished = app.now()
     finally:

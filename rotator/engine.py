@@ -583,6 +583,15 @@ class Engine:
             return self._fail(
                 replace(r, attempts=attempts), f"gave up after {attempts} attempts: {error}"
             )
+        if self._gives_up(r, attempts) and r.kind is RotationKind.CONSOLE:
+            # Vault may hold a password IAM does not: never given up, but an operator
+            # hears of it (BLOCKED is looked at again every few minutes).
+            return self._block(
+                replace(r, attempts=attempts),
+                f"{error} ({attempts} attempts). Vault may hold a new console password for "
+                f"{r.user_name} that IAM does not have yet; it is set once this is fixed "
+                "(looked at again every few minutes, or at once by run --once)",
+            )
         delay = self._timing.backoff(attempts, leaked=r.leaked)
         _log.warning(
             "rotation.retry",
@@ -1464,10 +1473,14 @@ class Engine:
     # the data, and only then to IAM (SET_PASSWORD), with a reset required at the next
     # sign-in. Each step reads Vault before it acts, so a crash anywhere ends with
     # Vault holding the password IAM has, or with IAM unchanged:
-    #   - a write whose answer was lost is recognised by its rotation id and adopted;
-    #   - UpdateLoginProfile with the same password is harmless, so SET_PASSWORD reruns;
-    #   - a Vault path someone else wrote since is never overwritten, nor is their
-    #     password replaced in IAM by ours: the rotation ends and says so.
+    #   - STORE journals the version it writes on top of (`vault_version`) before it
+    #     writes: a write whose answer was lost is recognised by its rotation id and
+    #     adopted; any other version that appeared since is someone else's, and the
+    #     rotation ends (FAILED, saying so) instead of writing over it;
+    #   - SET_PASSWORD reads Vault after renewing its lease, sets the password (the same
+    #     password twice is harmless, so it reruns after a crash), and reads Vault again:
+    #     a version someone wrote meanwhile is never claimed as agreeing with IAM;
+    #   - a path holding anything but a console password is never written over.
     # The password lives in this process only between Vault and IAM, registered with
     # the log scrubber meanwhile; never in the state store, an event or an error.
 
@@ -1507,15 +1520,28 @@ class Engine:
 
     def _console_store(self, r: Rotation) -> Rotation:
         path = self._console_path(r)
-        held = self._read_password(path)
-        refused = r.vault_version or 0  # a version of ours IAM refused: never adopted
-        if held is not None and held.rotation_id == r.id and held.version > refused:
+        try:
+            held = self._secrets.read_password(path)
+        except BadInput:
+            return self._block(
+                r,
+                f"Vault at {path} holds data that is not a console password (no "
+                "`password` field; the user's access key, when vault.console_path_template "
+                "leads to the key's path): nothing is written over it. Point "
+                "vault.console_path_template elsewhere, or move that data; the rotation "
+                "then continues (looked at again every few minutes, or at once by run --once)",
+            )
+        # The version this rotation wrote on top of (or its own that IAM refused).
+        base = r.vault_version
+        if held is not None and held.rotation_id == r.id and (base is None or held.version > base):
             # Written by an earlier attempt whose answer was lost (or a crash after it).
             return self._console_stored(r, path, held.version)
+        current = held.version if held is not None else self._secrets.current_version(path)
+        if base is not None and current != base:
+            return self._console_taken(r, path, held)
         password = new_password(self._iam(r.account_id).password_policy())
         log.register_secret(password)
         try:
-            cas = held.version if held is not None else self._secrets.current_version(path)
             metadata = {
                 "rotation_id": r.id,
                 "rotated_at": self.now().astimezone(UTC).isoformat(timespec="seconds"),
@@ -1523,21 +1549,24 @@ class Engine:
             self._before_side_effect(r)
             # Journalled before the write is sent: from now on Vault may hold a password
             # IAM does not, and the rotation never gives up before it has settled that.
-            r = self._save(r, store_started_at=self.now())
+            r = self._save(r, store_started_at=self.now(), vault_version=current)
             try:
-                version = self._secrets.write_password(path, password, r.id, metadata, cas)
+                version = self._secrets.write_password(path, password, r.id, metadata, current)
             except (CasConflict, Transient) as exc:
-                # Someone wrote since we read (ours only if it is our own lost write), or
-                # no answer came: the write may have been applied all the same. One read
-                # tells; when it cannot be had, the next attempt reads again.
+                # Someone wrote since we read, or no answer came: the write may have been
+                # applied all the same. One read tells; when it cannot be had, the next
+                # attempt reads again.
                 self._ensure_lease(r, renew=True)
                 try:
                     latest = self._read_password(path)
                 except Transient:
                     raise exc from None
-                if latest is None or latest.rotation_id != r.id:
+                if latest is not None and latest.rotation_id == r.id and latest.version > current:
+                    version = latest.version
+                elif isinstance(exc, CasConflict):
+                    return self._console_taken(r, path, latest)
+                else:
                     raise
-                version = latest.version
         finally:
             log.forget_secret(password)
         self._fault("console:stored")
@@ -1550,21 +1579,37 @@ class Engine:
             f"new console password stored in Vault at {path} (version {version})",
             stored_at=self.now(),
             vault_version=version,
+            attempts=0,
+            last_error=None,
         )
 
     def _console_set(self, r: Rotation) -> Rotation:
         path = self._console_path(r)
+        iam = self._iam(r.account_id)
+        # The lease first, then the read: what IAM is given is what Vault held a moment ago.
+        self._before_side_effect(r)
         held = self._read_password(path)
         if held is None or held.rotation_id != r.id:
             return self._console_taken(r, path, held)
-        iam = self._iam(r.account_id)
+        create = r.create_login
+        if create and iam.login_profile(r.user_name) is not None:
+            if r.intent_at is None:
+                return self._fail(
+                    r,
+                    f"user {r.user_name} got console access from elsewhere since this "
+                    "rotation began (a login profile exists now): it is not replaced, and "
+                    f"Vault version {held.version} at {path} holds a password IAM never "
+                    "took. To rotate that password: "
+                    + suggested("rotate", r.user_name, "--console"),
+                )
+            create = False  # this rotation's own, from an attempt whose answer was lost
         if r.intent_at is None:
             # Journalled before IAM is asked: from now on IAM may hold the new password.
             r = self._save(r, intent_at=self.now())
         log.register_secret(held.password)
         try:
             self._before_side_effect(r)
-            iam.set_password(r.user_name, held.password, create=r.create_login)
+            iam.set_password(r.user_name, held.password, create=create)
         except PasswordRefused as exc:
             return self._console_refused(r, str(exc))
         except NotFound:
@@ -1580,6 +1625,31 @@ class Engine:
         finally:
             log.forget_secret(held.password)
         self._fault("console:set")
+        return self._console_set_done(r, path, held)
+
+    def _console_set_done(self, r: Rotation, path: str, held: StoredPassword) -> Rotation:
+        """IAM has the password of Vault version `held.version`: DONE once Vault still
+        serves it and this process still holds the rotation."""
+        try:
+            self._ensure_lease(r, renew=True)
+        except LeaseLost:
+            # Paused past the lease between the renewal and the call: another process
+            # holds the rotation, and may have gone further. Say so if Vault moved on.
+            with contextlib.suppress(Exception):
+                latest = self._read_password(path)
+                if latest is None or latest.rotation_id != r.id:
+                    text = (
+                        f"{r.user_name}: a process that had lost its lease set the console "
+                        f"password of Vault version {held.version} at {path}, and Vault's "
+                        "latest is another: IAM and Vault may disagree. Run: "
+                        + suggested("rotate", r.user_name, "--console")
+                    )
+                    _log.error("console.stale_password_set", rotation_id=r.id, user=r.user_name)
+                    self._notifier.notify("failed", r, text)
+            raise
+        latest = self._read_password(path)
+        if latest is None or latest.rotation_id != r.id:
+            return self._console_taken(r, path, latest)
         done = self._move(
             r,
             State.DONE,
@@ -1596,45 +1666,50 @@ class Engine:
         return done
 
     def _console_taken(self, r: Rotation, path: str, held: StoredPassword | None) -> Rotation:
-        """Vault no longer holds this rotation's password: someone wrote the path (or
-        deleted its latest version) since. Neither is overwritten: the rotation ends."""
+        """Vault no longer holds (or never held) this rotation's password where it
+        should: someone wrote the path, or deleted its latest version, since the rotation
+        last looked. Nothing is overwritten, in Vault or IAM: the rotation FAILS, saying
+        what IAM holds and what to run."""
         now_there = (
             "its latest version was deleted, or holds no password"
             if held is None
             else f"version {held.version} was written outside this rotation"
         )
+        again = suggested("rotate", r.user_name, "--console")
         if r.intent_at is None:
-            return self._move(
+            return self._fail(
                 r,
-                State.CANCELLED,
-                f"Vault at {path} no longer holds this rotation's console password (version "
-                f"{r.vault_version}): {now_there}. IAM is unchanged and nothing is "
-                "overwritten. For a new password: " + suggested("rotate", r.user_name, "--console"),
+                f"Vault at {path} changed under this rotation: {now_there}. IAM is "
+                f"unchanged and nothing is overwritten. For a new password: {again}",
             )
         return self._fail(
             r,
-            f"Vault at {path} no longer holds this rotation's console password: {now_there} "
-            f"after IAM may have been given version {r.vault_version} (read it with: bao kv "
-            f"get -version={r.vault_version} <mount>/{path}). Nothing is overwritten. To "
-            "set one password in both: " + suggested("rotate", r.user_name, "--console"),
+            f"Vault at {path} changed under this rotation: {now_there}, after IAM may "
+            f"have been given version {r.vault_version} (read it with: bao kv get "
+            f"-version={r.vault_version} <mount>/{path}). Nothing is overwritten. To set "
+            f"one password in both: {again}",
         )
 
     def _console_refused(self, r: Rotation, error: str) -> Rotation:
         """IAM refused the password: the account's policy changed since it was read. A
-        new one is made under the policy as it is now, three times at most."""
-        attempts = r.attempts + 1
-        if attempts >= 3:
+        new one is made under the policy as it is now; after three refusals in a row an
+        operator is asked to look at the policy."""
+        earlier = sum(
+            1
+            for e in self._store.events(r.id)
+            if e.from_state is State.SET_PASSWORD and e.to_state is State.STORE
+        )
+        if earlier + 1 >= 3:
             # Looked at again with a new password (`stored_at` None: STORE's work).
             return self._block(
-                replace(r, attempts=attempts, stored_at=None, intent_at=None),
-                f"{error}. IAM refused {attempts} passwords made to the account's password "
-                "policy: check GetAccountPasswordPolicy; IAM is unchanged",
+                replace(r, stored_at=None, intent_at=None),
+                f"{error}. IAM refused {earlier + 1} passwords made to the account's "
+                "password policy: check GetAccountPasswordPolicy; IAM is unchanged",
             )
         return self._move(
             r,
             State.STORE,
             f"{error}: a new password is made under the account's current policy",
-            attempts=attempts,
             last_error=error,
             stored_at=None,
             intent_at=None,

@@ -30,7 +30,7 @@ from rotator.errors import (
     RotatorError,
     Transient,
 )
-from rotator.machine import State
+from rotator.machine import RotationKind, State
 from rotator.model import Event, Rotation
 
 
@@ -91,11 +91,20 @@ def newly_troubled(
     return [r for r in handled if moved_into_trouble(trails.get(r.id, ()), since)]
 
 
+def unsettled(rotation: Rotation) -> bool:
+    """Whether the rotation has not reached the point a later pass may be left to: a key
+    rotation before its new key is stored, a console rotation before IAM has the
+    password Vault holds."""
+    if rotation.kind is RotationKind.CONSOLE:
+        return rotation.state in (State.PLANNED, State.STORE, State.SET_PASSWORD)
+    return rotation.state in UNSTORED
+
+
 def waiting_on_backend(rotation: Rotation, since: datetime, now: datetime) -> bool:
     """Whether `rotation` was set to wait for a retry at or after `since`, after a failure,
-    before its new key was stored."""
+    before it was settled (`unsettled`)."""
     return (
-        rotation.state in UNSTORED
+        unsettled(rotation)
         and rotation.last_error is not None
         and rotation.next_action_at is not None
         and rotation.next_action_at > now
@@ -108,17 +117,18 @@ def waiting(handled: Iterable[Rotation], since: datetime, now: datetime) -> list
 
 
 def unresolved(standing: Iterable[Rotation]) -> list[Rotation]:
-    """Open BLOCKED rotations, and each user's latest rotation when it is FAILED.
+    """Open BLOCKED rotations, and each user's latest rotation of each kind (key,
+    console) when it is FAILED.
 
     `standing` holds the open rotations and, for each user of interest, at least the
-    latest rotation (a user's open rotation is always its latest: one opens only when
-    the previous one has ended)."""
-    latest: dict[tuple[str, str], Rotation] = {}
+    latest rotation of each kind (a user's open rotation is always its latest of that
+    kind: one opens only when the previous one has ended)."""
+    latest: dict[tuple[str, str, RotationKind], Rotation] = {}
     blocked: dict[str, Rotation] = {}
     for r in standing:
         if r.state is State.BLOCKED:
             blocked[r.id] = r
-        key = (r.account_id, r.user_name)
+        key = (r.account_id, r.user_name, r.kind)
         seen = latest.get(key)
         if seen is None or r.created_at > seen.created_at:
             latest[key] = r

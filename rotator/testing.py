@@ -483,6 +483,13 @@ class FakeIam:
             user = self._user(operation, user_name)
             if user.password is None and not create:
                 raise _refusal(NotFound(f"{operation}: Login profile for {user_name} not found"))
+            if user.password is not None and create:
+                raise _refusal(
+                    RotatorError(
+                        f"{operation}: refused: EntityAlreadyExists: Login Profile for user "
+                        f"{user_name} already exists."
+                    )
+                )
             broken = problems(password, self.account_password_policy or IAM_DEFAULT)
             if broken:
                 raise _refusal(

@@ -643,8 +643,9 @@ RULE_CASES: dict[Callable[..., object], tuple[dict[str, object], str]] = {
     ),
     rules.console_path_apart_from_key_path: (
         {"vault": {"console_path_template": "aws/{account_id}/{user_name}"}},
-        'vault.console_path_template: "aws/{account_id}/{user_name}" is also path_template: '
-        "a console password would overwrite the user's access key in Vault",
+        'vault.console_path_template: "aws/{account_id}/{user_name}" leads to the same '
+        'Vault path as path_template "aws/{account_id}/{user_name}": a console password '
+        "would overwrite the user's access key",
     ),
 }
 

@@ -180,15 +180,26 @@ def test_a_rule_whose_password_warn_age_is_not_below_its_max_age_is_named() -> N
     ]
 
 
-def test_the_console_path_must_not_be_the_key_path() -> None:
-    """A console_path_template equal to path_template would put the password where
-    consumers read the key: refused."""
+@pytest.mark.parametrize(
+    "console",
+    [
+        "kv/{account_id}/{user_name}",
+        "kv//{account_id}/{user_name}",
+        "kv/{account_id}/./{user_name}",
+        "kv/{account_id}/x/../{user_name}",
+    ],
+)
+def test_the_console_path_must_not_lead_where_the_key_is(console: str) -> None:
+    """A console_path_template that Vault reads as the key's path (the same template, or
+    one with `//`, `.` or `..` segments Vault cleans away) would put the password where
+    consumers read the key: refused, naming both templates."""
     template = "kv/{account_id}/{user_name}"
     assert problems_of(
-        {"vault": {"path_template": template, "console_path_template": template}}
+        {"vault": {"path_template": template, "console_path_template": console}}
     ) == [
-        f'vault.console_path_template: "{template}" is also path_template: a console '
-        "password would overwrite the user's access key in Vault"
+        f'vault.console_path_template: "{console}" leads to the same Vault path as '
+        f'path_template "{template}": a console password would overwrite the user\'s '
+        "access key"
     ]
 
 

@@ -300,7 +300,7 @@ def test_a_person_writing_the_vault_path_mid_rotation_is_not_overwritten(
 ) -> None:
     """Between STORE and SET_PASSWORD a person writes their own password to the console
     path: the rotation does not give IAM its password over theirs, nor write Vault
-    again. It ends CANCELLED, naming the path and what to run; IAM is unchanged."""
+    again. It ends FAILED, naming the path and what to run; IAM is unchanged."""
     seed(aws)
     settings = settings_for(aws, vault, tmp_path)
 
@@ -315,7 +315,7 @@ def test_a_person_writing_the_vault_path_mid_rotation_is_not_overwritten(
     app = make_app(settings, FakeClock(), fault=person_writes)
     _force(app)
     [r] = rotations(settings.state.path)
-    assert r.state is State.CANCELLED, (r.state, r.last_error)
+    assert r.state is State.FAILED, (r.state, r.last_error)
     assert aws.login_profile(USER) == (OLD_PASSWORD, False)
     held = console_in_vault(vault)
     assert held is not None

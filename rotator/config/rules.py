@@ -323,13 +323,38 @@ def path_template_tells_accounts_apart(settings: Fields) -> Iterator[str]:
             )
 
 
+def _path_vault_reads(template: str) -> tuple[str, ...] | None:
+    """The path Vault serves for `template` filled with sample values, as Vault cleans
+    it (empty and `.` segments dropped, `..` resolved); None when it cannot be filled."""
+    try:
+        path = template.format(account_id="111122223333", user_name="alice")
+    except (KeyError, IndexError, ValueError):
+        return None
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return tuple(segments)
+
+
 def console_path_apart_from_key_path(vault: Fields) -> Iterator[str]:
-    """A console password never lands where consumers read the user's key."""
+    """A console password never lands where consumers read the user's key: the two
+    templates lead to different paths as Vault reads them (`aws//{user_name}` is
+    `aws/{user_name}` to Vault)."""
     key, console = vault.get("path_template"), vault.get("console_path_template")
-    if isinstance(key, str) and isinstance(console, str) and key == console:
+    if not (isinstance(key, str) and isinstance(console, str)):
+        return
+    same = _path_vault_reads(key)
+    if same is not None and same == _path_vault_reads(console):
         yield (
-            f"console_path_template: {quoted(console)} is also path_template: a console "
-            "password would overwrite the user's access key in Vault"
+            f"console_path_template: {quoted(console)} leads to the same Vault path as "
+            f"path_template {quoted(key)}: a console password would overwrite the user's "
+            "access key"
         )
 
 
