@@ -105,9 +105,14 @@ class PassResult:
     failures: dict[str, str] = field(default_factory=dict)  # account id -> why
     # Why Vault could not be used: leaked keys were still contained, other rotations wait.
     vault_error: RotatorError | None = None
-    # Keys this pass set Inactive as unused, and inactive keys it deleted as idle.
+    # Keys this pass set Inactive as unused, and inactive keys it deleted as idle (a dry
+    # run: those it would, chosen alike, without the re-check at run time).
     deactivated: list[KeyDecision] = field(default_factory=list)
     deleted: list[KeyDecision] = field(default_factory=list)
+    # A dry run: the proposals the real pass would open a rotation for, and those it
+    # would not, with why (`App.held_back`).
+    would_open: list[Proposal] = field(default_factory=list)
+    held_back: list[tuple[Proposal, str]] = field(default_factory=list)
     # The owners' warning digests this pass handed to the notifier.
     digests: list[Digest] = field(default_factory=list)
 
@@ -226,18 +231,29 @@ class App:
         """Scan every account (or only `accounts`); one failing account never stops the
         others.
 
-        `with_state` reads which keys replaced contained leaks and when each quarantine
-        policy was first seen (plan may run without a state store), and records the
-        quarantines this scan saw (`plan` passes `record=False`: it changes nothing)."""
+        `with_state` reads which keys replaced contained leaks, when each quarantine
+        policy was first seen and which keys open rotations track (plan may run without
+        a state store), and records the quarantines this scan saw (`plan` passes
+        `record=False`: it changes nothing)."""
         rules = Rules.from_settings(self.settings)
         result = ScanResult()
         for account in self.accounts() if accounts is None else accounts:
             try:
                 replacements: set[str] = set()
                 since: dict[str, datetime] = {}
+                rotating: dict[str, Rotation] = {}
                 if with_state:
                     replacements = self.store.replacement_key_ids(account)
                     since = self.store.quarantines(account)
+                    # Keys an open key rotation tracks are described by it (mid-rotation
+                    # a user holds two active keys by design: not "blocked").
+                    rotating = {
+                        key_id: r
+                        for r in self.store.list_open()
+                        if r.account_id == account and r.kind is RotationKind.KEY
+                        for key_id in (r.old_key_id, r.new_key_id)
+                        if key_id
+                    }
                 with ThreadPoolExecutor(max_workers=self.settings.aws.concurrency) as pool:
                     inventory = scan(
                         self.iam(account),
@@ -249,6 +265,7 @@ class App:
                         console_rotated_at=(
                             self._console_rotated_at(account) if with_state else None
                         ),
+                        rotations=rotating,
                         pmap=pool.map,
                     )
                 if record and with_state:
@@ -304,20 +321,9 @@ class App:
         proposals began) is left to the next scan: another process acted on what this
         scan saw, and its proposal may name a key that is already rotated."""
         opened = []
-        pause = self.settings.policy.retry_failed_after
         for p in proposals:
-            if self.store.open_for(p.account_id, p.user_name) is not None:
+            if self.held_back(p, scanned_at=scanned_at) is not None:
                 continue
-            if not p.leaked:
-                last = self.store.latest_for(p.account_id, p.user_name)
-                if last is not None and scanned_at is not None and last.updated_at > scanned_at:
-                    continue
-                if (
-                    last is not None
-                    and last.state is State.FAILED
-                    and self.now() < last.updated_at + pause
-                ):
-                    continue
             rotation = new_rotation(
                 p.account_id,
                 p.user_name,
@@ -333,6 +339,29 @@ class App:
             except RotationExists:
                 continue  # another process opened it a moment ago
         return opened
+
+    def held_back(self, p: Proposal, *, scanned_at: datetime | None = None) -> str | None:
+        """Why `open_rotations` opens no rotation for `p` now (None: it opens one): the
+        user has an open key rotation; or, leaks aside, its latest rotation changed after
+        `scanned_at` or FAILED less than `retry_failed_after` ago. A dry run asks the
+        same question, so that it counts what the real pass opens."""
+        existing = self.store.open_for(p.account_id, p.user_name)
+        if existing is not None:
+            return f"rotation {existing.id[:8]} is open ({existing.state.value})"
+        if p.leaked:
+            return None
+        last = self.store.latest_for(p.account_id, p.user_name)
+        if last is None:
+            return None
+        if scanned_at is not None and last.updated_at > scanned_at:
+            return f"rotation {last.id[:8]} changed after this scan began"
+        retry_at = last.updated_at + self.settings.policy.retry_failed_after
+        if last.state is State.FAILED and self.now() < retry_at:
+            return (
+                f"rotation {last.id[:8]} FAILED at {last.updated_at.isoformat(timespec='seconds')}"
+                f"; retried after retry_failed_after, from {retry_at.isoformat(timespec='seconds')}"
+            )
+        return None
 
     def _open(self, rotation: Rotation, reason: str) -> Rotation:
         opened = self.engine.open(rotation, reason)
@@ -441,6 +470,17 @@ class App:
         for inventory in result.inventories:
             result.proposals.extend(propose(inventory.decisions, rules))
         if dry_run:
+            # What the real pass would do, chosen by its own code, with no write at all.
+            for p in result.proposals:
+                why_not = self.held_back(p, scanned_at=started)
+                if why_not is None:
+                    result.would_open.append(p)
+                    continue
+                if p.leaked:  # the real pass contains it and escalates that rotation
+                    why_not += ": the pass contains the key and that rotation replaces it"
+                result.held_back.append((p, why_not))
+            result.deactivated = self.deactivate_unused(result.inventories, rules, dry_run=True)
+            result.deleted = self.delete_idle_inactive(result.inventories, dry_run=True)
             return result
         # Containment needs IAM only and comes first, for every leaked key, whatever
         # else is going on; the replacements follow and wait for Vault if need be.
@@ -459,7 +499,16 @@ class App:
         result.deactivated = self.deactivate_unused(result.inventories, rules)
         result.deleted = self.delete_idle_inactive(result.inventories)
         # Owners hear of what is coming whether or not Vault is usable today.
-        result.digests = self.warn_owners(result.inventories, rules, result.deactivated)
+        result.digests = self.warn_owners(
+            result.inventories,
+            rules,
+            result.deactivated,
+            slot_takers={
+                (p.account_id, p.user_name): p.old_key_id
+                for p in result.proposals
+                if not p.leaked and p.old_key_id is not None
+            },
+        )
         # A Vault that cannot be used stops the other rotations before any opens; the
         # pass itself goes on (containment is done, open rotations wait by themselves).
         try:
@@ -504,6 +553,8 @@ class App:
         inventories: Iterable[Inventory],
         rules: Rules,
         deactivated: Sequence[KeyDecision] = (),
+        *,
+        slot_takers: Mapping[tuple[str, str], str] | None = None,
     ) -> list[Digest]:
         """Send each owner one digest of their keys that reach a `notify.warn_before`
         stage now, each stage once per key (the state store remembers, across restarts
@@ -514,7 +565,9 @@ class App:
         `notify.fallback_owner` are logged and skipped. Returns the digests handed on."""
         notify = self.settings.notify
         now = self.now()
-        warnings: list[Warning] = deactivation_notices(deactivated, now)
+        warnings: list[Warning] = deactivation_notices(
+            deactivated, now, slot_takers, self.settings.policy.inactive_min_idle
+        )
         decisions: list[KeyDecision | ConsoleDecision] = list(deactivated)
         for inventory in inventories:
             account = inventory.account_id
@@ -601,13 +654,15 @@ class App:
         return tracked
 
     def deactivate_unused(
-        self, inventories: Iterable[Inventory], rules: Rules
+        self, inventories: Iterable[Inventory], rules: Rules, *, dry_run: bool = False
     ) -> list[KeyDecision]:
         """Set Inactive every Active key the scan judged unused under a rule that says
         `unused_action: deactivate` (IAM only; no new key: nobody used this one). Before
         each, `GetAccessKeyLastUsed` looks again: the credential report may be hours old,
         and a key used since is left alone. A key an open rotation tracks is left to it.
-        Returns the keys deactivated; one failure never stops the others."""
+        Returns the keys deactivated; one failure never stops the others. `dry_run`: the
+        keys it would deactivate, chosen alike, with no IAM call (the re-check is left to
+        the real pass)."""
         tracked = self._tracked_keys()
         done: list[KeyDecision] = []
         for inventory in inventories:
@@ -617,6 +672,9 @@ class App:
                 log_ctx = {"account": account, "user": user, "key_id": key_id, "rule": d.rule}
                 if (account, key_id) in tracked:
                     _log.info("key.unused_left_to_rotation", **log_ctx)
+                    continue
+                if dry_run:
+                    done.append(d)
                     continue
                 rule = rules.named(d.rule)
                 assert rule.unused_after is not None
@@ -636,11 +694,15 @@ class App:
                 done.append(d)
         return done
 
-    def delete_idle_inactive(self, inventories: Iterable[Inventory]) -> list[KeyDecision]:
+    def delete_idle_inactive(
+        self, inventories: Iterable[Inventory], *, dry_run: bool = False
+    ) -> list[KeyDecision]:
         """Delete every Inactive key idle longer than its rule's `inactive_delete_after`
         (`policy.inactive_delete_after`; off by default). IAM only. Each key's status is
         read again just before: one turned back on since the scan is left alone. A key an
-        open rotation tracks is left to it. Returns the keys deleted."""
+        open rotation tracks is left to it. Returns the keys deleted. `dry_run`: the keys
+        it would delete, chosen alike, with no IAM call (the re-read is left to the real
+        pass)."""
         tracked = self._tracked_keys()
         done: list[KeyDecision] = []
         for inventory in inventories:
@@ -650,6 +712,9 @@ class App:
                 log_ctx = {"account": account, "user": user, "key_id": key_id, "rule": d.rule}
                 if (account, key_id) in tracked:
                     _log.info("key.idle_left_to_rotation", **log_ctx)
+                    continue
+                if dry_run:
+                    done.append(d)
                     continue
                 try:
                     iam = self.iam(account)
@@ -697,9 +762,26 @@ class App:
         return result
 
     def force(self, request: ForcedRotation) -> Rotation:
-        """Open a forced rotation for one user (incident response) and advance it."""
-        [advanced] = self.advance_all([self.open_forced(request).id])
+        """Open a forced rotation for one user (incident response) and advance it; for a
+        leak, also the console password reset it opened (`console_resets`)."""
+        opened = self.open_forced(request)
+        [advanced] = self.advance_all([opened.id])
+        if request.leaked:
+            self.console_resets([(opened.account_id, opened.user_name)])
         return advanced
+
+    def console_resets(self, users: Iterable[tuple[str, str]]) -> list[Rotation]:
+        """Advance now the console password rotations that leaks of these (account, user)
+        opened (`leaks.reset_console_password`): an incident does not wait for the next
+        pass. Returns them as they stand."""
+        if not self.settings.leaks.reset_console_password:
+            return []
+        ids = []
+        for account, user_name in dict.fromkeys(users):
+            r = self.store.open_for(account, user_name, RotationKind.CONSOLE)
+            if r is not None and r.reason is RotationReason.LEAKED:
+                ids.append(r.id)
+        return self.advance_all(ids) if ids else []
 
     def open_forced(self, request: ForcedRotation) -> Rotation:
         """Open (not advance) a forced rotation. Raises NotFound for an unknown user or
@@ -779,10 +861,15 @@ class App:
                 f"{existing.id} ({existing.state.value}); see `rotator status --user "
                 f"{user_name}`"
             )
-        if not request.create and iam.login_profile(user_name) is None:
+        has_console = iam.login_profile(user_name) is not None
+        if not request.create and not has_console:
             raise BadInput(
                 f"user {user_name} has no console access (no login profile); add --create "
                 "to give it one (a new password in Vault, a reset required at first sign-in)"
+            )
+        if request.create and has_console:
+            raise BadInput(
+                f"user {user_name} has console access already; drop --create to rotate its password"
             )
         self.secrets.check()
         return self._open_console(
@@ -1068,6 +1155,9 @@ class App:
             raise
         self._count_leak_event(source, result.outcome)
         result.rotations = self.advance_all(r.id for r in result.rotations)
+        result.rotations += self.console_resets(
+            (r.account_id, r.user_name) for r in result.rotations
+        )
         return result
 
     def _count_leak_event(self, source: str, result: LeakEventResult) -> None:

@@ -33,6 +33,7 @@ from rotator.config import Settings, config_path, load_settings, parse_settings
 from rotator.durations import parse_duration
 from rotator.errors import BadInput, ConfigError, RotatorError
 from rotator.leaks import MAX_EVENT_BYTES, parse_event
+from rotator.machine import State
 from rotator.model import (
     Event,
     ForcedRotation,
@@ -49,6 +50,7 @@ from rotator.outcome import (
     unresolved,
     waiting,
 )
+from rotator.policy import Proposal, Rules, idle_rules
 from rotator.render import iso, plan_document, plan_text, rotation_json, rotations_text
 
 if TYPE_CHECKING:
@@ -253,7 +255,9 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     has lapsed, and the reason says so). Each key shows the rule that decided and why it
     matched ("default": no rule matched, `policy` decides; --json: "rule",
     "rule_match"). Keys created before the quarantine was first seen are marked suspect
-    (--json: "suspect": true); users still quarantined are listed in the notes.
+    (--json: "suspect": true); users still quarantined are listed in the notes, and so
+    is every rule that matched no scanned user. A key an open rotation tracks is
+    described by it: its old key "rotate" ("being rotated: ..."), its new key "ok".
 
     Then every console password (a user's login profile) whose rule does not say
     `console: off`, from the same credential report: its age, last sign-in, MFA and a
@@ -273,6 +277,11 @@ def plan(obj: Context, as_json: bool, as_of: str | None) -> None:
     console = [c for inv in inventories for c in inv.console]
     notes = [n for inv in inventories for n in inv.notes]
     notes += [f"account {a} could not be scanned: {e}" for a, e in scanned.failures.items()]
+    # A rule whose match holds for nobody (a mistyped account, path or tag) is silent
+    # otherwise: its users fall to a later rule or to the policy.
+    decided = {d.rule for d in decisions} | {c.rule for c in console}
+    users = [u for inv in inventories for u in inv.users]
+    notes += idle_rules(Rules.from_settings(app.settings), users, decided)
     if as_json:
         doc = plan_document(
             decisions,
@@ -414,6 +423,25 @@ def _key_json(d: KeyDecision) -> dict[str, Any]:
     }
 
 
+def _proposal_json(p: Proposal) -> dict[str, Any]:
+    """A rotation a dry run would open (or would not, with `why_not` added)."""
+    return {
+        "account_id": p.account_id,
+        "user_name": p.user_name,
+        "reason": p.reason.value,
+        "old_key_id": p.old_key_id,
+        "why": p.why,
+    }
+
+
+# What a dry run leaves to the real pass: the last look before it touches a key.
+DRY_RUN_RECHECK = (
+    "dry run: the real pass looks again just before it acts: an unused key is deactivated "
+    "only if GetAccessKeyLastUsed still finds it unused, an inactive key deleted only if it "
+    "is still Inactive"
+)
+
+
 def _trails(app: App, rotations: Iterable[Rotation]) -> dict[str, list[Event]]:
     """The event trail of each rotation, by id."""
     return {r.id: app.store.events(r.id) for r in rotations}
@@ -487,13 +515,22 @@ def _standing(app: App, users: Iterable[tuple[str, str, RotationKind]]) -> list[
 
 @cli.command()
 @click.option("--once", is_flag=True, required=True, help="One full pass, then exit.")
-@click.option("--dry-run", is_flag=True, help="Scan and show what would open; change nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Scan and show what the pass would open, deactivate and delete; change nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_ctx
 @handle_errors
 def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
     """One pass: scan, open rotations for due and leaked keys, advance every open
     rotation as far as it can go now, print a summary.
+
+    With --dry-run nothing changes: it lists the rotations the pass would open (not for
+    a user whose rotation is open, or whose latest FAILED within retry_failed_after),
+    and the keys it would deactivate as unused and delete as idle (--json:
+    "would_open", "would_not_open", "would_deactivate_unused", "would_delete_inactive").
 
     Rotations that must wait (the overlap, the retirement of an old key) are picked up
     by the next pass. Exit 1 when a rotation moved into FAILED or BLOCKED during this
@@ -523,42 +560,59 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
     counts: dict[str, int] = {}
     for r in result.rotations:
         counts[r.state.value] = counts.get(r.state.value, 0) + 1
+    notes = [n for inv in result.inventories for n in inv.notes]
+    if dry_run and (result.deactivated or result.deleted):
+        notes.append(DRY_RUN_RECHECK)
     if as_json:
-        doc = {
+        doc: dict[str, Any] = {
             "dry_run": dry_run,
-            "would_open" if dry_run else "opened": [
-                {
-                    "account_id": p.account_id,
-                    "user_name": p.user_name,
-                    "reason": p.reason.value,
-                    "old_key_id": p.old_key_id,
-                    "why": p.why,
-                }
-                for p in result.proposals
-            ]
-            if dry_run
-            else [r.id for r in result.opened],
             "rotations": [rotation_json(r) for r in result.rotations],
             "states": counts,
-            "notes": [n for inv in result.inventories for n in inv.notes],
+            "notes": notes,
             "failed_accounts": result.failures,
-            "deactivated_unused": [_key_json(d) for d in result.deactivated],
-            "deleted_inactive": [_key_json(d) for d in result.deleted],
         }
+        if dry_run:
+            # "would_...": nothing was done; the real pass does these, chosen alike.
+            doc["would_open"] = [_proposal_json(p) for p in result.would_open]
+            doc["would_not_open"] = [
+                {**_proposal_json(p), "why_not": why} for p, why in result.held_back
+            ]
+            doc["would_deactivate_unused"] = [_key_json(d) for d in result.deactivated]
+            doc["would_delete_inactive"] = [_key_json(d) for d in result.deleted]
+        else:
+            doc["opened"] = [r.id for r in result.opened]
+            doc["deactivated_unused"] = [_key_json(d) for d in result.deactivated]
+            doc["deleted_inactive"] = [_key_json(d) for d in result.deleted]
         click.echo(json.dumps(doc, indent=2))
     else:
-        for note in (n for inv in result.inventories for n in inv.notes):
+        for note in notes:
             click.echo(f"note: {note}")
         if dry_run:
-            click.echo(f"dry run: {len(result.proposals)} rotation(s) would be opened")
-            for p in result.proposals:
+            click.echo(f"dry run: {len(result.would_open)} rotation(s) would be opened")
+            for p in result.would_open:
                 click.echo(f"  {p.account_id} {p.user_name}: {p.reason.value} ({p.why})")
+            if result.held_back:
+                held = len(result.held_back)
+                click.echo(f"dry run: {held} due user(s) would get no new rotation")
+                for p, why in result.held_back:
+                    click.echo(f"  {p.account_id} {p.user_name}: {why}")
+            for d in result.deactivated:
+                click.echo(
+                    f"dry run: would deactivate unused key {d.key.access_key_id} of "
+                    f"{d.user.user_name} ({d.user.account_id}), rule {d.rule}: {d.reason}"
+                )
+            for d in result.deleted:
+                click.echo(
+                    f"dry run: would delete inactive key {d.key.access_key_id} of "
+                    f"{d.user.user_name} ({d.user.account_id}), rule {d.rule}: {d.reason}"
+                )
         else:
             click.echo(f"opened {len(result.opened)} rotation(s)")
             for d in result.deactivated:
                 click.echo(
                     f"deactivated unused key {d.key.access_key_id} of {d.user.user_name} "
-                    f"({d.user.account_id}), rule {d.rule}: {d.reason}"
+                    # The reason without what it says a pass will do: this one did it.
+                    f"({d.user.account_id}): {d.reason.rsplit(': ', 1)[0]}"
                 )
             for d in result.deleted:
                 click.echo(
@@ -714,8 +768,9 @@ def rotate(
     With --console the console password is rotated instead (a password seen in a ticket,
     a person leaving): a new random one that the account's password policy accepts is
     written to Vault, then set in IAM with a reset required at the next sign-in. A user
-    without console access is refused (exit 2) unless --create is given. Read the new
-    password with `bao kv get -field=password <mount>/aws/<account>/<user>/console`.
+    without console access is refused (exit 2) unless --create is given (and one that has
+    it, with --create). The command prints where the new password is and how to read it
+    (`bao kv get -mount=<mount> -field=password <console path>`).
     """
     check_user_name(user)
     if console and (leaked or key_id or overlap):
@@ -745,15 +800,42 @@ def rotate(
             create=create,
         )
         rotation = app.force(request)
-        trails = _trails(app, [rotation])
+        # A leak may also have reset the user's console password (leaks.reset_console_password).
+        reset = None
+        if leaked:
+            latest = app.store.latest_for(rotation.account_id, user, RotationKind.CONSOLE)
+            if latest is not None and latest.created_at >= started:
+                reset = latest
+        handled = [rotation] if reset is None else [rotation, reset]
+        trails = _trails(app, handled)
+        hints = [_console_hint(app, r) for r in handled]
         finished = app.now()
     finally:
         app.close()
     if as_json:
-        click.echo(json.dumps(rotation_json(rotation), indent=2))
+        doc = rotation_json(rotation)
+        if reset is not None:
+            doc["console_reset"] = rotation_json(reset)
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(rotations_text([rotation]))
-    _exit_for_handled([rotation], trails, started, finished)
+        click.echo(rotations_text(handled))
+        for hint in hints:
+            if hint:
+                click.echo(hint)
+    _exit_for_handled(handled, trails, started, finished)
+
+
+def _console_hint(app: App, r: Rotation) -> str | None:
+    """For a console rotation that is DONE: where the new password is, and the command
+    that reads it (never the password itself)."""
+    if r.kind is not RotationKind.CONSOLE or r.state is not State.DONE:
+        return None
+    mount = app.settings.vault.mount
+    path = app.secrets.console_path_for(r.account_id, r.user_name)
+    return (
+        f"{r.user_name}: the new console password is in Vault at {mount}/{path} (version "
+        f"{r.vault_version}); read it with: bao kv get -mount={mount} -field=password {path}"
+    )
 
 
 @cli.command()

@@ -75,14 +75,29 @@ class Warning:
     stage: str  # the nearest stage that applies, e.g. "7d"
     # Every stage this line settles: `stage` and the farther ones not sent yet.
     stages: tuple[str, ...]
+    # A key deactivated as unused whose slot the rotation of this other key of the
+    # user takes in the same pass: it is deleted, and cannot be turned back on.
+    slot_for: str | None = None
+    # The user has no owner tag: the line goes to `notify.fallback_owner`.
+    unowned: bool = False
 
     def line(self) -> str:
+        text = self._text()
+        return f"{text} [{self.user_name} has no owner tag]" if self.unowned else text
+
+    def _text(self) -> str:
         when = self.due_at.strftime("%Y-%m-%d %H:%M UTC")
         if self.action == "rotate_console":
             return (
                 f"- {self.user_name} ({self.account_id}) console password: will be rotated "
                 f"after {when} (rule {self.rule}; {self.stage} notice); the new one will be "
                 "in Vault, and a new password is asked for at the next sign-in"
+            )
+        if self.action == "deactivated" and self.slot_for is not None:
+            return (
+                f"- {self.user_name} ({self.account_id}) key {self.key_id}: deactivated as "
+                f"unused at {when} (rule {self.rule}), and deleted to free its slot for the "
+                f"rotation of key {self.slot_for}: it cannot be turned back on"
             )
         if self.action == "deactivated":
             return (
@@ -106,11 +121,16 @@ class Digest:
 
     @property
     def subject(self) -> str:
-        count = len(self.warnings)
-        keys = f"{count} access key{'s' if count != 1 else ''}"
+        passwords = sum(1 for w in self.warnings if w.action == "rotate_console")
+        keys = len(self.warnings) - passwords
+        what = " and ".join(
+            f"{n} {noun}{'s' if n != 1 else ''}"
+            for n, noun in ((keys, "access key"), (passwords, "console password"))
+            if n
+        )
         if any(w.action == "deactivated" for w in self.warnings):
-            return f"rotator: {keys} of yours changed or will change soon"
-        return f"rotator: {keys} of yours will change soon"
+            return f"rotator: {what} of yours changed or will change soon"
+        return f"rotator: {what} of yours will change soon"
 
     @property
     def text(self) -> str:
@@ -218,25 +238,44 @@ def pending_warnings(
     return out
 
 
-def deactivation_notices(deactivated: Iterable[KeyDecision], at: datetime) -> list[Warning]:
+def deactivation_notices(
+    deactivated: Iterable[KeyDecision],
+    at: datetime,
+    slot_takers: Mapping[tuple[str, str], str] | None = None,
+    min_idle: timedelta | None = None,
+) -> list[Warning]:
     """One line for each key a pass has just set Inactive as unused: its owner is told
     whether or not a warning came before (a key already past the threshold when first
     seen is deactivated by the first pass that sees it). Nothing to remember: a key is
-    deactivated once."""
-    return [
-        Warning(
-            account_id=d.user.account_id,
-            user_name=d.user.user_name,
-            key_id=d.key.access_key_id,
-            action="deactivated",
-            due_at=at,
-            rule=d.rule,
-            stage="deactivated",
-            stages=(),
+    deactivated once.
+
+    `slot_takers`: (account, user) -> the key a rotation opened by the same pass
+    replaces. That rotation needs the slot the unused key held, and deletes it when it
+    has been idle longer than `min_idle` (`policy.inactive_min_idle`): its line then
+    says so instead of offering to turn it back on."""
+    takers = slot_takers or {}
+    out: list[Warning] = []
+    for d in deactivated:
+        if d.key.access_key_id is None:
+            continue
+        taker = takers.get((d.user.account_id, d.user.user_name))
+        idle_long = (
+            min_idle is not None and d.idle_since is not None and at - d.idle_since > min_idle
         )
-        for d in deactivated
-        if d.key.access_key_id is not None
-    ]
+        out.append(
+            Warning(
+                account_id=d.user.account_id,
+                user_name=d.user.user_name,
+                key_id=d.key.access_key_id,
+                action="deactivated",
+                due_at=at,
+                rule=d.rule,
+                stage="deactivated",
+                stages=(),
+                slot_for=taker if taker is not None and idle_long else None,
+            )
+        )
+    return out
 
 
 def build_digests(
@@ -252,10 +291,13 @@ def build_digests(
     by_owner: dict[str, list[Warning]] = {}
     nobody: list[Warning] = []
     for w in warnings:
-        owner = owner_of(tags.get((w.account_id, w.user_name), {}), owner_tag, fallback)
+        own = tags.get((w.account_id, w.user_name), {})
+        owner = owner_of(own, owner_tag, fallback)
         if owner is None:
             nobody.append(w)
             continue
+        if owner_of(own, owner_tag, None) is None:
+            w = replace(w, unowned=True)
         by_owner.setdefault(owner, []).append(w)
     digests = [
         Digest(owner, tuple(sorted(items, key=lambda w: (w.due_at, w.user_name, w.key_id))))

@@ -1650,17 +1650,18 @@ class Engine:
         latest = self._read_password(path)
         if latest is None or latest.rotation_id != r.id:
             return self._console_taken(r, path, latest)
+        what = "console access given" if r.create_login else "console password rotated"
         done = self._move(
             r,
             State.DONE,
-            f"console password set in IAM from Vault version {held.version} at {path}; "
+            f"{what}: the password of Vault version {held.version} at {path} set in IAM; "
             "a reset is required at the next sign-in",
             verified_at=self.now(),
         )
         self._notifier.notify(
             "done",
             done,
-            f"{r.user_name}: console password rotated, in Vault at {path} "
+            f"{r.user_name}: {what}, the password in Vault at {path} "
             f"(version {held.version}); a reset is required at the next sign-in",
         )
         return done

@@ -165,11 +165,11 @@ def test_a_user_without_console_access_is_refused_unless_create_is_given(
 def test_console_options_that_make_no_sense_together_are_refused_before_anything_runs(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path
 ) -> None:
-    """--create without --console, or --console with --leaked, exits 2 and changes
-    nothing."""
+    """--create without --console, --console with --leaked, and --create for a user
+    that has console access already, each exit 2 and change nothing."""
     seed(aws)
     cfg = write_config(aws, vault, tmp_path)
-    for args in (["--create"], ["--console", "--leaked"]):
+    for args in (["--create"], ["--console", "--leaked"], ["--console", "--create"]):
         ran = rotator("--config", str(cfg), "rotate", USER, *args)
         assert ran.returncode == 2, (args, ran.stderr)
     assert aws.login_profile(USER) == (OLD_PASSWORD, False)
@@ -333,15 +333,16 @@ def test_a_leaked_key_also_resets_the_console_password_when_configured(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path
 ) -> None:
     """With leaks.reset_console_password, `rotate --leaked` contains and replaces the key
-    and opens a console rotation for the same user, which the next pass finishes; without
-    it, the console password is left alone."""
+    and, in the same command, rotates the same user's console password (shown beside
+    the key's rotation, with where to read it); without it, the console password is
+    left alone."""
     aws.add_user(USER, keys=[SeedKey(10 * D)])
     aws.add_login_profile(USER, OLD_PASSWORD)
     cfg = write_config(aws, vault, tmp_path, leaks={"reset_console_password": True})
     leaked = rotator("--config", str(cfg), "rotate", USER, "--leaked")
     assert leaked.returncode == 0, leaked.stderr
-    after = rotator("--config", str(cfg), "run", "--once")
-    assert after.returncode in (0, 4), after.stderr
+    assert "console" in leaked.stdout
+    assert f"-field=password {CONSOLE_PATH}" in leaked.stdout
     kinds = {(r.kind, r.state) for r in rotations(tmp_path / "state.db")}
     assert (RotationKind.KEY, State.DONE) in kinds
     assert (RotationKind.CONSOLE, State.DONE) in kinds

@@ -3,6 +3,7 @@ owner."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from rotator.commands import suggested
@@ -135,3 +136,16 @@ def test_suggested_commands_put_an_option_like_user_name_after_a_double_dash() -
     for a name that begins with `-`."""
     assert suggested("rotate", "bob", "--console") == "rotator rotate bob --console"
     assert suggested("rollback", "-x") == "rotator rollback -- -x"
+
+
+def test_a_deactivated_key_whose_slot_a_rotation_takes_offers_no_reactivation() -> None:
+    """A key deactivated as unused while the same pass rotates the user's other key
+    (whose rotation deletes the idle one to free its slot) is told as deleted, with no
+    reactivate command that could not work; one idle for less than inactive_min_idle
+    keeps the command (MAKE_ROOM does not delete it)."""
+    idle = [replace(d, idle_since=NOW - timedelta(days=60)) for d in decided("ann", "AK1", 60)]
+    [taken] = deactivation_notices(idle, NOW, {(ACCOUNT, "ann"): "AK9"}, timedelta(days=7))
+    assert "deleted to free its slot for the rotation of key AK9" in taken.line()
+    assert "reactivate" not in taken.line()
+    [kept] = deactivation_notices(idle, NOW, {(ACCOUNT, "ann"): "AK9"}, timedelta(days=90))
+    assert "rotator reactivate ann --key AK1" in kept.line()
