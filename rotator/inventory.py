@@ -31,6 +31,7 @@ from rotator.model import (
     IamUser,
     KeyDecision,
     KeyStatus,
+    Rotation,
 )
 from rotator.policy import Rules, decide_user, needs_action, quarantine
 from rotator.ports import IamPort
@@ -191,6 +192,7 @@ def scan(
     quarantined_since: Mapping[str, datetime] | None = None,
     reactivations: Callable[[str], Mapping[str, datetime]] | None = None,
     console_rotated_at: Callable[[str], datetime | None] | None = None,
+    rotations: Mapping[str, Rotation] | None = None,
     report_timeout: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     pmap: Callable[[Callable[[IamUser], IamUser], list[IamUser]], Iterable[IamUser]] = map,
@@ -205,7 +207,10 @@ def scan(
     only for a user with a key judged unused, whose idle clock restarts then.
     `console_rotated_at`: user name -> when the rotator last set its console password
     (None: never); asked only for a user with console access, whose password's age
-    counts from then when that is later than the report says."""
+    counts from then when that is later than the report says.
+    `rotations`: key id -> the open key rotation tracking it (its old or new key), from
+    the state store: such a key is described by its rotation (`decide_user`), not
+    called blocked for sharing its user with the rotation's other key."""
     issued = frozenset(replacements)
     account = iam.account_id()
     users = sorted(iam.iter_users_with_details(), key=lambda u: u.user_name)
@@ -221,7 +226,13 @@ def scan(
     ) -> list[KeyDecision]:
         since = quarantined.get(user.user_name, ("", now))[1]
         return decide_user(
-            user, now, rules, issued, quarantined_since=since, reactivated=reactivated
+            user,
+            now,
+            rules,
+            issued,
+            quarantined_since=since,
+            reactivated=reactivated,
+            rotations=rotations,
         )
 
     def decide_listed(user: IamUser) -> list[KeyDecision]:

@@ -27,11 +27,19 @@ The order of the decisions, per user and then per key:
   ok      — everything else. An inactive key is `ok` and never blocks: it is the slot
             MAKE_ROOM frees. One idle longer than the rule's `inactive_delete_after` is
             marked `delete_due`: the next pass deletes it.
+
+A key an open rotation tracks (its old or new key; `decide_user(rotations=...)`) is
+described by that rotation instead, after `exempt` and `leaked`: its active old key is
+`rotate` ("being rotated: rotation 1a2b3c4d is in OVERLAP until ..."), or `blocked`
+while the rotation itself is BLOCKED; its new key is `ok`; neither is judged unused or
+due for deletion (the rotation decides what becomes of them). Mid-rotation a user holds
+two active keys by design: that is no reason to call it blocked.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 from collections import defaultdict
@@ -41,6 +49,7 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from rotator.machine import State
 from rotator.model import (
     DEFAULT_RULE,
     AccessKey,
@@ -48,6 +57,7 @@ from rotator.model import (
     Decision,
     IamUser,
     KeyDecision,
+    Rotation,
     RotationReason,
 )
 from rotator.paths import path_problem
@@ -103,6 +113,21 @@ class Match:
     group: str | None = None
     account: str | None = None
 
+    def text(self) -> str:
+        """The conditions as the configuration file gives them, e.g. `{path: "/ci/",
+        account: "111122223333"}` (`{}`: matches every user)."""
+        parts: list[str] = []
+        if self.attached_policy is not None:
+            parts.append(f"attached_policy: {_quote(self.attached_policy)}")
+        if self.tags:
+            tags = ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in self.tags)
+            parts.append(f"tag: {{{tags}}}")
+        for name in ("path", "user", "group", "account"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}: {_quote(value)}")
+        return "{" + ", ".join(parts) + "}"
+
     def explain(self, user: IamUser) -> str | None:
         """Why every condition holds for `user` (e.g. "path /ci/, user ci-*"), or None
         when one does not."""
@@ -133,6 +158,10 @@ class Match:
                 return None
             why.append(through)
         return ", ".join(why) or "matches every user"
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _is_policy(reference: str, arn: str) -> bool:
@@ -299,6 +328,42 @@ def format_days(delta: timedelta) -> str:
     return f"{days:g}d" if days >= 1 or days == 0 else f"{delta.total_seconds():g}s"
 
 
+def idle_rules(rules: Rules, users: Iterable[IamUser], decided: Iterable[str] = ()) -> list[str]:
+    """A note for each rule of `rules.rules` that decides for none of `users` (the
+    scanned users): "rule ci matched no user (match: {...})", or, when the users it
+    matches are all taken by an earlier rule, which ones. `decided`: the rule names the
+    scan's decisions carry, so that a rule that decided a key costs no matching at all.
+    Matching is in memory: no IAM call."""
+    used = set(decided)
+    left = [r for r in rules.rules if r.name not in used]
+    if not left:
+        return []
+    scanned = list(users)
+    accounts = sorted({u.account_id for u in scanned})
+    first = [rules.rule_for(u)[0].name for u in scanned]
+    notes: list[str] = []
+    for rule in left:
+        matching = [i for i, u in enumerate(scanned) if rule.match.explain(u) is not None]
+        if not matching:
+            note = f"rule {rule.name} matched no user (match: {rule.match.text()})"
+            account = rule.match.account
+            if account is not None and account not in accounts:
+                note += (
+                    f"; account {account} is not among the accounts scanned "
+                    f"({', '.join(accounts) or 'none'})"
+                )
+            notes.append(note)
+            continue
+        if any(first[i] == rule.name for i in matching):
+            continue  # it decides for users without a key: nothing to judge yet
+        earlier = ", ".join(sorted({first[i] for i in matching}))
+        notes.append(
+            f"rule {rule.name} decides for no user: the {len(matching)} user(s) its match "
+            f"({rule.match.text()}) holds for are taken first by rule(s) {earlier}"
+        )
+    return notes
+
+
 # --- exemption ---------------------------------------------------------------------------
 
 
@@ -399,6 +464,7 @@ def decide_user(
     *,
     quarantined_since: datetime | None = None,
     reactivated: Mapping[str, datetime] | None = None,
+    rotations: Mapping[str, Rotation] | None = None,
 ) -> list[KeyDecision]:
     """One decision per key of `user`.
 
@@ -409,10 +475,16 @@ def decide_user(
     `replacements` are key ids the rotator issued to replace a contained leak: never
     suspect, even when the policy was first seen after them (the leak came in as an
     event before the scan saw the policy). `reactivated`: key id -> when an operator
-    turned it back on; its idle clock starts again then."""
+    turned it back on; its idle clock starts again then. `rotations`: key id -> the open
+    key rotation that tracks it (as its old or new key); such a key is described by its
+    rotation (`being_rotated`), not judged by age or use."""
     keys: Sequence[AccessKey] = user.keys
     rule, matched = rules.rule_for(user)
     turned_on = reactivated or {}
+    tracked = rotations or {}
+
+    def tracking(key: AccessKey) -> Rotation | None:
+        return tracked.get(key.access_key_id) if key.access_key_id else None
 
     def idle(key: AccessKey) -> datetime:
         return idle_since(key, turned_on.get(key.access_key_id or ""))
@@ -444,10 +516,16 @@ def decide_user(
     for key in keys:
         days = age_days(key, now)
         age = now - key.created_at
+        rotation = tracking(key)
         if not key.active:
             why = f"inactive (age {days}d)"
             if suspect(key):
                 why += f"; suspect: created before {seen}"
+            if rotation is not None:
+                # Its rotation retires (or replaced) it: never deleted as idle by a pass.
+                why += f"; {being_rotated(rotation, key)}"
+                out.append(decision(key, Decision.OK, why, suspect=suspect(key)))
+                continue
             limit = rule.inactive_delete_after
             due = limit is not None and now - idle(key) > limit
             if limit is not None and due:
@@ -459,6 +537,13 @@ def decide_user(
             continue
         if suspect(key):
             out.append(decision(key, Decision.LEAKED, f"created before {seen}", suspect=True))
+            continue
+        if rotation is not None:
+            kind = Decision.OK
+            if key.access_key_id == rotation.old_key_id:
+                blocked = rotation.state is State.BLOCKED
+                kind = Decision.BLOCKED if blocked else Decision.ROTATE
+            out.append(decision(key, kind, f"{being_rotated(rotation, key)}; age {days}d"))
             continue
         if _is_unused(key, idle(key), rule, now):
             why = _unused_reason(key, idle(key), rule, now)
@@ -506,6 +591,34 @@ def decide_user(
     if lapsed is not None:
         out = [replace(d, reason=f"{d.reason}; {lapsed}") for d in out]
     return out
+
+
+def _moment(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def being_rotated(rotation: Rotation, key: AccessKey) -> str:
+    """How the open `rotation` that tracks `key` describes it: "being rotated: rotation
+    1a2b3c4d is in OVERLAP until 2026-05-02T10:00:00Z, new key AKIA..." for its old key,
+    "the new key of rotation 1a2b3c4d (OVERLAP)" for its new one. A BLOCKED rotation
+    says why it is blocked."""
+    rid = rotation.id[:8]
+    state = rotation.state.value
+    if key.access_key_id == rotation.new_key_id:
+        return f"the new key of rotation {rid} ({state})"
+    what = f"rotation {rid}" + (" (leaked)" if rotation.leaked else "")
+    if rotation.state is State.BLOCKED:
+        why = rotation.waiting_on or rotation.last_error or "an operator must act"
+        return f"being rotated: {what} is BLOCKED: {why}"
+    text = f"being rotated: {what} is in {state}"
+    if rotation.next_action_at is not None:
+        until = "until" if rotation.state is State.OVERLAP else "next step at"
+        text += f" {until} {_moment(rotation.next_action_at)}"
+    if rotation.new_key_id:
+        text += f", new key {rotation.new_key_id}"
+    if rotation.waiting_on:
+        text += f" ({rotation.waiting_on})"
+    return text
 
 
 def needs_action(decisions: Iterable[KeyDecision]) -> bool:

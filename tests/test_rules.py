@@ -20,6 +20,7 @@ from rotator.engine import new_rotation
 from rotator.errors import BadInput
 from rotator.machine import State
 from rotator.model import KeyStatus, RotationReason
+from rotator.policy import Rules
 from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, SeedKey
 from rotator.testing import CapturingNotifier, FakeIam, FakeSecrets, FakeStateStore
 from rotator.wiring import Wiring
@@ -320,7 +321,9 @@ def test_a_key_used_since_the_credential_report_is_not_deactivated_as_unused() -
 def test_keys_an_open_rotation_tracks_are_neither_deactivated_nor_deleted() -> None:
     """A key an open rotation holds as its new key is never switched off as unused, and
     an inactive old key it is retiring is never deleted as idle: both are left to the
-    rotation."""
+    rotation. The scan describes both by the rotation (neither unused nor due for
+    deletion), and the pass's own steps skip them even when handed decisions made
+    without the state store, which would call them unused and due."""
     clock = FakeClock()
     app, iam = fake_app(
         clock,
@@ -346,9 +349,21 @@ def test_keys_an_open_rotation_tracks_are_neither_deactivated_nor_deleted() -> N
     app.store.create(retiring, "test: a rotation retiring the old key")
     result = app.scan_and_open()
     decided = {d.key.access_key_id: d for inv in result.inventories for d in inv.decisions}
-    assert decided[new.access_key_id].decision.value == "unused"
-    assert decided[old.access_key_id].delete_due
+    rid = retiring.id[:8]
+    assert decided[new.access_key_id].decision.value == "ok"
+    assert decided[new.access_key_id].reason.startswith(f"the new key of rotation {rid} (RETIRE)")
+    assert not decided[old.access_key_id].delete_due
+    assert f"being rotated: rotation {rid} is in RETIRE" in decided[old.access_key_id].reason
     assert (result.deactivated, result.deleted) == ([], [])
+    stateless = app.scan(with_state=False).inventories
+    blind = {d.key.access_key_id: d for inv in stateless for d in inv.decisions}
+    assert blind[new.access_key_id].decision.value == "unused"
+    assert blind[old.access_key_id].delete_due
+    rules = Rules.from_settings(app.settings)
+    assert app.deactivate_unused(stateless, rules) == []
+    assert app.delete_idle_inactive(stateless) == []
+    assert app.deactivate_unused(stateless, rules, dry_run=True) == []
+    assert app.delete_idle_inactive(stateless, dry_run=True) == []
     assert iam.keys("liz") == {
         old.access_key_id: KeyStatus.INACTIVE,
         new.access_key_id: KeyStatus.ACTIVE,
