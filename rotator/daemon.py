@@ -79,7 +79,9 @@ STATE_CHECK_EVERY = 5.0  # seconds between two background looks at the state sto
 # dies, another daemon sharing the state store scans the account within that time.
 SCAN_LEASE_TICKS = 3
 SCAN_LEASE_MIN = timedelta(seconds=30)
-LEAK_POLL_WAIT = 5  # seconds one SQS long poll waits for a message
+# Seconds one SQS long poll waits for a message. A stop waits for the poll in flight
+# (see `_replace_later`), so SIGTERM may take this long when the queue is idle.
+LEAK_POLL_WAIT = 5
 LEAK_RETRY_CAP = 60.0  # the longest pause after the leak queue failed
 BACKEND_RETRY_CAP = 30.0  # the longest pause between two looks at the backends at start
 
@@ -529,8 +531,23 @@ class Daemon:
     def _replace_later(self, app: App, rotation_ids: list[str]) -> None:
         """Advance leak replacements on their own pool: the poller goes back to the
         queue at once, so the next leak's containment never waits for a replacement
-        (which needs Vault and may wait for IAM to accept the new key)."""
-        self._advancing.submit(app.advance_all, rotation_ids)
+        (which needs Vault and may wait for IAM to accept the new key).
+
+        A stopping daemon still finishes the long poll in flight (SQS may hand it a
+        message, which would stay invisible for the queue's visibility timeout if
+        nobody read the answer), after its pools were shut down: what that poll brings
+        is contained and recorded, and its replacements are left to the next pass of
+        this daemon or another, like any open rotation."""
+        try:
+            self._advancing.submit(app.advance_all, rotation_ids)
+        except RuntimeError:  # the pool was shut down: only a stopping daemon does that
+            if not self._stopping.is_set():
+                raise
+            _log.info(
+                "daemon.replacement_deferred",
+                rotation_ids=rotation_ids,
+                detail="stopping: the next pass replaces the contained keys",
+            )
 
     def _backend_loop(self) -> None:
         """Look at the state store every STATE_CHECK_EVERY seconds and at Vault every

@@ -27,6 +27,7 @@ from tests.pgserver import (
 from tests.rig import config_data, spawn_daemon, vault_secret, wait_until
 
 D = timedelta(days=1)
+SCAN_EVERY = 1  # seconds: schedule.scan
 
 
 def get(base: str, path: str) -> tuple[int, str]:
@@ -58,7 +59,7 @@ def daemon_on_postgres(
         aws,
         vault,
         tmp_path,
-        schedule={"scan": "2s", "tick": "1s"},
+        schedule={"scan": f"{SCAN_EVERY}s", "tick": "1s"},
         http={"listen": f"127.0.0.1:{port}"},
         state={"url": postgres_url},
     )
@@ -104,7 +105,7 @@ def test_with_postgresql_away_the_daemon_does_nothing_is_not_ready_and_resumes_b
         assert sample(base, 'rotator_backend_up{backend="state"}') == 0.0
 
         [old] = aws.add_user("late", keys=[SeedKey(age=100 * D)])
-        time.sleep(6)  # three scan periods
+        time.sleep(3 * SCAN_EVERY)  # three scan periods
         assert aws.keys("late") == {old.access_key_id: KeyStatus.ACTIVE}
         assert vault_secret(vault, f"aws/{ACCOUNT_ID}/late") is None
     finally:

@@ -12,7 +12,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ import yaml
 
 from rotator.machine import State
 from rotator.model import ForcedRotation, KeyStatus
-from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, SeedKey, free_port
+from rotator.sandbox import ACCOUNT_ID, QUARANTINE_V2, LocalAws, LocalVault, SeedKey, free_port
 from tests.conftest import VaultTarget
+from tests.faultproxy import Call, FaultProxy
 from tests.rig import (
     FakeClock,
     identity_of,
@@ -61,7 +63,7 @@ def health_event(*key_ids: str, code: str = "AWS_RISK_CREDENTIALS_EXPOSED") -> d
     }
 
 
-def config_file(tmp_path: Path, aws: LocalAws, vault: VaultTarget, **sections: Any) -> Path:
+def config_file(tmp_path: Path, aws: LocalAws, vault: VaultTarget, /, **sections: Any) -> Path:
     """The test servers with a 24h overlap and a 7d retirement: containment must not
     wait for either."""
     policy = {"overlap": "24h", "delete_after": "7d", **sections.pop("policy", {})}
@@ -254,28 +256,27 @@ def sqs(aws: LocalAws) -> Any:
     return boto3.client("sqs", endpoint_url=aws.endpoint_url, region_name="us-east-1")
 
 
-@pytest.fixture
-def daemon(
-    tmp_path: Path, aws: LocalAws, vault: VaultTarget, sqs: Any, webhook: tuple[str, list[Any]]
-) -> Iterator[Daemon]:
-    queue_url = sqs.create_queue(QueueName="health-events")["QueueUrl"]
-    token_file = tmp_path / "trigger-token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    port = free_port()
-    config = config_file(
-        tmp_path,
-        aws,
-        vault,
-        schedule={"scan": "1h", "tick": "1s"},
-        http={"listen": f"127.0.0.1:{port}", "trigger_token_file": str(token_file)},
-        leaks={"sqs_queue_url": queue_url},
-        notify={"webhook_url": webhook[0]},
-    )
-    proc = spawn_daemon(config)
-    running = Daemon(proc, port)
-    wait_until(lambda: _ready(running), 30, "daemon ready")
-    yield running
+def trigger_token_file(directory: Path) -> Path:
+    path = directory / "trigger-token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start_daemon(config: Path, port: int) -> Daemon:
+    """`rotator daemon` on `config`, once /readyz answers 200."""
+    running = Daemon(spawn_daemon(config), port)
+    try:
+        wait_until(lambda: _ready(running), 30, "daemon ready")
+    except BaseException:
+        stop_daemon(running)
+        raise
+    return running
+
+
+def stop_daemon(running: Daemon) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+    proc = running.proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -283,6 +284,56 @@ def daemon(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+@pytest.fixture
+def daemon(
+    tmp_path: Path, aws: LocalAws, vault: VaultTarget, sqs: Any, webhook: tuple[str, list[Any]]
+) -> Iterator[Daemon]:
+    """A daemon with everything on: the leak queue, the HTTP trigger and a webhook. Its
+    stop waits for the long poll of the queue in flight (up to LEAK_POLL_WAIT)."""
+    queue_url = sqs.create_queue(QueueName="health-events")["QueueUrl"]
+    port = free_port()
+    config = config_file(
+        tmp_path,
+        aws,
+        vault,
+        schedule={"scan": "1h", "tick": "1s"},
+        http={
+            "listen": f"127.0.0.1:{port}",
+            "trigger_token_file": str(trigger_token_file(tmp_path)),
+        },
+        leaks={"sqs_queue_url": queue_url},
+        notify={"webhook_url": webhook[0]},
+    )
+    running = start_daemon(config, port)
+    yield running
+    stop_daemon(running)
+
+
+@pytest.fixture(scope="module")
+def refusing_daemon(
+    local_aws: LocalAws, local_vault: LocalVault, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """One daemon with the HTTP trigger for the tests of requests it must refuse, which
+    change nothing it holds; without a leak queue, so that its stop need not wait for
+    a long poll."""
+    home = tmp_path_factory.mktemp("refusing-daemon")
+    local_aws.reset()
+    mount = "kv-" + uuid.uuid4().hex[:10]
+    local_vault.enable_kv2(mount)
+    vault = VaultTarget(local_vault.addr, local_vault.token, mount, local_vault)
+    port = free_port()
+    config = config_file(
+        home,
+        local_aws,
+        vault,
+        schedule={"scan": "1h", "tick": "1s"},
+        http={"listen": f"127.0.0.1:{port}", "trigger_token_file": str(trigger_token_file(home))},
+    )
+    running = start_daemon(config, port)
+    yield running
+    stop_daemon(running)
 
 
 def _ready(d: Daemon) -> bool:
@@ -384,6 +435,67 @@ def test_unparseable_sqs_message_is_kept_aside_and_the_daemon_goes_on(
     assert kept["error"].startswith("not JSON")
 
 
+def test_a_leak_event_the_last_long_poll_brings_at_sigterm_is_contained_and_replaced_later(
+    aws: LocalAws,
+    vault: VaultTarget,
+    sqs: Any,
+    tmp_path: Path,
+    fault_proxy: Callable[[str], FaultProxy],
+) -> None:
+    """SIGTERM while the leak poller's long poll is in flight: the daemon waits for that
+    poll (SQS may hand it a message, which nobody would read otherwise), and the event
+    it brings after the daemon began to stop is contained, recorded and deleted from the
+    queue; the daemon exits 0 logging no error, and the next pass replaces the key."""
+    queue_url = sqs.create_queue(QueueName="health-events")["QueueUrl"]
+    [leaked] = aws.add_user("ivan", keys=[SeedKey(30 * D)])
+    # The daemon reaches moto through a proxy that tells when a long poll begins.
+    proxy = fault_proxy(aws.endpoint_url)
+    polling = threading.Event()
+    proxy.add(lambda request: b'"WaitTimeSeconds"' in request.body, Call(lambda _: polling.set()))
+    port = free_port()
+    config = config_file(
+        tmp_path,
+        aws,
+        vault,
+        aws={"endpoint_url": proxy.url},
+        schedule={"scan": "1h", "tick": "1s"},
+        http={"listen": f"127.0.0.1:{port}"},
+        leaks={"sqs_queue_url": queue_url},
+    )
+    running = start_daemon(config, port)
+    try:
+        polling.clear()
+        wait_until(polling.is_set, 10, "a long poll of the leak queue to begin")
+        running.proc.send_signal(signal.SIGTERM)
+        time.sleep(1)  # the daemon stops its scheduler and pools; its long poll goes on
+        sqs.send_message(
+            QueueUrl=queue_url, MessageBody=json.dumps(health_event(leaked.access_key_id))
+        )
+        _, err = running.proc.communicate(timeout=20)
+    finally:
+        stop_daemon(running)
+    assert running.proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    events = [r["event"] for r in records]
+    assert "leaks.event" in events, err[-3000:]
+    assert events.index("daemon.stopping") < events.index("leaks.event")
+    errors = [r for r in records if r.get("level") in ("error", "critical")]
+    assert not errors, errors
+    assert aws.keys("ivan") == {leaked.access_key_id: KeyStatus.INACTIVE}
+    attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    assert (
+        attrs["ApproximateNumberOfMessages"],
+        attrs["ApproximateNumberOfMessagesNotVisible"],
+    ) == (
+        "0",
+        "0",
+    )
+
+    done = rotator("--config", str(config), "run", "--once")
+    assert done.returncode == 0, done.stderr
+    assert_replaced(aws, vault, "ivan", leaked.access_key_id)
+
+
 def test_http_trigger_contains_and_reports_the_rotation(
     aws: LocalAws, vault: VaultTarget, daemon: Daemon
 ) -> None:
@@ -418,14 +530,14 @@ def test_http_trigger_contains_and_reports_the_rotation(
     "token", [None, "wrong-token-wrong-token-wrong", TOKEN[:-1], TOKEN + "x", ""]
 )
 def test_http_trigger_without_the_right_token_gets_401_and_changes_nothing(
-    aws: LocalAws, daemon: Daemon, token: str | None
+    aws: LocalAws, refusing_daemon: Daemon, token: str | None
 ) -> None:
     """No token, a wrong one, a prefix or an extension of the right one: 401, IAM unchanged."""
     [key] = aws.add_user("hank", keys=[SeedKey(30 * D)])
     body = json.dumps(
         {"user_name": "hank", "leaked": True, "access_key_id": key.access_key_id}
     ).encode()
-    status, _ = daemon.request("POST", "/v1/rotations", body, token=token)
+    status, _ = refusing_daemon.request("POST", "/v1/rotations", body, token=token)
     assert status == 401
     time.sleep(0.5)
     assert aws.keys("hank") == {key.access_key_id: KeyStatus.ACTIVE}
@@ -451,13 +563,13 @@ def test_http_trigger_without_the_right_token_gets_401_and_changes_nothing(
     ],
 )
 def test_http_trigger_rejects_bad_requests(
-    aws: LocalAws, daemon: Daemon, body: bytes, expected: int
+    aws: LocalAws, refusing_daemon: Daemon, body: bytes, expected: int
 ) -> None:
     """Malformed bodies get 400, an unknown user 404, an oversized body 413."""
-    status, doc = daemon.request("POST", "/v1/rotations", body)
+    status, doc = refusing_daemon.request("POST", "/v1/rotations", body)
     assert status == expected
     assert doc["error"]
-    assert daemon.request("GET", "/healthz", token=None)[0] == 200
+    assert refusing_daemon.request("GET", "/healthz", token=None)[0] == 200
 
 
 def test_sns_notification_reaches_the_topic(
