@@ -28,6 +28,7 @@ from rotator.digests import (
     pending_warnings,
     users_missing_key_ids,
 )
+from rotator.durations import format_duration
 from rotator.engine import Engine, Timing, new_rotation
 from rotator.errors import (
     BackendUnavailable,
@@ -113,6 +114,8 @@ class PassResult:
     # would not, with why (`App.held_back`).
     would_open: list[Proposal] = field(default_factory=list)
     held_back: list[tuple[Proposal, str]] = field(default_factory=list)
+    # A dry run: the console passwords the pass would rotate (`console: rotate`, due).
+    would_rotate_console: list[ConsoleDecision] = field(default_factory=list)
     # The owners' warning digests this pass handed to the notifier.
     digests: list[Digest] = field(default_factory=list)
 
@@ -481,6 +484,14 @@ class App:
                 result.held_back.append((p, why_not))
             result.deactivated = self.deactivate_unused(result.inventories, rules, dry_run=True)
             result.deleted = self.delete_idle_inactive(result.inventories, dry_run=True)
+            result.would_rotate_console = [
+                d
+                for inventory in result.inventories
+                for d in console_to_rotate(inventory.console)
+                if not self.console_held_back(
+                    d.user.account_id, d.user.user_name, RotationReason.AGE, scanned_at=started
+                )
+            ]
             return result
         # Containment needs IAM only and comes first, for every leaked key, whatever
         # else is going on; the replacements follow and wait for Vault if need be.
@@ -917,12 +928,30 @@ class App:
         latest console rotation changed after `scanned_at` (another process acted on what
         the scan saw) or FAILED less than `retry_failed_after` ago (as `open_rotations`;
         a leak is never held back by an earlier failure)."""
-        kind = RotationKind.CONSOLE
-        if self.store.open_for(account, user_name, kind) is not None:
+        if self.console_held_back(account, user_name, reason, scanned_at=scanned_at):
             return None
+        try:
+            return self._open_console(account, user_name, reason, note, note)
+        except RotationExists:
+            return None  # another daemon opened it meanwhile
+
+    def console_held_back(
+        self,
+        account: str,
+        user_name: str,
+        reason: RotationReason,
+        *,
+        scanned_at: datetime | None = None,
+    ) -> str | None:
+        """Why no console rotation opens for the user now (`open_console_rotation`), or
+        None when one would."""
+        kind = RotationKind.CONSOLE
+        current = self.store.open_for(account, user_name, kind)
+        if current is not None:
+            return f"console rotation {current.id[:8]} is open ({current.state.value})"
         last = self.store.latest_for(account, user_name, kind)
         if last is not None and scanned_at is not None and last.updated_at > scanned_at:
-            return None
+            return f"console rotation {last.id[:8]} changed after the scan began"
         pause = self.settings.policy.retry_failed_after
         if (
             reason is not RotationReason.LEAKED
@@ -930,11 +959,11 @@ class App:
             and last.state is State.FAILED
             and self.now() < last.updated_at + pause
         ):
-            return None
-        try:
-            return self._open_console(account, user_name, reason, note, note)
-        except RotationExists:
-            return None  # another daemon opened it meanwhile
+            return (
+                f"console rotation {last.id[:8]} FAILED less than retry_failed_after "
+                f"({format_duration(pause)}) ago"
+            )
+        return None
 
     def reactivate(
         self, user_name: str, key_id: str, *, account_id: str | None = None, reason: str

@@ -579,6 +579,15 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
             ]
             doc["would_deactivate_unused"] = [_key_json(d) for d in result.deactivated]
             doc["would_delete_inactive"] = [_key_json(d) for d in result.deleted]
+            doc["would_rotate_console"] = [
+                {
+                    "account_id": c.user.account_id,
+                    "user_name": c.user.user_name,
+                    "rule": c.rule,
+                    "reason": c.reason,
+                }
+                for c in result.would_rotate_console
+            ]
         else:
             doc["opened"] = [r.id for r in result.opened]
             doc["deactivated_unused"] = [_key_json(d) for d in result.deactivated]
@@ -596,6 +605,11 @@ def run(obj: Context, once: bool, dry_run: bool, as_json: bool) -> None:
                 click.echo(f"dry run: {held} due user(s) would get no new rotation")
                 for p, why in result.held_back:
                     click.echo(f"  {p.account_id} {p.user_name}: {why}")
+            for c in result.would_rotate_console:
+                click.echo(
+                    f"dry run: would rotate the console password of {c.user.user_name} "
+                    f"({c.user.account_id}): {c.reason}"
+                )
             for d in result.deactivated:
                 click.echo(
                     f"dry run: would deactivate unused key {d.key.access_key_id} of "

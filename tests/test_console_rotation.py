@@ -387,6 +387,33 @@ def test_a_pass_rotates_a_100_day_old_password_under_console_rotate_once(
     assert r.reason.value == "age"
 
 
+def test_a_dry_run_names_the_console_passwords_the_pass_would_rotate_and_changes_none(
+    aws: LocalAws, vault: VaultTarget, tmp_path: Path
+) -> None:
+    """Under `console: rotate`, `run --once --dry-run` (text and --json) names the due
+    password and leaves IAM and Vault as they are; once a console rotation of the user
+    is open, the dry run no longer lists it (the pass would not open another)."""
+    seed(aws)
+    cfg = write_config(aws, vault, tmp_path, policy={"console": "rotate"})
+    text = rotator("--config", str(cfg), "run", "--once", "--dry-run")
+    assert text.returncode == 0, text.stderr
+    assert f"would rotate the console password of {USER}" in text.stdout
+    doc = rotator("--config", str(cfg), "run", "--once", "--dry-run", "--json")
+    assert doc.returncode == 0, doc.stderr
+    [item] = json.loads(doc.stdout)["would_rotate_console"]
+    assert item["user_name"] == USER
+    assert aws.login_profile(USER) == (OLD_PASSWORD, False)
+    assert console_in_vault(vault) is None
+    settings = settings_for(aws, vault, tmp_path, policy={"console": "rotate"})
+    app = make_app(settings, FakeClock())
+    try:
+        app.open_forced(ForcedRotation(USER, kind=RotationKind.CONSOLE))
+    finally:
+        app.close()
+    again = rotator("--config", str(cfg), "run", "--once", "--dry-run", "--json")
+    assert json.loads(again.stdout)["would_rotate_console"] == []
+
+
 def test_under_console_report_a_pass_changes_no_password(
     aws: LocalAws, vault: VaultTarget, tmp_path: Path
 ) -> None:
